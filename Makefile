@@ -1,0 +1,29 @@
+# Two commands set up a fresh machine: `make train` (main job) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export JAX_PLATFORMS ?= cpu
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+.PHONY: venv train test bench clean
+venv: $(VENV)/.installed
+
+# Train a small byte-level LM on the embedded default corpus, then evaluate it.
+WORKDIR ?= workdirs/text_small
+train: venv
+	$(PY) -m s5scale.train --config=configs/text_small.py --workdir=$(WORKDIR)
+	$(PY) -m s5scale.evaluate --config=configs/text_small.py --workdir=$(WORKDIR) --all
+
+test: venv
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+bench: venv
+	$(PY) tools/bench.py layer
+
+clean:
+	rm -rf $(VENV) workdirs
