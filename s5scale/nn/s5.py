@@ -1,0 +1,94 @@
+"""The S5 layer as a Flax module: parameters as in the paper's reference code, math from ssm/."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from s5scale import ssm
+from s5scale.ssm import init as ssm_init
+
+
+class S5(nn.Module):
+  """One MIMO diagonal SSM with P states mapping (batch, L, H) -> (batch, L, H).
+
+  Parameters (P' = P/2 with conj_sym, else P):
+    Lambda_re, Lambda_im: (P',); B: (P', H, 2); C: (H, P', 2), or (H, 2P', 2) when bidirectional;
+    D: (H,); log_step: (P', 1).
+  """
+  d_model: int
+  ssm_size: int
+  blocks: int = 1
+  conj_sym: bool = True
+  bidirectional: bool = False
+  discretization: str = "zoh"
+  c_init: str = "trunc_standard_normal"
+  dt_min: float = 1e-3
+  dt_max: float = 1e-1
+  clip_eigs: bool = False
+  step_rescale: float = 1.0
+  scan_impl: str = "default"
+  param_dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    ssm_init.validate_ssm_args(discretization=self.discretization, c_init=self.c_init,
+                               dt_min=self.dt_min, dt_max=self.dt_max)
+    lambda_, v, v_inverse = ssm.make_block_hippo(self.ssm_size, self.blocks, self.conj_sym)
+    num_states = lambda_.shape[0]
+    dtype = self.param_dtype
+    self.Lambda_re = self.param("Lambda_re", lambda _: jnp.asarray(lambda_.real, dtype))
+    self.Lambda_im = self.param("Lambda_im", lambda _: jnp.asarray(lambda_.imag, dtype))
+    self.B = self.param("B", lambda key: ssm_init.init_b(key, v_inverse, self.d_model, dtype))
+    self.C = self.param("C", lambda key: ssm_init.init_c(
+        key, self.c_init, v, self.d_model, self.bidirectional, dtype))
+    self.D = self.param("D", nn.initializers.normal(1.0, dtype), (self.d_model,))
+    self.log_step = self.param("log_step", lambda key: ssm_init.init_log_step(
+        key, num_states, self.dt_min, self.dt_max, dtype))
+
+  def _continuous(self):
+    """Λ (P',), B̃ (P', H), C̃ (H, P'') complex and the base step Δ (P',) real."""
+    lambda_ = ssm.clip_real_part(self.Lambda_re, self.clip_eigs) + 1j * self.Lambda_im
+    delta = self.step_rescale * jnp.exp(self.log_step[:, 0])
+    return lambda_, ssm_init.as_complex(self.B), ssm_init.as_complex(self.C), delta
+
+  def __call__(self, u, reset=None, intervals=None):
+    """Parallel mode.
+
+    Args:
+      u: (batch, L, H) real.
+      reset: (batch, L) bool, True where a new document starts (state zeroed before that step).
+      intervals: (batch, L) positive real, multiplies Δ at each step (irregular sampling).
+    Returns:
+      (batch, L, H) real.
+    """
+    lambda_, b_tilde, c_tilde, delta = self._continuous()
+    if intervals is not None:
+      delta = delta * intervals[..., None]
+    lambda_bar, input_factor = ssm.discretization_factors(self.discretization, lambda_, delta)
+    # Scale B̃u by the per-state factor rather than building a time-varying (L, P', H) B̄.
+    bu = ssm.project_input(b_tilde, u) * input_factor
+    states = ssm.scan_states(lambda_bar, bu, bidirectional=self.bidirectional, reset=reset,
+                             impl=self.scan_impl)
+    return ssm.project_output(c_tilde, states, self.conj_sym) + self.D * u
+
+  def initial_state(self, batch: int):
+    """x_0 = 0: (batch, P') complex."""
+    dtype = jnp.complex128 if self.param_dtype == jnp.float64 else jnp.complex64
+    return jnp.zeros((batch, self.Lambda_re.shape[0]), dtype)
+
+  def step(self, state, u_t, interval=None):
+    """Recurrent mode, O(1) per step.
+
+    Args:
+      state: (batch, P') complex.
+      u_t: (batch, H) real.
+      interval: (batch,) positive real or None.
+    Returns:
+      (state (batch, P') complex, y_t (batch, H) real).
+    """
+    if self.bidirectional:
+      raise ValueError("bidirectional=True has no recurrent mode: the backward scan needs the future")
+    lambda_, b_tilde, c_tilde, delta = self._continuous()
+    if interval is not None:
+      delta = delta * interval[..., None]
+    lambda_bar, input_factor = ssm.discretization_factors(self.discretization, lambda_, delta)
+    b_bar = input_factor[..., None] * b_tilde  # (P', H), or (batch, P', H) with intervals
+    return ssm.step(lambda_bar, b_bar, c_tilde, state, u_t, conj_sym=self.conj_sym, D=self.D)
