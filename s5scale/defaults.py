@@ -52,6 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
       quantization="mulaw",         # audio: "mulaw" or "linear"
       bits=8,                       # audio quantization bits
       num_workers=0,                # grain worker processes (0: in-process)
+      task="lm",                    # "lm" (next token) or "classify" (audio, labels = folder names)
+      read_threads=4,               # threads per process (or worker) reading/decoding items
   ))
 
   c.optim = ml_collections.ConfigDict(dict(

@@ -34,14 +34,22 @@ class S5(nn.Module):
     lambda_, v, v_inverse = ssm.make_block_hippo(self.ssm_size, self.blocks, self.conj_sym)
     num_states = lambda_.shape[0]
     dtype = self.param_dtype
-    self.Lambda_re = self.param("Lambda_re", lambda _: jnp.asarray(lambda_.real, dtype))
-    self.Lambda_im = self.param("Lambda_im", lambda _: jnp.asarray(lambda_.imag, dtype))
-    self.B = self.param("B", lambda key: ssm_init.init_b(key, v_inverse, self.d_model, dtype))
-    self.C = self.param("C", lambda key: ssm_init.init_c(
-        key, self.c_init, v, self.d_model, self.bidirectional, dtype))
-    self.D = self.param("D", nn.initializers.normal(1.0, dtype), (self.d_model,))
-    self.log_step = self.param("log_step", lambda key: ssm_init.init_log_step(
-        key, num_states, self.dt_min, self.dt_max, dtype))
+
+    def boxed(init_fn, names):
+      # Logical axis names let parallel.py shard P' over `model` (DESIGN.md §4).
+      return nn.with_logical_partitioning(init_fn, names)
+
+    self.Lambda_re = self.param(
+        "Lambda_re", boxed(lambda _: jnp.asarray(lambda_.real, dtype), ("state",)))
+    self.Lambda_im = self.param(
+        "Lambda_im", boxed(lambda _: jnp.asarray(lambda_.imag, dtype), ("state",)))
+    self.B = self.param("B", boxed(
+        lambda key: ssm_init.init_b(key, v_inverse, self.d_model, dtype), ("state", "embed", None)))
+    self.C = self.param("C", boxed(lambda key: ssm_init.init_c(
+        key, self.c_init, v, self.d_model, self.bidirectional, dtype), ("embed", "state", None)))
+    self.D = self.param("D", boxed(nn.initializers.normal(1.0, dtype), ("embed",)), (self.d_model,))
+    self.log_step = self.param("log_step", boxed(lambda key: ssm_init.init_log_step(
+        key, num_states, self.dt_min, self.dt_max, dtype), ("state", None)))
 
   def _continuous(self):
     """Λ (P',), B̃ (P', H), C̃ (H, P'') complex and the base step Δ (P',) real."""

@@ -1,0 +1,148 @@
+"""orbax checkpoints (train state + every process's grain iterator + config) and preemption.
+
+Orbax writes each step to a temporary directory and renames it when complete, so a save killed
+midway is never listed. A step whose files are damaged is passed over for the previous one.
+"""
+
+import datetime
+import json
+import os
+import signal
+import time
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+import s5scale
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used (maps to exit 2)."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, "checkpoints")
+
+
+def make_manager(workdir: str, checkpoint_config=None, read_only: bool = False):
+  keep = checkpoint_config.keep if checkpoint_config else None
+  keep_every = checkpoint_config.keep_every if checkpoint_config else 0
+  use_async = checkpoint_config.async_save if checkpoint_config else False
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, keep_period=keep_every or None, enable_async_checkpointing=use_async,
+      create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def save(manager, step: int, state, data_iterator, config_dict: dict, mesh) -> None:
+  """Starts an (async) save of everything a resumed run needs."""
+  meta = dict(version=s5scale.__version__, step=int(step), time=datetime.datetime.now(
+      datetime.timezone.utc).isoformat(), mesh=dict(mesh.shape), process_count=jax.process_count())
+  items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_dict),
+               meta=ocp.args.JsonSave(meta))
+  if data_iterator is not None:
+    items["data_iter"] = grain.checkpoint.CheckpointSave(data_iterator)
+  manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def saved_config(manager, step: int) -> dict:
+  return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+
+def architecture_mismatch(saved: dict, current: dict) -> list[str]:
+  """model.* keys whose values differ (they change parameter shapes or meaning)."""
+  saved_model, current_model = saved.get("model", {}), current.get("model", {})
+  keys = sorted(set(saved_model) | set(current_model))
+  return [f"model.{k}: checkpoint={saved_model.get(k)!r} config={current_model.get(k)!r}"
+          for k in keys if saved_model.get(k) != current_model.get(k)]
+
+
+def check_architecture(manager, step: int, config_dict: dict) -> None:
+  differences = architecture_mismatch(saved_config(manager, step), config_dict)
+  if differences:
+    raise CheckpointError(
+        f"checkpoint {manager.directory}/{step} has an incompatible architecture:\n  "
+        + "\n  ".join(differences))
+
+
+def restore_latest(manager, abstract_state, data_iterator, config_dict: dict):
+  """Restores the newest readable step onto `abstract_state`'s shardings.
+
+  Returns (state, step), or (None, None) when there is no checkpoint. Damaged steps are skipped
+  with a warning; if every step is damaged, raises CheckpointError.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  for step in steps:
+    check_architecture(manager, step, config_dict)
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    if data_iterator is not None:
+      items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as error:  # orbax raises many types for damaged files; all mean "unusable"
+      logging.warning("checkpoint step %d in %s is damaged (%s: %s); trying the previous one",
+                      step, manager.directory, type(error).__name__, str(error)[:300])
+      continue
+    return restored.state, step
+  if steps:
+    raise CheckpointError(f"no readable checkpoint in {manager.directory} (damaged steps: {steps})")
+  return None, None
+
+
+def open_readonly(workdir_or_dir: str):
+  """A manager that only reads: a workdir or its checkpoints/ directory."""
+  directory = workdir_or_dir
+  if os.path.isdir(checkpoint_dir(workdir_or_dir)):
+    directory = checkpoint_dir(workdir_or_dir)
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def restore_subset(manager, step: int, abstract_subset: dict) -> dict:
+  """Some top-level fields of the saved train state (e.g. params, batch_stats), placed on the
+  shardings of `abstract_subset` — the mesh the checkpoint was written on does not matter."""
+  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_subset)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=abstract_subset, restore_args=restore_args, partial_restore=True)))
+  return restored.state
+
+
+def restore_params(workdir_or_dir: str, abstract_params):
+  """Parameters only, from another run's latest checkpoint (fine-tuning from `init_from`)."""
+  manager = open_readonly(workdir_or_dir)
+  step = manager.latest_step()
+  if step is None:
+    raise CheckpointError(f"checkpoint.init_from={workdir_or_dir!r} holds no checkpoint")
+  return restore_subset(manager, step, {"params": abstract_params})["params"], step
+
+
+class PreemptionWatcher:
+  """Tells every process, at the same step, that the job is being preempted (SIGTERM).
+
+  Several processes agree through JAX's preemption sync point; a single process relies on its own
+  SIGTERM handler. Installed first thing in main, so a SIGTERM during start-up is remembered too.
+  """
+
+  def __init__(self):
+    self.signalled_at = None
+    signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self.signalled_at = time.time()
+
+  @property
+  def signalled(self) -> bool:
+    return self.signalled_at is not None
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.signalled
+
+
+def dump_json(path: str, payload: dict) -> None:
+  with open(path, "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)

@@ -1,0 +1,154 @@
+"""Evaluates held-out data on checkpoints:
+`python -m s5scale.evaluate --config=... --workdir=DIR [--step=N | --all | --watch]`.
+
+Restores parameters onto this job's own devices and mesh (one CPU device can evaluate a checkpoint
+trained on many), appends one record per (step, split) to eval/metrics.jsonl and skips steps
+already recorded there, so a restarted job does not redo work.
+"""
+
+import math
+import os
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from absl import app, flags, logging
+
+from s5scale import checkpoint, cli, data, metrics, parallel, steps
+from s5scale.nn.model import S5Model
+
+SPLIT = "heldout"
+
+
+class Evaluator:
+  """Held-out metrics for given parameters; the same path serves inline and standalone eval."""
+
+  def __init__(self, config, model, mesh):
+    self.config, self.mesh = config, mesh
+    # eval.step_rescale evaluates at another sample rate with no retraining (Δ scales with it).
+    if config.eval.step_rescale != 1.0:
+      kwargs = cli.model_kwargs(config.model)
+      kwargs["ssm_kwargs"]["step_rescale"] *= config.eval.step_rescale
+      model = S5Model(**kwargs)
+    self.model = model
+    self.eval_step = jax.jit(steps.make_eval_step(model, config.model.task))
+
+  def evaluate(self, params, batch_stats) -> dict:
+    data_config = self.config.data.copy_and_resolve_references()
+    if self.config.eval.batch_size:
+      data_config.unlock().batch_size = self.config.eval.batch_size
+    batches = data.make_iterator(data_config, SPLIT, process_index=jax.process_index(),
+                                 process_count=jax.process_count(), num_epochs=1)
+    totals, num_batches, start = None, 0, time.time()
+    for local_batch in batches:
+      if self.config.eval.max_batches and num_batches >= self.config.eval.max_batches:
+        break
+      sums = self.eval_step(params, batch_stats, parallel.global_batch(local_batch, self.mesh))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+      num_batches += 1
+    if totals is None:
+      raise data.DataError(f"the {SPLIT} split of data.source={self.config.data.source!r} is empty")
+    return summarize(jax.device_get(totals), self.config, num_batches, time.time() - start)
+
+  def run(self, workdir: str, step: int, params, batch_stats) -> dict:
+    results = self.evaluate(params, batch_stats)
+    writer = metrics.MetricsWriter(os.path.join(workdir, "eval", "metrics.jsonl"),
+                                   os.path.join(workdir, "tb", "eval"))
+    writer.write(step, {f"{SPLIT}/{k}": v for k, v in results.items()}, split=SPLIT)
+    writer.close()
+    logging.info("eval step %d %s: %s", step, SPLIT,
+                 "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+    return results
+
+
+def summarize(totals: dict, config, num_batches: int, seconds: float) -> dict:
+  """Loss in nats, plus bits per byte (text), bits per sample (audio LM) or accuracy."""
+  weight = max(float(totals["weight_sum"]), 1.0)
+  results = {"loss": float(totals["nll_sum"]) / weight}
+  if config.model.task == "classify":
+    results["accuracy"] = float(totals["correct_sum"]) / weight
+  elif config.data.kind == "text":
+    results["bits_per_byte"] = float(totals["nll_sum"]) / math.log(2) / max(
+        float(totals["byte_sum"]), 1.0)
+  else:
+    results["bits_per_sample"] = results["loss"] / math.log(2)
+  results.update(num_predictions=weight, num_batches=num_batches, eval_seconds=seconds)
+  return results
+
+
+def finished_steps(workdir: str) -> set[int]:
+  records = metrics.read_jsonl(os.path.join(workdir, "eval", "metrics.jsonl"))
+  return {r["step"] for r in records if r.get("split") == SPLIT}
+
+
+def restore_for_eval(manager, step: int, abstract_variables: dict) -> dict:
+  return checkpoint.restore_subset(manager, step, abstract_variables)
+
+
+def abstract_eval_variables(model, config, mesh, sample_inputs) -> dict:
+  """Shapes and target shardings of params and BatchNorm statistics on this job's mesh."""
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample_inputs))
+  abstract = parallel.with_shardings(nn.unbox(variables),
+                                     parallel.logical_shardings(variables, mesh))
+  return {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
+
+
+def steps_to_evaluate(manager, workdir: str, only_step: int | None) -> list[int]:
+  available = manager.all_steps()
+  if only_step is not None:
+    if only_step not in available:
+      raise checkpoint.CheckpointError(
+          f"--step={only_step}: no complete checkpoint; available steps {sorted(available)}")
+    return [only_step]
+  done = finished_steps(workdir)
+  return [s for s in sorted(available) if s not in done]
+
+
+def main(argv) -> int:
+  del argv
+  config, workdir = FLAGS.config, FLAGS.workdir
+  try:
+    return run_eval_job(config, workdir)
+  except (cli.ConfigError, data.DataError, checkpoint.CheckpointError) as error:
+    logging.error("%s: %s", type(error).__name__, error)
+    return cli.EXIT_BAD_INPUT
+
+
+def run_eval_job(config, workdir: str) -> int:
+  cli.setup_logging(workdir, "evaluate")
+  parallel.initialize_distributed()
+  cli.check_config(config, jax.devices(), jax.process_count())
+  mesh = parallel.make_mesh(config.mesh)
+  model = S5Model(**cli.model_kwargs(config.model))
+  evaluator = Evaluator(config, model, mesh)
+  sample = steps.zero_global_batch(next(data.make_iterator(config.data, SPLIT, num_epochs=1)),
+                                  config.data.batch_size)
+  abstract = abstract_eval_variables(model, config, mesh, sample["inputs"])
+  manager = checkpoint.open_readonly(workdir)
+  final_step = config.train.num_steps
+  while True:
+    manager.reload()
+    pending = steps_to_evaluate(manager, workdir, FLAGS.step)
+    for step in pending:
+      checkpoint.check_architecture(manager, step, config.to_dict())
+      variables = restore_for_eval(manager, step, abstract)
+      evaluator.run(workdir, step, variables["params"], variables["batch_stats"])
+    if not FLAGS.watch or final_step in finished_steps(workdir):
+      break
+    time.sleep(FLAGS.poll_seconds)
+  if not (pending or FLAGS.watch) and FLAGS.step is None:
+    logging.info("every checkpoint in %s is already evaluated", manager.directory)
+  return 0
+
+
+FLAGS = flags.FLAGS
+
+if __name__ == "__main__":
+  cli.define_flags()
+  flags.DEFINE_integer("step", None, "Evaluate this checkpoint step only.")
+  flags.DEFINE_bool("all", False, "Evaluate every checkpoint not yet evaluated (the default).")
+  flags.DEFINE_bool("watch", False, "Poll for new checkpoints; exit after the final training step.")
+  flags.DEFINE_float("poll_seconds", 10.0, "Polling interval for --watch.")
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

@@ -1,0 +1,121 @@
+"""Metrics to metrics.jsonl and tensorboardX, a progress line with ETA, throughput and MFU."""
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+# Dense bf16 peak FLOP/s per chip, for MFU on accelerators; CPUs are measured instead.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+              "TPU v6 lite": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+              "NVIDIA A100": 312e12}
+
+
+class MetricsWriter:
+  """Appends one JSON object per call to `jsonl_path` and mirrors scalars to tensorboard.
+
+  Only process 0 writes (every process computes the same global metrics).
+  """
+
+  def __init__(self, jsonl_path: str, tb_dir: str):
+    self.enabled = jax.process_index() == 0
+    self.jsonl_path = jsonl_path
+    self._tb = None
+    if self.enabled:
+      os.makedirs(os.path.dirname(jsonl_path) or ".", exist_ok=True)
+      from tensorboardX import SummaryWriter  # imported lazily: it is slow to import
+      self._tb = SummaryWriter(tb_dir)
+
+  def write(self, step: int, scalars: dict, **extra) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}, **extra}
+    with open(self.jsonl_path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for name, value in scalars.items():
+      if isinstance(value, (int, float, np.floating, np.integer)) and np.isfinite(value):
+        self._tb.add_scalar(name, float(value), int(step))
+    self._tb.flush()
+
+  @property
+  def tensorboard(self):
+    return self._tb
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _plain(value):
+  value = np.asarray(value).item() if np.ndim(value) == 0 else np.asarray(value).tolist()
+  if isinstance(value, float) and not np.isfinite(value):
+    return str(value)  # JSON has no NaN/inf
+  return value
+
+
+def read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+  """Step rate, ETA and throughput since the first timed step (compilation excluded)."""
+
+  def __init__(self, first_step: int, last_step: int):
+    self.first_step, self.last_step = first_step, last_step
+    self.start_time, self.start_step = None, first_step
+
+  def update(self, step: int) -> dict:
+    now = time.time()
+    if self.start_time is None:
+      self.start_time, self.start_step = now, step
+      return {}
+    steps_per_s = (step - self.start_step) / max(now - self.start_time, 1e-9)
+    eta_s = (self.last_step - step) / max(steps_per_s, 1e-9)
+    return {"steps_per_s": steps_per_s, "eta_s": eta_s}
+
+
+def format_eta(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
+
+
+def compiled_flops(compiled) -> float:
+  """FLOPs of one call of a compiled function, from XLA's cost analysis (0 if unavailable)."""
+  try:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+      analysis = analysis[0]
+    return float(analysis.get("flops", 0.0))
+  except Exception:  # not every backend reports costs
+    return 0.0
+
+
+def measure_gemm_peak(size: int = 1024, repeats: int = 5) -> float:
+  """FLOP/s of a float32 GEMM on the default device, the best of a few runs."""
+  a = jnp.ones((size, size), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size ** 3 / best
+
+
+def peak_flops_per_device() -> float:
+  kind = jax.devices()[0].device_kind
+  for name, flops in PEAK_FLOPS.items():
+    if kind.startswith(name):
+      return flops
+  peak = measure_gemm_peak()
+  logging.info("no published peak for %r: measured a float32 GEMM at %.1f GFLOP/s", kind,
+               peak / 1e9)
+  return peak

@@ -1,0 +1,99 @@
+"""Residual S5 block: norm → S5 → activation (GLU variants as in the S5 paper) → optional MLP.
+
+Runs in parallel mode over (batch, L, H), or one recurrent step over (batch, H) when given the
+SSM state, so training and generation share the same parameters and code.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from s5scale.nn.s5 import S5
+
+ACTIVATIONS = ("full_glu", "half_glu1", "half_glu2", "gelu")
+NORMS = ("layer", "rms", "batch")
+
+
+def logical_dense(features, names, dtype, name):
+  """Dense whose kernel carries logical axis names, so parallel.py can shard it."""
+  return nn.Dense(features, dtype=dtype, name=name,
+                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (names[-1],)))
+
+
+class Norm(nn.Module):
+  kind: str
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    if self.kind == "layer":
+      return nn.LayerNorm()(x)
+    if self.kind == "rms":
+      return nn.RMSNorm()(x)
+    # BatchNorm statistics pool every (batch, time) position, as in the paper's classifiers.
+    axes = tuple(range(x.ndim - 1))
+    return nn.BatchNorm(use_running_average=not self.train, axis=-1, reduction_axes=axes)(x)
+
+
+class ResidualBlock(nn.Module):
+  """One residual S5 block; `ssm_kwargs` are the S5 layer's fields other than d_model."""
+  d_model: int
+  ssm_kwargs: dict
+  norm: str = "layer"
+  prenorm: bool = True
+  activation: str = "half_glu1"
+  mlp_ratio: int = 0
+  dropout: float = 0.0
+  compute_dtype: jnp.dtype = jnp.float32
+  train: bool = False
+
+  def setup(self):
+    self.norm_layer = Norm(self.norm, self.train)
+    self.ssm = S5(d_model=self.d_model, **self.ssm_kwargs)
+    self.drop = nn.Dropout(self.dropout, deterministic=not self.train)
+    h = self.d_model
+    if self.activation == "full_glu":
+      self.glu_value = logical_dense(h, ("embed", "mlp"), self.compute_dtype, "glu_value")
+    if self.activation in ("full_glu", "half_glu1", "half_glu2"):
+      self.glu_gate = logical_dense(h, ("embed", "mlp"), self.compute_dtype, "glu_gate")
+    if self.mlp_ratio:
+      self.mlp_norm = Norm(self.norm, self.train)
+      self.mlp_in = logical_dense(h * self.mlp_ratio, ("embed", "mlp"), self.compute_dtype,
+                                  "mlp_in")
+      self.mlp_out = logical_dense(h, ("mlp", "embed"), self.compute_dtype, "mlp_out")
+
+  def __call__(self, x, reset, state):
+    """Parallel: x (batch, L, H), reset (batch, L) bool or None, state None -> (x, None).
+
+    Recurrent: x (batch, H), state (batch, P') complex -> (x, state).
+    """
+    skip = x
+    if self.prenorm:
+      x = self.norm_layer(x)
+    if state is None:
+      x = self.ssm(x.astype(jnp.float32), reset=reset)
+    else:
+      state, x = self.ssm.step(state, x.astype(jnp.float32))
+    x = skip + self._activate(x)
+    if not self.prenorm:
+      x = self.norm_layer(x)
+    if self.mlp_ratio:
+      x = x + self._mlp(x)
+    return x, state
+
+  def _activate(self, x):
+    if self.activation == "full_glu":
+      hidden = self.drop(nn.gelu(x))
+      return self.drop(self.glu_value(hidden) * jax.nn.sigmoid(self.glu_gate(hidden)))
+    if self.activation == "half_glu1":
+      hidden = self.drop(nn.gelu(x))
+      return self.drop(hidden * jax.nn.sigmoid(self.glu_gate(hidden)))
+    if self.activation == "half_glu2":  # GELU only on the gate's input
+      hidden = self.drop(nn.gelu(x))
+      return self.drop(x * jax.nn.sigmoid(self.glu_gate(hidden)))
+    return self.drop(nn.gelu(x))
+
+  def _mlp(self, x):
+    hidden = self.mlp_norm(x) if self.prenorm else x
+    return self.drop(self.mlp_out(self.drop(nn.gelu(self.mlp_in(hidden)))))

@@ -1,0 +1,123 @@
+"""Deep S5 stack: input (token embedding or linear encoder) → N residual blocks → head.
+
+Blocks are stacked with nn.scan so compile time does not grow with depth; the same stacked
+parameters serve the parallel forward and the recurrent step used for generation.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from s5scale.nn.blocks import Norm, ResidualBlock, logical_dense
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class S5Model(nn.Module):
+  """Token or continuous inputs (batch, L[, C]) -> LM logits (batch, L, V) or class logits (batch, K)."""
+  task: str = "lm"
+  input_kind: str = "tokens"
+  vocab_size: int = 256
+  num_classes: int = 0
+  num_layers: int = 4
+  d_model: int = 128
+  ssm_kwargs: dict = None           # S5 layer fields other than d_model
+  norm: str = "layer"
+  prenorm: bool = True
+  activation: str = "half_glu1"
+  mlp_ratio: int = 0
+  dropout: float = 0.0
+  pooling: str = "mean"
+  compute_dtype: jnp.dtype = jnp.float32
+  scan_layers: bool = True
+  remat: str = "none"
+
+  def _stack(self, train: bool):
+    block = ResidualBlock
+    if self.remat != "none":
+      block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
+    kwargs = dict(d_model=self.d_model, ssm_kwargs=self.ssm_kwargs or {}, norm=self.norm,
+                  prenorm=self.prenorm, activation=self.activation, mlp_ratio=self.mlp_ratio,
+                  dropout=self.dropout, compute_dtype=self.compute_dtype, train=train)
+    if not self.scan_layers:
+      return [block(**kwargs, name=f"block_{i}") for i in range(self.num_layers)]
+    scanned = nn.scan(block, variable_axes={"params": 0, "batch_stats": 0},
+                      split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast, 0),
+                      length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    return scanned(**kwargs, name="blocks")
+
+  def _run_blocks(self, x, reset, states, train: bool):
+    """states: None (parallel) or (num_layers, batch, P') complex (recurrent)."""
+    stack = self._stack(train)
+    if self.scan_layers:
+      return stack(x, reset, states)
+    new_states = []
+    for i, block in enumerate(stack):
+      x, state = block(x, reset, None if states is None else states[i])
+      new_states.append(state)
+    return x, (None if states is None else jnp.stack(new_states))
+
+  def _embed(self, inputs):
+    if self.input_kind == "tokens":
+      embed = nn.Embed(self.vocab_size, self.d_model, name="embed", embedding_init=(
+          nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed"))))
+      return embed(inputs)
+    encoder = logical_dense(self.d_model, (None, "embed"), self.compute_dtype, "encoder")
+    return encoder(inputs)
+
+  def _head(self, x):
+    features = self.vocab_size if self.task == "lm" else self.num_classes
+    head = logical_dense(features, ("embed", "vocab"), self.compute_dtype, "head")
+    return head(x).astype(jnp.float32)  # the loss is always computed in float32
+
+  @nn.compact
+  def __call__(self, inputs, *, reset=None, mask=None, train: bool = False):
+    """Parallel mode.
+
+    Args:
+      inputs: (batch, L) int32 tokens, or (batch, L, C) float for continuous inputs.
+      reset: (batch, L) bool, True at the first step of each packed document.
+      mask: (batch, L) float, 1 on real steps (classifier pooling honours it).
+    Returns:
+      (batch, L, vocab) float32 logits for "lm", (batch, num_classes) for "classify".
+    """
+    x = nn.with_logical_constraint(self._embed(inputs), ("batch", "length", "act_embed"))
+    x, _ = self._run_blocks(x, reset, None, train)
+    x = Norm(self.norm, train, name="final_norm")(x)
+    if self.task == "lm":
+      return self._head(x)
+    return self._head(pool(x, mask, self.pooling))
+
+  @nn.compact
+  def step(self, states, inputs_t):
+    """Recurrent mode: one step of every layer, O(1) in the context length.
+
+    Args:
+      states: (num_layers, batch, P') complex.
+      inputs_t: (batch,) int32 tokens, or (batch, C) float.
+    Returns:
+      (states, (batch, vocab) float32 logits).
+    """
+    x = self._embed(inputs_t)
+    x, states = self._run_blocks(x, None, states, train=False)
+    return states, self._head(Norm(self.norm, False, name="final_norm")(x))
+
+
+def pool(x, mask, pooling: str):
+  """(batch, L, H) -> (batch, H): masked mean, or the last real step."""
+  if mask is None:
+    mask = jnp.ones(x.shape[:2], x.dtype)
+  mask = mask.astype(x.dtype)
+  if pooling == "mean":
+    return jnp.sum(x * mask[..., None], axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1)[:, None]
+  last = jnp.maximum(jnp.sum(mask, axis=1).astype(jnp.int32) - 1, 0)
+  return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+
+
+def initial_states(num_layers: int, batch: int, num_states: int, dtype=jnp.complex64):
+  """Zero recurrent state for every layer: (num_layers, batch, P') complex."""
+  return jnp.zeros((num_layers, batch, num_states), dtype)

@@ -1,0 +1,120 @@
+"""Device mesh, logical axis rules and shardings; multi-process initialisation (DESIGN.md §4)."""
+
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "model")
+
+# The one table: logical names used by nn/ -> mesh axes. Time ("length") is never sharded, so
+# every device scans whole sequences for its slice of batch and of P (no collective in the scan).
+LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("state", "model"),      # P'
+    ("mlp", "model"),        # MLP / GLU width
+    ("embed", "fsdp"),       # the other dimension of large parameters
+    ("act_embed", None),     # activations keep H whole between blocks
+    ("vocab", None),
+    ("layers", None),
+)
+
+
+class MeshConfigError(ValueError):
+  """A mesh that cannot be built on the devices at hand."""
+
+
+def initialize_distributed() -> None:
+  """Starts jax.distributed when launched as several processes.
+
+  launch/local.sh sets S5SCALE_COORDINATOR / S5SCALE_NUM_PROCESSES / S5SCALE_PROCESS_ID (CPU, gloo);
+  on a TPU VM slice jax.distributed discovers its peers itself.
+  """
+  coordinator = os.environ.get("S5SCALE_COORDINATOR")
+  if coordinator:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator,
+                               num_processes=int(os.environ["S5SCALE_NUM_PROCESSES"]),
+                               process_id=int(os.environ["S5SCALE_PROCESS_ID"]))
+  elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize()
+
+
+def resolve_axis_sizes(sizes: dict, total: int, prefix: str) -> tuple[int, ...]:
+  """Fills a single -1 so the product is `total`; names the offending keys otherwise."""
+  keys = [f"{prefix}{axis}" for axis in MESH_AXES]
+  values = [int(sizes[axis]) for axis in MESH_AXES]
+  if values.count(-1) > 1:
+    raise MeshConfigError(f"at most one of {keys} may be -1, got {values}")
+  known = int(np.prod([v for v in values if v != -1]))
+  if any(v == 0 or v < -1 for v in values):
+    raise MeshConfigError(f"{keys} must be positive or -1, got {values}")
+  if -1 in values:
+    if total % known:
+      raise MeshConfigError(f"{keys}={values}: {total} devices are not divisible by {known}")
+    values[values.index(-1)] = total // known
+  if int(np.prod(values)) != total:
+    raise MeshConfigError(
+        f"{keys}={values} multiply to {int(np.prod(values))}, but there are {total} devices")
+  return tuple(values)
+
+
+def mesh_shape(mesh_config, num_devices: int, num_slices: int = 1):
+  """(ici_shape, dcn_shape) for mesh_config keys data/fsdp/model and dcn_data/dcn_fsdp/dcn_model."""
+  dcn = resolve_axis_sizes({a: mesh_config[f"dcn_{a}"] for a in MESH_AXES}, num_slices, "mesh.dcn_")
+  if num_devices % num_slices:
+    raise MeshConfigError(f"{num_devices} devices do not split into {num_slices} slices")
+  ici = resolve_axis_sizes({a: mesh_config[a] for a in MESH_AXES}, num_devices // num_slices,
+                           "mesh.")
+  return ici, dcn
+
+
+def num_slices(devices) -> int:
+  """Multislice TPU devices carry a slice_index; everything else is one slice."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  ici, dcn = mesh_shape(mesh_config, len(devices), num_slices(devices))
+  if num_slices(devices) > 1:
+    device_array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+  else:
+    try:
+      device_array = mesh_utils.create_device_mesh(ici, devices)
+    except (NotImplementedError, ValueError, AssertionError):
+      # Virtual CPU devices have no physical topology to optimise for.
+      device_array = np.asarray(devices).reshape(ici)
+  return Mesh(device_array, MESH_AXES)
+
+
+def logical_shardings(abstract_tree, mesh: Mesh):
+  """NamedShardings for a tree whose leaves may carry nn.Partitioned logical names."""
+  specs = nn.get_partition_spec(abstract_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+
+
+def with_shardings(abstract_tree, shardings):
+  """ShapeDtypeStructs that carry their target sharding (for restore and AOT lowering)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract_tree, shardings)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dim over (data, fsdp); everything else whole."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local_batch: dict, mesh: Mesh) -> dict:
+  """Each process contributes its local rows; the result is one global array per key."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      local_batch)

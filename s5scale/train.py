@@ -1,0 +1,153 @@
+"""Trains a deep S5 model: `python -m s5scale.train --config=configs/X.py --workdir=DIR`.
+
+Reads top to bottom: mesh, data, model and optimizer, restore, step functions, loop.
+Relaunching with the same workdir resumes from the latest complete checkpoint.
+"""
+
+import os
+import sys
+import time
+
+import flax.linen as nn
+import jax
+from absl import app, logging
+
+from s5scale import checkpoint, cli, data, evaluate, metrics, optim, parallel, steps
+from s5scale.nn.model import S5Model
+
+FLAGS = cli.FLAGS
+
+
+def main(argv) -> int:
+  del argv
+  # A SIGTERM from here on (start-up, compilation, restore) is remembered, never fatal.
+  preemption = checkpoint.PreemptionWatcher()
+  try:
+    return train(FLAGS.config, FLAGS.workdir, preemption)
+  except (cli.ConfigError, data.DataError, checkpoint.CheckpointError) as error:
+    logging.error("%s: %s", type(error).__name__, error)
+    return cli.EXIT_BAD_INPUT
+
+
+def train(config, workdir: str, preemption) -> int:
+  cli.setup_logging(workdir, "train")
+
+  # ---------------------------------------------------------------- Mesh
+  parallel.initialize_distributed()
+  cli.check_config(config, jax.devices(), jax.process_count())
+  mesh = parallel.make_mesh(config.mesh)
+  is_main = jax.process_index() == 0
+  logging.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), mesh.size,
+               jax.process_count())
+  if is_main:
+    checkpoint.dump_json(os.path.join(workdir, "config.json"), config.to_dict())
+
+  # ---------------------------------------------------------------- Data
+  train_iter = data.make_iterator(config.data, "train", process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+  batch_sharding = parallel.batch_sharding(mesh)
+  initial_data_state = train_iter.get_state()
+  first_batch = next(train_iter)  # only its shapes and dtypes are used
+  train_iter.set_state(initial_data_state)
+  sample_batch = steps.zero_global_batch(first_batch, config.data.batch_size)
+
+  # ---------------------------------------------------------------- Model and optimizer
+  model = S5Model(**cli.model_kwargs(config.model))
+  optimizer, schedule = optim.make_optimizer(
+      config.optim, config.train.num_steps, jax.eval_shape(
+          lambda: model.init(jax.random.PRNGKey(0), sample_batch["inputs"])["params"]))
+  boxed_state = jax.eval_shape(
+      lambda: steps.init_train_state(model, optimizer, config, sample_batch))
+  state_shardings = parallel.logical_shardings(boxed_state, mesh)
+  abstract_state = parallel.with_shardings(nn.unbox(boxed_state), state_shardings)
+  num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
+  logging.info("model: %.2fM parameters, %d layers", num_params / 1e6, config.model.num_layers)
+
+  # ---------------------------------------------------------------- Restore
+  manager = checkpoint.make_manager(workdir, config.checkpoint)
+  state, start_step = checkpoint.restore_latest(manager, abstract_state, train_iter,
+                                                config.to_dict())
+  if state is not None:
+    logging.info("resumed from checkpoint step %d in %s", start_step, manager.directory)
+  else:
+    state = jax.jit(lambda: nn.unbox(steps.init_train_state(model, optimizer, config,
+                                                            sample_batch)),
+                    out_shardings=state_shardings)()
+    start_step = 0
+    if config.checkpoint.init_from:
+      params, from_step = checkpoint.restore_params(config.checkpoint.init_from,
+                                                    abstract_state.params)
+      state = state.replace(params=params)
+      logging.info("initialised parameters from %s (step %d)", config.checkpoint.init_from,
+                   from_step)
+    logging.info("no checkpoint in %s: starting from scratch", manager.directory)
+
+  # ---------------------------------------------------------------- Step functions
+  train_step = jax.jit(
+      steps.make_train_step(model, config.model.task, optimizer, schedule,
+                            config.optim.grad_accum_steps),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
+  compiled = train_step.lower(abstract_state, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding),
+      sample_batch)).compile()
+  flops_per_step = metrics.compiled_flops(compiled)
+  peak_flops = metrics.peak_flops_per_device()  # cost_analysis counts one device's program
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  evaluator = evaluate.Evaluator(config, model, mesh) if config.eval.every_steps else None
+
+  # ---------------------------------------------------------------- Loop
+  writer = metrics.MetricsWriter(os.path.join(workdir, "metrics.jsonl"),
+                                 os.path.join(workdir, "tb", "train"))
+  progress = metrics.Progress(start_step, config.train.num_steps)
+  step, last_saved = start_step, start_step
+  if preemption.signalled and jax.process_count() == 1:
+    logging.info("preempted before training started at step %d; checkpoints left as they were",
+                 step)
+    return 0
+  logging.info("training from step %d to %d", step, config.train.num_steps)
+  while step < config.train.num_steps:
+    if preemption.reached(step):
+      if step != last_saved:
+        checkpoint.save(manager, step, state, train_iter, config.to_dict(), mesh)
+        manager.wait_until_finished()
+      logging.info("preempted at step %d, checkpoint saved", step)
+      return 0
+
+    step_start = time.perf_counter()
+    batch = parallel.global_batch(next(train_iter), mesh)
+    state, step_metrics = compiled(state, batch)
+    step_metrics = jax.device_get(step_metrics)  # small; also makes step_time_s honest
+    step_time = time.perf_counter() - step_start
+    step += 1
+
+    if int(step_metrics["bad_steps"]) >= config.train.max_bad_steps:
+      logging.error("%d consecutive non-finite updates at step %d: stopping; the last good "
+                    "checkpoint is untouched", int(step_metrics["bad_steps"]), step)
+      manager.wait_until_finished()
+      return cli.EXIT_BAD_INPUT
+    if step % config.train.log_every_steps == 0 or step == config.train.num_steps:
+      rates = progress.update(step)
+      scalars = dict(step_metrics, step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
+                     mfu=flops_per_step / step_time / peak_flops if flops_per_step else 0.0,
+                     **{f"data/{k}": v for k, v in data.bad_data_counts().items()})
+      writer.write(step, scalars)
+      logging.info("step %d/%d  loss %.4f  %.0f tokens/s  ETA %s", step, config.train.num_steps,
+                   step_metrics["loss"], scalars["tokens_per_s"],
+                   metrics.format_eta(rates.get("eta_s", 0.0)))
+
+    if step % config.checkpoint.every_steps == 0 or step == config.train.num_steps:
+      checkpoint.save(manager, step, state, train_iter, config.to_dict(), mesh)
+      last_saved = step
+    if evaluator and step % config.eval.every_steps == 0:
+      evaluator.run(workdir, step, state.params, state.batch_stats)
+
+  manager.wait_until_finished()
+  writer.close()
+  logging.info("finished: %d steps, final checkpoint at step %d", step, last_saved)
+  return 0
+
+
+if __name__ == "__main__":
+  cli.define_flags()
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)
