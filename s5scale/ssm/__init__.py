@@ -5,12 +5,13 @@ Imports nothing from the rest of s5scale (DESIGN.md §2).
 
 from s5scale.ssm.discretize import (clip_real_part, discretization_factors, discretize_bilinear,
                                     discretize_zoh)
-from s5scale.ssm.hippo import make_block_hippo, make_dplr_hippo, make_hippo_legs
+from s5scale.ssm.hippo import (make_block_hippo, make_dplr_hippo, make_hippo_legs,
+                               validate_state_sizes)
 from s5scale.ssm.init import validate_ssm_args
 from s5scale.ssm.scan import apply_ssm, project_input, project_output, scan_states, step
 
 __all__ = [
     "apply_ssm", "clip_real_part", "discretization_factors", "discretize_bilinear",
     "discretize_zoh", "make_block_hippo", "make_dplr_hippo", "make_hippo_legs", "project_input",
-    "project_output", "scan_states", "step", "validate_ssm_args",
+    "project_output", "scan_states", "step", "validate_ssm_args", "validate_state_sizes",
 ]
