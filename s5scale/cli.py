@@ -33,11 +33,18 @@ def define_flags() -> None:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl parsing, but a bad flag or unknown config key exits 2 and lists the valid keys."""
+  keys = valid_config_keys(argv)
+  overridden = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  unknown = [k for k in overridden if keys and k not in keys]
+  if unknown:
+    print(f"error: unknown config key(s) {', '.join(unknown)}; valid --config.* keys:\n  "
+          + "\n  ".join(keys), file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
   try:
     return FLAGS(argv)
-  except flags.Error as error:
-    print(f"error: {error}", file=sys.stderr)
-    keys = valid_config_keys(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
+    # ml_collections reports an unknown override key as AttributeError/KeyError.
+    print(f"error: bad flag or config override: {error}", file=sys.stderr)
     if keys:
       print("valid --config.* keys:\n  " + "\n  ".join(keys), file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)

@@ -45,21 +45,14 @@ def train(config, workdir: str, preemption) -> int:
   # ---------------------------------------------------------------- Data
   train_iter = data.make_iterator(config.data, "train", process_index=jax.process_index(),
                                   process_count=jax.process_count())
-  batch_sharding = parallel.batch_sharding(mesh)
   initial_data_state = train_iter.get_state()
   first_batch = next(train_iter)  # only its shapes and dtypes are used
   train_iter.set_state(initial_data_state)
   sample_batch = steps.zero_global_batch(first_batch, config.data.batch_size)
 
   # ---------------------------------------------------------------- Model and optimizer
-  model = S5Model(**cli.model_kwargs(config.model))
-  optimizer, schedule = optim.make_optimizer(
-      config.optim, config.train.num_steps, jax.eval_shape(
-          lambda: model.init(jax.random.PRNGKey(0), sample_batch["inputs"])["params"]))
-  boxed_state = jax.eval_shape(
-      lambda: steps.init_train_state(model, optimizer, config, sample_batch))
-  state_shardings = parallel.logical_shardings(boxed_state, mesh)
-  abstract_state = parallel.with_shardings(nn.unbox(boxed_state), state_shardings)
+  model, optimizer, schedule, abstract_state, state_shardings = build_model_and_state(
+      config, mesh, sample_batch)
   num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
   logging.info("model: %.2fM parameters, %d layers", num_params / 1e6, config.model.num_layers)
 
@@ -72,7 +65,7 @@ def train(config, workdir: str, preemption) -> int:
   else:
     state = jax.jit(lambda: nn.unbox(steps.init_train_state(model, optimizer, config,
                                                             sample_batch)),
-                    out_shardings=state_shardings)()
+                    out_shardings=state_shardings)()  # created sharded, never whole on a host
     start_step = 0
     if config.checkpoint.init_from:
       params, from_step = checkpoint.restore_params(config.checkpoint.init_from,
@@ -83,14 +76,8 @@ def train(config, workdir: str, preemption) -> int:
     logging.info("no checkpoint in %s: starting from scratch", manager.directory)
 
   # ---------------------------------------------------------------- Step functions
-  train_step = jax.jit(
-      steps.make_train_step(model, config.model.task, optimizer, schedule,
-                            config.optim.grad_accum_steps),
-      in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
-  compiled = train_step.lower(abstract_state, jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding),
-      sample_batch)).compile()
+  compiled = jit_train_step(config, mesh, model, optimizer, schedule, state_shardings).lower(
+      abstract_state, abstract_batch(sample_batch, mesh)).compile()
   flops_per_step = metrics.compiled_flops(compiled)
   peak_flops = metrics.peak_flops_per_device()  # cost_analysis counts one device's program
   tokens_per_step = config.data.batch_size * config.data.seq_len
@@ -146,6 +133,38 @@ def train(config, workdir: str, preemption) -> int:
   writer.close()
   logging.info("finished: %d steps, final checkpoint at step %d", step, last_saved)
   return 0
+
+
+def build_model_and_state(config, mesh, sample_batch: dict):
+  """Model, optimizer, LR schedule, and the train state's abstract shapes and shardings.
+
+  The state's shardings come from the parameters' logical axis names (parallel.py's rules).
+  """
+  model = S5Model(**cli.model_kwargs(config.model))
+  abstract_params = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), sample_batch["inputs"])["params"])
+  optimizer, schedule = optim.make_optimizer(config.optim, config.train.num_steps,
+                                             abstract_params)
+  boxed_state = jax.eval_shape(
+      lambda: steps.init_train_state(model, optimizer, config, sample_batch))
+  state_shardings = parallel.logical_shardings(boxed_state, mesh)
+  abstract_state = parallel.with_shardings(nn.unbox(boxed_state), state_shardings)
+  return model, optimizer, schedule, abstract_state, state_shardings
+
+
+def jit_train_step(config, mesh, model, optimizer, schedule, state_shardings):
+  """The train step, jitted with the state donated and sharded in place."""
+  return jax.jit(
+      steps.make_train_step(model, config.model.task, optimizer, schedule,
+                            config.optim.grad_accum_steps),
+      in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+      out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
+
+
+def abstract_batch(sample_batch: dict, mesh):
+  sharding = parallel.batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      sample_batch)
 
 
 if __name__ == "__main__":

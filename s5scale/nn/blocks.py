@@ -47,6 +47,7 @@ class ResidualBlock(nn.Module):
   dropout: float = 0.0
   compute_dtype: jnp.dtype = jnp.float32
   train: bool = False
+  prefill: bool = False           # parallel mode that also returns the final SSM state
 
   def setup(self):
     self.norm_layer = Norm(self.norm, self.train)
@@ -64,7 +65,8 @@ class ResidualBlock(nn.Module):
       self.mlp_out = logical_dense(h, ("mlp", "embed"), self.compute_dtype, "mlp_out")
 
   def __call__(self, x, reset, state):
-    """Parallel: x (batch, L, H), reset (batch, L) bool or None, state None -> (x, None).
+    """Parallel: x (batch, L, H), reset (batch, L) bool or None, state None -> (x, None), or
+    (x, final state (batch, P')) with prefill.
 
     Recurrent: x (batch, H), state (batch, P') complex -> (x, state).
     """
@@ -72,7 +74,10 @@ class ResidualBlock(nn.Module):
     if self.prenorm:
       x = self.norm_layer(x)
     if state is None:
-      x = self.ssm(x.astype(jnp.float32), reset=reset)
+      ssm_input = x.astype(jnp.float32)
+      x = self.ssm(ssm_input, reset=reset)
+      if self.prefill:
+        state = self.ssm.final_state(ssm_input, reset=reset)
     else:
       state, x = self.ssm.step(state, x.astype(jnp.float32))
     x = skip + self._activate(x)

@@ -36,13 +36,14 @@ class S5Model(nn.Module):
   scan_layers: bool = True
   remat: str = "none"
 
-  def _stack(self, train: bool):
+  def _stack(self, train: bool, prefill: bool = False):
     block = ResidualBlock
     if self.remat != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
     kwargs = dict(d_model=self.d_model, ssm_kwargs=self.ssm_kwargs or {}, norm=self.norm,
                   prenorm=self.prenorm, activation=self.activation, mlp_ratio=self.mlp_ratio,
-                  dropout=self.dropout, compute_dtype=self.compute_dtype, train=train)
+                  dropout=self.dropout, compute_dtype=self.compute_dtype, train=train,
+                  prefill=prefill)
     if not self.scan_layers:
       return [block(**kwargs, name=f"block_{i}") for i in range(self.num_layers)]
     scanned = nn.scan(block, variable_axes={"params": 0, "batch_stats": 0},
@@ -50,16 +51,19 @@ class S5Model(nn.Module):
                       length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(**kwargs, name="blocks")
 
-  def _run_blocks(self, x, reset, states, train: bool):
-    """states: None (parallel) or (num_layers, batch, P') complex (recurrent)."""
-    stack = self._stack(train)
+  def _run_blocks(self, x, reset, states, train: bool, prefill: bool = False):
+    """states: None (parallel) or (num_layers, batch, P') complex (recurrent).
+
+    Returns x and the layers' states: None in plain parallel mode, (num_layers, batch, P') else.
+    """
+    stack = self._stack(train, prefill)
     if self.scan_layers:
       return stack(x, reset, states)
     new_states = []
     for i, block in enumerate(stack):
       x, state = block(x, reset, None if states is None else states[i])
       new_states.append(state)
-    return x, (None if states is None else jnp.stack(new_states))
+    return x, (jnp.stack(new_states) if new_states[0] is not None else None)
 
   def _embed(self, inputs):
     if self.input_kind == "tokens":
@@ -91,6 +95,19 @@ class S5Model(nn.Module):
     if self.task == "lm":
       return self._head(x)
     return self._head(pool(x, mask, self.pooling))
+
+  @nn.compact
+  def prefill(self, inputs):
+    """Parallel scan over a prompt, returning what `step` needs to continue from it.
+
+    Args:
+      inputs: (batch, L) int32 tokens, or (batch, L, C) float.
+    Returns:
+      (states (num_layers, batch, P') complex, (batch, L, vocab) float32 logits).
+    """
+    x = self._embed(inputs)
+    x, states = self._run_blocks(x, None, None, train=False, prefill=True)
+    return states, self._head(Norm(self.norm, False, name="final_norm")(x))
 
   @nn.compact
   def step(self, states, inputs_t):

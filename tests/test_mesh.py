@@ -1,0 +1,164 @@
+"""Issue 3: one model, many meshes. Oracles: the 1-device run, the array shapes on disk in each
+device's shard, a second set of processes, and the exit code of a bad launch."""
+
+import os
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from s5scale import checkpoint, parallel, steps
+from s5scale import train as train_lib
+from tests import runs
+
+import importlib.util
+
+MESHES_ON_8 = [(8, 1, 1), (4, 1, 2), (2, 2, 2), (1, 1, 8)]
+
+
+def tiny_config(**changes):
+  spec = importlib.util.spec_from_file_location("text_small", f"{runs.REPO}/configs/text_small.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  values = dict(runs.TINY)
+  values.update({k.replace("__", "."): v for k, v in changes.items()})
+  for key, value in values.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  return config
+
+
+def train_in_process(config, workdir) -> dict[int, float]:
+  assert train_lib.train(config, str(workdir), checkpoint.PreemptionWatcher()) == 0
+  return runs.losses(workdir)
+
+
+def test_same_losses_on_every_mesh(tmp_path):
+  # 1x1x1 needs a 1-device process: a mesh smaller than the device count is a config error.
+  single = runs.run("train", "text_small.py", tmp_path / "1x1x1",
+                    runs.overrides(train__num_steps=3, checkpoint__every_steps=100), devices=1)
+  assert single.returncode == 0, single.stderr[-3000:]
+  results = {(1, 1, 1): runs.losses(tmp_path / "1x1x1")}
+  for mesh in MESHES_ON_8:
+    config = tiny_config(train__num_steps=3, mesh__data=mesh[0], mesh__fsdp=mesh[1],
+                         mesh__model=mesh[2], checkpoint__every_steps=100)
+    results[mesh] = train_in_process(config, tmp_path / "x".join(map(str, mesh)))
+  reference = results[(1, 1, 1)]
+  assert sorted(reference) == [1, 2, 3]
+  for mesh, losses in results.items():
+    np.testing.assert_allclose([losses[s] for s in (1, 2, 3)], [reference[s] for s in (1, 2, 3)],
+                               rtol=1e-5, err_msg=f"mesh {mesh}")
+
+
+def build_state(config, mesh):
+  sample = {"inputs": np.zeros((config.data.batch_size, config.data.seq_len), np.int32)}
+  model, optimizer, _, _, shardings = train_lib.build_model_and_state(config, mesh, sample)
+  import flax.linen as nn
+  state = jax.jit(lambda: nn.unbox(steps.init_train_state(model, optimizer, config, sample)),
+                  out_shardings=shardings)()
+  return state
+
+
+def test_model_parallel_shards_b_and_c():
+  config = tiny_config(mesh__data=2, mesh__fsdp=1, mesh__model=4)
+  mesh = parallel.make_mesh(config.mesh)
+  params = build_state(config, mesh).params["blocks"]["ssm"]
+  layers, num_states, d_model = config.model.num_layers, config.model.ssm_size // 2, 16
+  assert params["B"].shape == (layers, num_states, d_model, 2)
+  assert params["C"].shape == (layers, d_model, num_states, 2)
+  for shard in params["B"].addressable_shards:
+    assert shard.data.shape == (layers, num_states // 4, d_model, 2)
+  for shard in params["C"].addressable_shards:
+    assert shard.data.shape == (layers, d_model, num_states // 4, 2)
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+
+
+def hlo_computations(hlo_text: str) -> dict[str, str]:
+  """Computation name -> body text of an HLO module."""
+  computations, name, lines = {}, None, []
+  for line in hlo_text.splitlines():
+    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if header:
+      name, lines = header.group(1), []
+    elif line.startswith("}") and name:
+      computations[name] = "\n".join(lines)
+      name = None
+    elif name:
+      lines.append(line)
+  return computations
+
+
+def reachable(computations, root: str) -> set[str]:
+  seen, todo = set(), [root]
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in computations:
+      continue
+    seen.add(name)
+    todo += re.findall(r"(?:calls|body|condition|to_apply|branch_computations)=\{?%?([\w.\-]+)",
+                       computations[name])
+    todo += re.findall(r"branch_computations=\{([^}]*)\}", computations[name])
+  return seen
+
+
+def test_no_collective_inside_the_time_scan():
+  config = tiny_config(mesh__data=2, mesh__fsdp=2, mesh__model=2, model__num_layers=2)
+  mesh = parallel.make_mesh(config.mesh)
+  sample = {"inputs": np.zeros((8, 32), np.int32), "targets": np.zeros((8, 32), np.int32),
+            "mask": np.ones((8, 32), np.float32), "reset": np.zeros((8, 32), bool),
+            "target_bytes": np.ones((8, 32), np.int32)}
+  model, optimizer, schedule, abstract_state, shardings = train_lib.build_model_and_state(
+      config, mesh, sample)
+  compiled = train_lib.jit_train_step(config, mesh, model, optimizer, schedule, shardings).lower(
+      abstract_state, train_lib.abstract_batch(sample, mesh)).compile()
+  computations = hlo_computations(compiled.as_text())
+  whole_program = "\n".join(computations.values())
+  assert any(op in whole_program for op in COLLECTIVES), "the sharded step should communicate"
+  loop_bodies = re.findall(r"while\(.*body=%?([\w.\-]+)", whole_program)
+  # The time scans are the innermost loops: the layer scan (which may hold the readout's
+  # all-reduce) contains them.
+  innermost = [b for b in loop_bodies
+               if not any("while(" in computations[c] for c in reachable(computations, b))]
+  assert innermost, "expected the time scan to compile to a loop"
+  for body in innermost:
+    text = "\n".join(computations[c] for c in reachable(computations, body))
+    found = [op for op in COLLECTIVES if re.search(rf"\b{op}(-start)?\(", text)]
+    assert not found, f"collective {found} inside loop {body}"
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+  flags = runs.overrides(train__num_steps=3, checkpoint__every_steps=100)
+  single = runs.run("train", "text_small.py", tmp_path / "single", flags, devices=4)
+  assert single.returncode == 0, single.stderr[-3000:]
+  port = 20000 + os.getpid() % 10000
+  procs = [runs.start("train", "text_small.py", tmp_path / "multi", flags, devices=2,
+                      S5SCALE_COORDINATOR=f"localhost:{port}", S5SCALE_NUM_PROCESSES=2,
+                      S5SCALE_PROCESS_ID=i) for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  single_losses, multi_losses = runs.losses(tmp_path / "single"), runs.losses(tmp_path / "multi")
+  np.testing.assert_allclose([multi_losses[s] for s in (1, 2, 3)],
+                             [single_losses[s] for s in (1, 2, 3)], rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad, named", [
+    (["--config.mesh.data=3"], "mesh."),
+    (["--config.mesh.data=1", "--config.mesh.model=8", "--config.model.ssm_size=24",
+      "--config.model.blocks=1"], "model.ssm_size"),
+    (["--config.mesh.data=1", "--config.mesh.model=8", "--config.model.d_model=12"],
+     "model.d_model"),
+    (["--config.model.no_such_key=1"], "no_such_key"),
+])
+def test_bad_config_exits_2_before_compiling(tmp_path, bad, named):
+  result = runs.run("train", "text_small.py", tmp_path, runs.overrides() + bad, devices=8)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert named in result.stderr
+  assert not os.path.exists(tmp_path / "metrics.jsonl")
+  assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
+  if "no_such_key" in named:
+    assert "model.d_model" in result.stderr  # the valid keys are listed
