@@ -97,7 +97,7 @@ def train(config, workdir: str, preemption) -> int:
     if preemption.reached(step):
       if step != last_saved:
         checkpoint.save(manager, step, state, train_iter, config.to_dict(), mesh)
-        manager.wait_until_finished()
+      manager.wait_until_finished()  # also an async save of this step started just before
       logging.info("preempted at step %d, checkpoint saved", step)
       return 0
 
@@ -108,11 +108,6 @@ def train(config, workdir: str, preemption) -> int:
     step_time = time.perf_counter() - step_start
     step += 1
 
-    if int(step_metrics["bad_steps"]) >= config.train.max_bad_steps:
-      logging.error("%d consecutive non-finite updates at step %d: stopping; the last good "
-                    "checkpoint is untouched", int(step_metrics["bad_steps"]), step)
-      manager.wait_until_finished()
-      return cli.EXIT_BAD_INPUT
     if step % config.train.log_every_steps == 0 or step == config.train.num_steps:
       rates = progress.update(step)
       scalars = dict(step_metrics, step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
@@ -122,8 +117,15 @@ def train(config, workdir: str, preemption) -> int:
       logging.info("step %d/%d  loss %.4f  %.0f tokens/s  ETA %s", step, config.train.num_steps,
                    step_metrics["loss"], scalars["tokens_per_s"],
                    metrics.format_eta(rates.get("eta_s", 0.0)))
+    if int(step_metrics["bad_steps"]) >= config.train.max_bad_steps:
+      logging.error("%d consecutive non-finite updates at step %d: stopping; the last good "
+                    "checkpoint is untouched", int(step_metrics["bad_steps"]), step)
+      manager.wait_until_finished()
+      return cli.EXIT_BAD_INPUT
 
-    if step % config.checkpoint.every_steps == 0 or step == config.train.num_steps:
+    # No saves during a non-finite streak: rotation (checkpoint.keep) could drop the last good one.
+    due = step % config.checkpoint.every_steps == 0 or step == config.train.num_steps
+    if due and int(step_metrics["bad_steps"]) == 0:
       checkpoint.save(manager, step, state, train_iter, config.to_dict(), mesh)
       last_saved = step
     if evaluator and step % config.eval.every_steps == 0:
