@@ -85,6 +85,7 @@ def restore_latest(manager, abstract_state, data_iterator, config_dict: dict):
     except Exception as error:  # orbax raises many types for damaged files; all mean "unusable"
       logging.warning("checkpoint step %d in %s is damaged (%s: %s); trying the previous one",
                       step, manager.directory, type(error).__name__, str(error)[:300])
+      set_aside(manager, step)
       continue
     return restored.state, step
   if steps:
@@ -107,6 +108,17 @@ def restore_subset(manager, step: int, abstract_subset: dict) -> dict:
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item=abstract_subset, restore_args=restore_args, partial_restore=True)))
   return restored.state
+
+
+def set_aside(manager, step: int) -> None:
+  """Renames a damaged step (kept for inspection) so the resumed run can write that step again."""
+  if jax.process_index() == 0:
+    source = os.path.join(str(manager.directory), str(step))
+    target = f"{source}.damaged-{int(time.time())}"
+    os.rename(source, target)
+    logging.warning("moved damaged checkpoint to %s", target)
+  multihost_utils.sync_global_devices(f"set_aside_{step}")
+  manager.reload()
 
 
 def restore_params(workdir_or_dir: str, abstract_params):

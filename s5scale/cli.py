@@ -99,8 +99,8 @@ def check_config(config, devices, process_count: int) -> None:
     ssm.validate_state_sizes(model.ssm_size, model.blocks, model.conj_sym)
   except ValueError as error:
     raise ConfigError(f"model: {error}") from None
-  if model.task == "classify" and model.num_classes <= 0 and not data.get("task"):
-    raise ConfigError("model.num_classes must be positive for model.task='classify'")
+  if data.task != model.task:
+    raise ConfigError(f"data.task={data.task!r} must equal model.task={model.task!r}")
   try:
     ici, dcn = parallel.mesh_shape(mesh_config, len(devices), parallel.num_slices(devices))
   except parallel.MeshConfigError as error:

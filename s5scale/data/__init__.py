@@ -1,0 +1,82 @@
+"""Deterministic, resumable grain pipelines for raw audio and text (the trainer's contract).
+
+  make_iterator(data_config, split, *, process_index=0, process_count=1, num_epochs=None)
+      -> grain DatasetIterator: next(), get_state() (JSON-serializable), set_state(state).
+      split "train" or "heldout"; batches hold data.batch_size // process_count rows.
+      num_epochs=None repeats forever; a finite stream pads its last batch with mask-0 rows,
+      and every process gets the same number of held-out batches.
+  vocab_size(data_config) -> int
+  num_classes(data_config) -> int                  (audio classification: label folders)
+  bad_data_counts() -> {"bad_files": n, "bad_documents": m}   seen so far in this process
+  decode_tokens(data_config, tokens) -> str (text) or float32 waveform in [-1, 1] (audio)
+  encode_prompt(data_config, prompt) -> int32 tokens (text prefix, or an audio file path)
+  DataError: a source with no usable examples (a ValueError; the trainer exits 2).
+
+Batches (NumPy), L = data.seq_len, B = the local batch size:
+  language modelling  inputs int32 (B, L), targets int32 (B, L) (inputs shifted by one),
+                      mask float32 (B, L) 1 where the target counts, reset bool (B, L) True at
+                      each document's first token, target_bytes int32 (B, L) UTF-8 bytes per
+                      target (audio: 1 per sample) for bits-per-byte.
+  classification      inputs float32 (B, L, 1) waveform, mask float32 (B, L) 1 on real samples
+                      (a padding row is all 0), label int32 (B,).
+"""
+
+import numpy as np
+
+from s5scale.data import audio
+from s5scale.data import bad_data
+from s5scale.data import text
+from s5scale.data import transforms
+from s5scale.data.bad_data import DataError
+from s5scale.data.pipeline import make_iterator
+
+__all__ = ["DataError", "make_iterator", "vocab_size", "num_classes", "label_names",
+           "bad_data_counts", "decode_tokens", "encode_prompt"]
+
+
+def vocab_size(data_config) -> int:
+  """2**bits for audio; 260 for the byte tokenizer; the SentencePiece size (+ added specials)."""
+  transforms.validate(data_config)
+  if data_config.kind == "audio":
+    return 2**data_config.bits
+  return text.make_tokenizer(data_config.tokenizer).vocab_size
+
+
+def num_classes(data_config) -> int:
+  """Number of label folders of an audio source (sorted names -> ids 0..n-1)."""
+  names = label_names(data_config)
+  if not names:
+    raise DataError(f"data.source {data_config.source!r} has no label folders; classification "
+                    "expects root/<label>/*.wav (the Speech Commands layout)")
+  return len(names)
+
+
+def label_names(data_config) -> list[str]:
+  """Class names in id order (for reports and confusion matrices)."""
+  return transforms.make_spec(data_config).label_names
+
+
+def bad_data_counts() -> dict[str, int]:
+  return bad_data.counts()
+
+
+def decode_tokens(data_config, tokens):
+  """Token ids -> str (text; specials dropped) or float32 waveform (audio)."""
+  if data_config.kind == "audio":
+    return audio.dequantize(np.asarray(tokens), data_config.quantization, data_config.bits)
+  return text.make_tokenizer(data_config.tokenizer).decode(tokens)
+
+
+def encode_prompt(data_config, prompt: str) -> np.ndarray:
+  """A text prefix -> [BOS] + ids; an audio file path -> its codes at data.sample_rate."""
+  if data_config.kind == "text":
+    tokenizer = text.make_tokenizer(data_config.tokenizer)
+    return np.concatenate([[tokenizer.bos_id], tokenizer.encode(prompt)]).astype(np.int32)
+  if not prompt:
+    return np.zeros(0, np.int32)
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  try:
+    waveform = audio.load_waveform(epath.Path(prompt).read_bytes(), data_config.sample_rate)
+  except (OSError, audio.UnreadableAudio) as error:
+    raise DataError(f"prompt audio file {prompt!r} cannot be used: {error}") from None
+  return audio.quantize(waveform, data_config.quantization, data_config.bits)

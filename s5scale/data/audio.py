@@ -1,0 +1,151 @@
+"""Waveform transforms: decode → mono → resample → peak-normalize → quantize, and their inverses.
+
+Waveforms are float32 NumPy arrays of shape (num_samples,) in [-1, 1]. Tokens are int32 in
+[0, 2**bits). Everything here is a pure function so the grain workers can call it on any item.
+"""
+
+import io
+import math
+import struct
+
+import numpy as np
+import soundfile
+
+QUANTIZATIONS = ("mulaw", "linear")
+
+
+class UnreadableAudio(ValueError):
+  """The bytes are not a complete audio file (the message says why)."""
+
+
+def wav_truncation(payload: bytes) -> str | None:
+  """Why a RIFF/WAVE payload is cut short, or None when it is whole (or not a WAV at all).
+
+  libsndfile silently returns the frames that exist in a truncated WAV, so a half-copied file
+  would otherwise train as a short clip; the data chunk's declared size gives it away.
+  """
+  if len(payload) < 12 or payload[:4] != b"RIFF" or payload[8:12] != b"WAVE":
+    return None
+  position = 12
+  while position + 8 <= len(payload):
+    chunk_id = payload[position:position + 4]
+    (chunk_size,) = struct.unpack("<I", payload[position + 4:position + 8])
+    available = len(payload) - (position + 8)
+    if chunk_id == b"data":
+      # Writers streaming to a pipe cannot seek back, so they leave 0 or a huge placeholder
+      # (espeak-ng: 0x7FFFF000, others 0xFFFFFFFF); nothing to check then.
+      if 0 < chunk_size < 0x7FFFF000 and chunk_size > available:
+        return f"data chunk declares {chunk_size} bytes but only {available} are present"
+      return None
+    position += 8 + chunk_size + (chunk_size & 1)
+  return "no data chunk before the end of the file"
+
+
+def decode(payload: bytes) -> tuple[np.ndarray, int]:
+  """Audio file bytes (WAV/FLAC/OGG/...) -> (float32 (num_samples, channels), sample_rate)."""
+  truncation = wav_truncation(payload)
+  if truncation:
+    raise UnreadableAudio(f"truncated WAV: {truncation}")
+  if not payload:
+    raise UnreadableAudio("empty file (0 bytes)")
+  try:
+    waveform, sample_rate = soundfile.read(io.BytesIO(payload), dtype="float32", always_2d=True)
+  except (soundfile.SoundFileError, RuntimeError, EOFError) as error:
+    raise UnreadableAudio(f"not decodable audio: {error}") from None
+  if waveform.shape[0] == 0:
+    raise UnreadableAudio("no samples")
+  if not np.all(np.isfinite(waveform)):
+    raise UnreadableAudio("non-finite samples")
+  return waveform, int(sample_rate)
+
+
+def to_mono(waveform: np.ndarray) -> np.ndarray:
+  """(num_samples, channels) -> (num_samples,) channel mean."""
+  return waveform.mean(axis=1, dtype=np.float32) if waveform.ndim == 2 else waveform
+
+
+def resample(waveform: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
+  """Band-limited polyphase resampling of (num_samples,) float32 from source_rate to target_rate.
+
+  scipy's resample_poly applies a Kaiser-windowed low-pass at the lower of the two Nyquist
+  frequencies, so content above the new Nyquist is removed instead of aliased.
+  """
+  if source_rate == target_rate:
+    return waveform.astype(np.float32, copy=False)
+  from scipy import signal  # pylint: disable=g-import-not-at-top  # slow import; rarely needed
+  divisor = math.gcd(int(source_rate), int(target_rate))
+  up, down = int(target_rate) // divisor, int(source_rate) // divisor
+  return signal.resample_poly(waveform.astype(np.float32), up, down).astype(np.float32)
+
+
+def peak_normalize(waveform: np.ndarray) -> np.ndarray:
+  """Scales so max |sample| is 1; an all-silent clip stays silent."""
+  peak = float(np.max(np.abs(waveform))) if waveform.size else 0.0
+  if peak == 0.0:
+    return waveform.astype(np.float32, copy=False)
+  return (waveform / peak).astype(np.float32)
+
+
+def load_waveform(payload: bytes, target_rate: int) -> np.ndarray:
+  """Audio file bytes -> peak-normalized mono float32 (num_samples,) at target_rate."""
+  waveform, sample_rate = decode(payload)
+  return peak_normalize(resample(to_mono(waveform), sample_rate, target_rate))
+
+
+def mulaw_encode(waveform: np.ndarray, bits: int = 8) -> np.ndarray:
+  """float (...,) in [-1, 1] -> int32 (...,) codes in [0, 2**bits − 1], μ = 2**bits − 1."""
+  mu = 2**bits - 1
+  clipped = np.clip(waveform, -1.0, 1.0).astype(np.float64)
+  companded = np.sign(clipped) * np.log1p(mu * np.abs(clipped)) / math.log1p(mu)
+  return np.floor((companded + 1) / 2 * mu + 0.5).astype(np.int32)
+
+
+def mulaw_decode(codes: np.ndarray, bits: int = 8) -> np.ndarray:
+  """int (...,) codes -> float32 (...,) waveform, the inverse of mulaw_encode up to quantization."""
+  mu = 2**bits - 1
+  companded = 2 * np.asarray(codes, np.float64) / mu - 1
+  return (np.sign(companded) * np.expm1(np.abs(companded) * math.log1p(mu)) / mu).astype(
+      np.float32)
+
+
+def linear_encode(waveform: np.ndarray, bits: int = 8) -> np.ndarray:
+  """float (...,) in [-1, 1] -> int32 (...,) uniform codes in [0, 2**bits − 1]."""
+  levels = 2**bits - 1
+  clipped = np.clip(waveform, -1.0, 1.0).astype(np.float64)
+  return np.floor((clipped + 1) / 2 * levels + 0.5).astype(np.int32)
+
+
+def linear_decode(codes: np.ndarray, bits: int = 8) -> np.ndarray:
+  """int (...,) codes -> float32 (...,) waveform."""
+  return (2 * np.asarray(codes, np.float64) / (2**bits - 1) - 1).astype(np.float32)
+
+
+def quantize(waveform: np.ndarray, method: str, bits: int) -> np.ndarray:
+  """Dispatch on data.quantization ("mulaw" or "linear")."""
+  if method == "mulaw":
+    return mulaw_encode(waveform, bits)
+  if method == "linear":
+    return linear_encode(waveform, bits)
+  raise ValueError(f"data.quantization must be one of {QUANTIZATIONS}, got {method!r}")
+
+
+def dequantize(codes: np.ndarray, method: str, bits: int) -> np.ndarray:
+  """Inverse of quantize, float32 in [-1, 1]."""
+  if method == "mulaw":
+    return mulaw_decode(codes, bits)
+  if method == "linear":
+    return linear_decode(codes, bits)
+  raise ValueError(f"data.quantization must be one of {QUANTIZATIONS}, got {method!r}")
+
+
+def silence_code(method: str, bits: int) -> int:
+  """The code of a zero sample: the value padding positions carry (their mask is 0)."""
+  return int(quantize(np.zeros(1), method, bits)[0])
+
+
+def encode_wav_bytes(waveform: np.ndarray, sample_rate: int) -> bytes:
+  """(num_samples,) float32 -> 16-bit PCM WAV file bytes (the record format of prepare_audio)."""
+  buffer = io.BytesIO()
+  soundfile.write(buffer, np.clip(waveform, -1.0, 1.0), sample_rate, format="WAV",
+                  subtype="PCM_16")
+  return buffer.getvalue()

@@ -1,0 +1,267 @@
+"""Where items come from: a random-access list of (id, label, raw payload) for any data.source.
+
+data.source may be
+  ""                      the embedded default corpus (Python stdlib .py files / procedural audio);
+  a directory             searched recursively for audio (.wav .flac .ogg) or text (.txt .jsonl);
+                          if it holds *.array_record shards, those are read instead;
+  a glob                  e.g. "/data/**/*.flac", "gs://bucket/text/*.jsonl", "out/*.array_record".
+Paths go through etils.epath, so gs:// and other cloud paths work where their filesystem package
+is installed. Listing happens once in the main process; reading happens in grain workers, so a
+source holds only picklable, compact state (path strings, offsets).
+
+Item ids are paths relative to the source root (JSON Lines: "path:line"), or the ids stored by
+tools/prepare_*.py next to each shard, so the held-out split is the same for raw and prepared data.
+"""
+
+import functools
+import glob as glob_lib
+import json
+import os
+import sysconfig
+
+from etils import epath
+import numpy as np
+
+from s5scale.data import procedural_audio
+from s5scale.data.bad_data import DataError
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+TEXT_EXTENSIONS = (".txt", ".jsonl")
+ARRAY_RECORD_EXTENSION = ".array_record"
+SIDECAR_SUFFIX = ".json"  # shard.array_record.json: {"ids": [...], "labels": [...]}
+
+
+class FileSource:
+  """One item per file; payload = the file's bytes; label = the first folder under the root."""
+
+  def __init__(self, root: str, relpaths: list[str], description: str):
+    self.root, self.relpaths, self.description = root, relpaths, description
+    self.ids = relpaths
+    self.labels = [path.split("/")[0] if "/" in path else "" for path in relpaths]
+
+  def __len__(self):
+    return len(self.relpaths)
+
+  def read(self, index: int):
+    return epath.Path(self.root, self.relpaths[index]).read_bytes()
+
+  def name(self, index: int) -> str:
+    return os.fspath(epath.Path(self.root, self.relpaths[index]))
+
+
+class JsonlSource:
+  """One item per line of .jsonl files; payload = the line's bytes (parsed by the text pipeline)."""
+
+  def __init__(self, root: str, relpaths: list[str], file_index, offsets, line_numbers,
+               description: str):
+    self.root, self.relpaths, self.description = root, relpaths, description
+    self.file_index, self.offsets = file_index, offsets
+    self.ids = [f"{relpaths[f]}:{n}" for f, n in zip(file_index, line_numbers)]
+    self.labels = [""] * len(self.ids)
+
+  def __len__(self):
+    return len(self.ids)
+
+  def read(self, index: int):
+    with epath.Path(self.root, self.relpaths[self.file_index[index]]).open("rb") as stream:
+      stream.seek(int(self.offsets[index]))
+      return stream.readline()
+
+  def name(self, index: int) -> str:
+    return os.fspath(epath.Path(self.root, self.ids[index]))
+
+
+class ArrayRecordSource:
+  """Records of ArrayRecord shards (written by tools/prepare_*.py, or any with raw payloads)."""
+
+  def __init__(self, paths: list[str], shard_sizes: list[int], ids: list[str], labels: list[str],
+               description: str):
+    self.paths, self.ids, self.labels, self.description = paths, ids, labels, description
+    self.shard_ends = np.cumsum(shard_sizes)
+
+  def __len__(self):
+    return len(self.ids)
+
+  @functools.cached_property
+  def _records(self):
+    # Opened lazily so the object pickles to grain workers as a list of paths.
+    import grain  # pylint: disable=g-import-not-at-top
+    return grain.sources.ArrayRecordDataSource(self.paths)
+
+  def read(self, index: int):
+    return self._records[index]
+
+  def name(self, index: int) -> str:
+    shard = int(np.searchsorted(self.shard_ends, index, side="right"))
+    first = int(self.shard_ends[shard - 1]) if shard else 0
+    return f"{self.paths[shard]}[{index - first}] ({self.ids[index]})"
+
+  def __getstate__(self):
+    state = self.__dict__.copy()
+    state.pop("_records", None)
+    return state
+
+
+class ProceduralAudioSource:
+  """The embedded synthetic audio corpus; payload = a float32 waveform already at the rate."""
+
+  def __init__(self, sample_rate: int):
+    self.sample_rate = sample_rate
+    self.description = "the embedded procedural audio corpus"
+    indices = range(procedural_audio.NUM_CLIPS)
+    self.ids = [procedural_audio.clip_id(i) for i in indices]
+    self.labels = [procedural_audio.clip_category(i) for i in indices]
+
+  def __len__(self):
+    return len(self.ids)
+
+  def read(self, index: int):
+    return procedural_audio.generate_clip(index, self.sample_rate)
+
+  def name(self, index: int) -> str:
+    return self.ids[index]
+
+
+def _has_glob(path: str) -> bool:
+  return any(character in path for character in "*?[")
+
+
+def _split_glob(source: str) -> tuple[str, str]:
+  """("/data/audio", "**/*.wav") for "/data/audio/**/*.wav": the fixed root and the pattern."""
+  parts = source.split("/")
+  first_glob = next(i for i, part in enumerate(parts) if _has_glob(part))
+  return "/".join(parts[:first_glob]) or ".", "/".join(parts[first_glob:])
+
+
+def _is_cloud(path: str) -> bool:
+  return "://" in path
+
+
+def _walk(root: str):
+  """Every file under root, recursively (os.walk locally; epath listing for cloud paths)."""
+  if not _is_cloud(root):
+    for directory, subdirectories, files in os.walk(root):
+      subdirectories.sort()
+      yield from (os.path.join(directory, name) for name in files)
+    return
+  for path in epath.Path(root).iterdir():
+    if path.is_dir():
+      yield from _walk(os.fspath(path))
+    else:
+      yield os.fspath(path)
+
+
+def _list_files(source: str, extensions) -> tuple[str, list[str]]:
+  """(root, sorted paths relative to root) for a directory (by extension) or a glob (all matches).
+
+  Globs may use ** locally; cloud globs are single-level (etils.epath refuses ** there, since it
+  would mean one request per folder).
+  """
+  if _has_glob(source):
+    root, pattern = _split_glob(source)
+    if _is_cloud(source):
+      matches = [os.fspath(path) for path in epath.Path(root).glob(pattern)]
+    else:
+      matches = [path for path in glob_lib.glob(source, recursive=True) if os.path.isfile(path)]
+  else:
+    root = source
+    if not epath.Path(root).is_dir():
+      raise DataError(f"data.source {source!r} is not a directory, glob or .array_record file")
+    matches = [path for path in _walk(root) if os.path.splitext(path)[1].lower() in extensions]
+  prefix = root.rstrip("/") + "/"
+  relpaths = sorted(os.path.relpath(path, root).replace(os.sep, "/") if not _is_cloud(root)
+                    else path[len(prefix):] for path in matches)
+  return root, relpaths
+
+
+def _array_record_paths(source: str) -> list[str] | None:
+  """Shard paths when the source names ArrayRecord data, else None."""
+  if source.endswith(ARRAY_RECORD_EXTENSION):
+    if not _has_glob(source):
+      return [source]
+    root, relpaths = _list_files(source, ())
+    return [os.fspath(epath.Path(root, relpath)) for relpath in relpaths]
+  if not _has_glob(source) and epath.Path(source).is_dir():
+    return sorted(os.fspath(p) for p in epath.Path(source).glob("*" + ARRAY_RECORD_EXTENSION)
+                  ) or None
+  return None
+
+
+def _open_array_records(paths: list[str], description: str) -> ArrayRecordSource:
+  import grain  # pylint: disable=g-import-not-at-top
+  ids, labels, shard_sizes = [], [], []
+  for path in paths:
+    num_records = len(grain.sources.ArrayRecordDataSource([path]))
+    shard_sizes.append(num_records)
+    sidecar = epath.Path(path + SIDECAR_SUFFIX)
+    if sidecar.exists():
+      meta = json.loads(sidecar.read_text())
+      if len(meta["ids"]) != num_records:
+        raise DataError(f"{sidecar} lists {len(meta['ids'])} ids but {path} has {num_records} "
+                        "records; re-run the prepare tool")
+      ids += meta["ids"]
+      labels += meta.get("labels") or [""] * num_records
+    else:
+      ids += [f"{os.path.basename(path)}:{i}" for i in range(num_records)]
+      labels += [""] * num_records
+  return ArrayRecordSource(paths, shard_sizes, ids, labels, description)
+
+
+def _index_jsonl(root: str, relpaths: list[str], description: str) -> JsonlSource:
+  """Byte offset of every non-blank line, so workers can seek straight to a document."""
+  file_index, offsets, line_numbers = [], [], []
+  for number, relpath in enumerate(relpaths):
+    offset = 0
+    for line_number, line in enumerate(epath.Path(root, relpath).read_bytes().split(b"\n")):
+      if line.strip():
+        file_index.append(number)
+        offsets.append(offset)
+        line_numbers.append(line_number + 1)
+      offset += len(line) + 1
+  return JsonlSource(root, relpaths, np.asarray(file_index, np.int32),
+                     np.asarray(offsets, np.int64), line_numbers, description)
+
+
+def stdlib_root() -> str:
+  return sysconfig.get_paths()["stdlib"]
+
+
+def _stdlib_source() -> FileSource:
+  """Every .py file of this Python's standard library, excluding installed third-party packages."""
+  root = stdlib_root()
+  relpaths = []
+  for directory, subdirectories, files in os.walk(root):
+    subdirectories[:] = sorted(d for d in subdirectories
+                               if d not in ("site-packages", "dist-packages", "__pycache__"))
+    relative = os.path.relpath(directory, root)
+    relpaths += [os.path.normpath(os.path.join(relative, name)).replace(os.sep, "/")
+                 for name in files if name.endswith(".py")]
+  return FileSource(root, sorted(relpaths), f"the Python standard library at {root}")
+
+
+@functools.lru_cache(maxsize=8)
+def open_source(kind: str, source: str, sample_rate: int):
+  """The item list for data.kind / data.source. Raises DataError when nothing matches."""
+  if kind not in ("text", "audio"):
+    raise ValueError(f"data.kind must be 'text' or 'audio', got {kind!r}")
+  if not source:
+    opened = _stdlib_source() if kind == "text" else ProceduralAudioSource(sample_rate)
+  elif (shards := _array_record_paths(source)) is not None:
+    if not shards:
+      raise DataError(f"data.source {source!r}: no ArrayRecord shards match")
+    opened = _open_array_records(shards, f"data.source {source!r}")
+  else:
+    extensions = AUDIO_EXTENSIONS if kind == "audio" else TEXT_EXTENSIONS
+    root, relpaths = _list_files(source, extensions)
+    description = f"data.source {source!r}"
+    if not relpaths:
+      raise DataError(f"{description} has no {kind} files (looked for {', '.join(extensions)})")
+    if kind == "text" and relpaths and all(p.endswith(".jsonl") for p in relpaths):
+      opened = _index_jsonl(root, relpaths, description)
+    elif kind == "text" and any(p.endswith(".jsonl") for p in relpaths):
+      raise DataError(f"{description} mixes .jsonl with other files; point it at one kind")
+    else:
+      opened = FileSource(root, relpaths, description)
+  if len(opened) == 0:
+    raise DataError(f"{opened.description} has no items")
+  return opened

@@ -1,0 +1,193 @@
+"""Issue 5: preemption, bit-exact resume, killed and damaged checkpoints, resharded restore.
+
+Oracles: an uninterrupted run in another process, the checkpoint files on disk (read back with
+plain orbax, no s5scale code), and the processes' exit codes and logs.
+"""
+
+import os
+import random
+import signal
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from s5scale import checkpoint, parallel
+from s5scale import train as train_lib
+from tests import runs
+from tests.test_mesh import tiny_config
+
+NUM_STEPS = 12
+FLAGS = runs.overrides(train__num_steps=NUM_STEPS, checkpoint__every_steps=4,
+                       checkpoint__async_save=True)
+
+
+def complete_steps(workdir) -> list[int]:
+  names = os.listdir(os.path.join(workdir, "checkpoints"))
+  return sorted(int(n) for n in names if n.isdigit())
+
+
+def saved_state(workdir, step: int) -> dict:
+  """The train state of a checkpoint as plain NumPy, read with orbax alone."""
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  return ocp.StandardCheckpointer().restore(path)
+
+
+def assert_same_tree(a, b):
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b) > 0
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def wait_for_step(workdir, step: int, proc, timeout=300):
+  """Blocks until the trainer has logged `step` (or has exited)."""
+  deadline = time.time() + timeout
+  path = os.path.join(workdir, "metrics.jsonl")
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(path) and max(runs.losses(workdir), default=0) >= step:
+      return
+    time.sleep(0.05)
+  raise AssertionError(f"trainer never reached step {step}")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  result = runs.run("train", "text_small.py", workdir, FLAGS)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_is_bit_identical(tmp_path, uninterrupted):
+  k = random.randint(1, NUM_STEPS - 4)
+  proc = runs.start("train", "text_small.py", tmp_path, FLAGS)
+  wait_for_step(tmp_path, k, proc)
+  proc.send_signal(signal.SIGTERM)
+  output = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, output[-3000:]
+  preempted = [line for line in output.splitlines() if "preempted at step" in line]
+  assert preempted and "checkpoint saved" in preempted[0], output[-3000:]
+  stopped_at = int(preempted[0].split("preempted at step ")[1].split(",")[0])
+  assert stopped_at < NUM_STEPS and stopped_at in complete_steps(tmp_path)
+
+  resumed = runs.run("train", "text_small.py", tmp_path, FLAGS)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed from checkpoint step {stopped_at}" in resumed.stderr
+  assert runs.losses(tmp_path) == runs.losses(uninterrupted)  # exact float equality
+  assert_same_tree(saved_state(tmp_path, NUM_STEPS)["params"],
+                   saved_state(uninterrupted, NUM_STEPS)["params"])
+
+
+@pytest.mark.slow
+def test_two_process_preemption(tmp_path):
+  flags = runs.overrides(train__num_steps=NUM_STEPS, checkpoint__every_steps=100)
+
+  def launch(workdir, port):
+    return [runs.start("train", "text_small.py", workdir, flags, devices=2,
+                       S5SCALE_COORDINATOR=f"localhost:{port}", S5SCALE_NUM_PROCESSES=2,
+                       S5SCALE_PROCESS_ID=i) for i in range(2)]
+
+  def finish(procs):
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    return outputs
+
+  base_port = 21000 + os.getpid() % 5000
+  finish(launch(tmp_path / "straight", base_port))
+  procs = launch(tmp_path / "interrupted", base_port + 1)
+  wait_for_step(tmp_path / "interrupted", 3, procs[0])
+  procs[1].send_signal(signal.SIGTERM)  # one host is preempted; both must stop together
+  outputs = finish(procs)
+  stops = [next(line for line in o.splitlines() if "preempted at step" in line) for o in outputs]
+  steps = {int(s.split("preempted at step ")[1].split(",")[0]) for s in stops}
+  assert len(steps) == 1, stops
+  assert complete_steps(tmp_path / "interrupted") == [steps.pop()]
+  finish(launch(tmp_path / "interrupted", base_port + 2))
+  assert runs.losses(tmp_path / "interrupted") == runs.losses(tmp_path / "straight")
+  assert_same_tree(saved_state(tmp_path / "interrupted", NUM_STEPS)["params"],
+                   saved_state(tmp_path / "straight", NUM_STEPS)["params"])
+
+
+@pytest.mark.slow
+def test_sigkill_during_save_resumes_from_previous(tmp_path, uninterrupted):
+  flags = runs.overrides(train__num_steps=NUM_STEPS, checkpoint__every_steps=1)
+  for attempt in range(5):
+    workdir = tmp_path / f"attempt{attempt}"
+    proc = runs.start("train", "text_small.py", workdir, flags)
+    wait_for_step(workdir, 3, proc)
+    # Saves run every step; kill as soon as one is being written.
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+      names = os.listdir(workdir / "checkpoints")
+      if any("tmp" in n for n in names):
+        proc.kill()
+        break
+    proc.wait()
+    names = os.listdir(workdir / "checkpoints")
+    if any("tmp" in n for n in names):
+      break
+  else:
+    pytest.fail("never caught a checkpoint mid-write in 5 attempts")
+  previous = complete_steps(workdir)[-1]
+  resumed = runs.run("train", "text_small.py", workdir, flags)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed from checkpoint step {previous}" in resumed.stderr
+  # The resumed run continues exactly as an uninterrupted one (same data, same RNG).
+  assert runs.losses(workdir)[NUM_STEPS] == runs.losses(uninterrupted)[NUM_STEPS]
+
+
+def truncate_largest_array_file(step_dir):
+  files = [os.path.join(root, f) for root, _, names in os.walk(os.path.join(step_dir, "state"))
+           for f in names]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.truncate(os.path.getsize(largest) // 2)
+  return largest
+
+
+@pytest.mark.slow
+def test_damaged_checkpoint_falls_back_then_exits_2(tmp_path, uninterrupted):
+  import shutil
+  workdir = tmp_path / "run"
+  shutil.copytree(uninterrupted, workdir)
+  steps = complete_steps(workdir)  # [4, 8, 12] with keep=3
+  truncate_largest_array_file(workdir / "checkpoints" / str(steps[-1]))
+  flags = runs.overrides(train__num_steps=NUM_STEPS + 2, checkpoint__every_steps=4)
+  result = runs.run("train", "text_small.py", workdir, flags)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"checkpoint step {steps[-1]}" in result.stderr and "damaged" in result.stderr
+  assert f"resumed from checkpoint step {steps[-2]}" in result.stderr
+
+  only_damaged = tmp_path / "only"
+  shutil.copytree(uninterrupted, only_damaged)
+  for step in complete_steps(only_damaged)[:-1]:
+    shutil.rmtree(only_damaged / "checkpoints" / str(step))
+  truncate_largest_array_file(only_damaged / "checkpoints" / str(NUM_STEPS))
+  result = runs.run("train", "text_small.py", only_damaged, flags)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "no readable checkpoint" in result.stderr
+
+
+def test_resharded_restore(tmp_path):
+  flags = runs.overrides(train__num_steps=2, checkpoint__every_steps=2, mesh__data=4,
+                         mesh__fsdp=1, mesh__model=2)
+  result = runs.run("train", "text_small.py", tmp_path, flags, devices=8)
+  assert result.returncode == 0, result.stderr[-3000:]
+  on_disk = saved_state(tmp_path, 2)
+  config = tiny_config(train__num_steps=2)
+  sample = {"inputs": np.zeros((8, 32), np.int32)}
+  for mesh_shape, devices in (((1, 1, 1), jax.devices()[:1]), ((2, 2, 2), jax.devices())):
+    config.mesh.data, config.mesh.fsdp, config.mesh.model = mesh_shape
+    mesh = parallel.make_mesh(config.mesh, devices)
+    *_, abstract_state, _ = train_lib.build_model_and_state(config, mesh, sample)
+    manager = checkpoint.make_manager(str(tmp_path), config.checkpoint)
+    state, step = checkpoint.restore_latest(manager, abstract_state, None, config.to_dict())
+    assert step == 2
+    assert_same_tree(state.params, on_disk["params"])
+    assert_same_tree(state.opt_state, on_disk["opt_state"])
+    b_matrix = state.params["blocks"]["ssm"]["B"]
+    assert b_matrix.sharding.mesh.shape == dict(zip(("data", "fsdp", "model"), mesh_shape))
