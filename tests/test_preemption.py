@@ -32,7 +32,10 @@ def complete_steps(workdir) -> list[int]:
 def saved_state(workdir, step: int) -> dict:
   """The train state of a checkpoint as plain NumPy, read with orbax alone."""
   path = os.path.join(workdir, "checkpoints", str(step), "state")
-  return ocp.StandardCheckpointer().restore(path)
+  reader = ocp.PyTreeCheckpointer()
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                          reader.metadata(path).item_metadata.tree)
+  return reader.restore(path, restore_args=as_numpy)
 
 
 def assert_same_tree(a, b):
