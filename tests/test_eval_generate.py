@@ -1,0 +1,113 @@
+"""Issue 6: the eval job and sampling. Oracles: a float64 NumPy cross-entropy of the training-
+mode forward pass, the parallel model's logits, files on disk and a training process running
+beside the eval job."""
+
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+import soundfile
+
+from s5scale import checkpoint, cli, data, evaluate, parallel, steps
+from s5scale.nn.model import S5Model
+from tests import runs
+from tests.test_mesh import tiny_config
+
+
+@pytest.fixture(scope="module")
+def trained_text(tmp_path_factory):
+  """A 2-step text run trained with dropout on, on 8 virtual devices."""
+  workdir = tmp_path_factory.mktemp("text")
+  flags = runs.overrides(train__num_steps=2, checkpoint__every_steps=2, model__dropout=0.2)
+  result = runs.run("train", "text_small.py", workdir, flags, devices=8)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_eval_loss_equals_training_forward_without_dropout(trained_text):
+  config = tiny_config(model__dropout=0.2, eval__max_batches=1)
+  mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
+  model = S5Model(**cli.model_kwargs(config.model))
+  batch = next(data.make_iterator(config.data, "heldout", num_epochs=1))
+  abstract = evaluate.abstract_eval_variables(model, config, mesh, batch["inputs"])
+  manager = checkpoint.open_readonly(str(trained_text))
+  variables = checkpoint.restore_subset(manager, 2, abstract)
+  eval_loss = evaluate.Evaluator(config, model, mesh).evaluate(
+      variables["params"], variables["batch_stats"])["loss"]
+
+  no_dropout = dict(cli.model_kwargs(config.model), dropout=0.0)
+  logits = S5Model(**no_dropout).apply({"params": variables["params"]}, batch["inputs"],
+                                       reset=batch["reset"], train=True,
+                                       rngs={"dropout": jax.random.PRNGKey(5)})
+  logits = np.asarray(logits, np.float64)
+  log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                                                                                 keepdims=True))
+  log_probs -= logits.max(-1, keepdims=True)
+  nll = -np.take_along_axis(log_probs, batch["targets"][..., None], -1)[..., 0]
+  expected = (nll * batch["mask"]).sum() / batch["mask"].sum()
+  np.testing.assert_allclose(eval_loss, expected, rtol=1e-5)
+
+
+def test_checkpoint_from_8_devices_evaluates_on_1(trained_text):
+  flags = runs.overrides(train__num_steps=2, model__dropout=0.2)
+  result = runs.run("evaluate", "text_small.py", trained_text, flags + ["--all"], devices=1)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = runs.read_jsonl(trained_text / "eval" / "metrics.jsonl")
+  assert [r["step"] for r in records] == [2]
+  assert np.isfinite(records[0]["heldout/loss"]) and records[0]["heldout/bits_per_byte"] > 0
+
+
+@pytest.mark.slow
+def test_watch_mode_evaluates_each_checkpoint_once(tmp_path):
+  flags = runs.overrides(train__num_steps=8, checkpoint__every_steps=2, checkpoint__keep=10)
+  watch_flags = flags + ["--watch", "--poll_seconds=0.2"]
+  eval_log = tmp_path / "eval" / "metrics.jsonl"
+  trainer = runs.start("train", "text_small.py", tmp_path, flags)
+  watcher = runs.start("evaluate", "text_small.py", tmp_path, watch_flags)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (eval_log.exists() and runs.read_jsonl(eval_log)):
+    time.sleep(0.1)
+  watcher.kill()  # killed mid-run, after at least one finished step
+  watcher.wait()
+  done_before_restart = [r["step"] for r in runs.read_jsonl(eval_log)]
+  assert done_before_restart
+  restarted = runs.start("evaluate", "text_small.py", tmp_path, watch_flags)
+  assert trainer.wait(timeout=600) == 0
+  assert restarted.wait(timeout=600) == 0, restarted.stdout.read()[-3000:]
+  steps_evaluated = [r["step"] for r in runs.read_jsonl(eval_log)]
+  assert sorted(steps_evaluated) == [2, 4, 6, 8], steps_evaluated  # each exactly once
+
+
+def test_recurrent_logits_match_parallel_model():
+  config = tiny_config()
+  config.data.kind, config.model.vocab_size = "audio", 256
+  model = S5Model(**cli.model_kwargs(config.model))
+  tokens = np.random.default_rng(0).integers(0, 256, (2, 40)).astype(np.int32)
+  variables = model.init(jax.random.PRNGKey(0), tokens)
+  parallel_logits = np.asarray(model.apply(variables, tokens))
+  states, prefix_logits = model.apply(variables, tokens[:, :25], method=S5Model.prefill)
+  np.testing.assert_allclose(prefix_logits, parallel_logits[:, :25], rtol=1e-4, atol=1e-4)
+  for t in range(25, 40):
+    states, step_logits = model.apply(variables, states, tokens[:, t], method=S5Model.step)
+    np.testing.assert_allclose(step_logits, parallel_logits[:, t], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_generated_wav_reads_back(tmp_path):
+  flags = runs.overrides(train__num_steps=2, checkpoint__every_steps=2)
+  result = runs.run("train", "audio_small.py", tmp_path, flags)
+  assert result.returncode == 0, result.stderr[-3000:]
+  result = runs.run("generate", "audio_small.py", tmp_path,
+                    flags + ["--config.generate.length=800", "--config.generate.num_samples=2",
+                             "--config.generate.top_p=0.9"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  wavs = sorted(os.listdir(tmp_path / "samples"))
+  assert wavs == ["step_2_sample_0.wav", "step_2_sample_1.wav"]
+  for name in wavs:
+    info = soundfile.info(tmp_path / "samples" / name)
+    assert (info.samplerate, info.frames, info.channels) == (16000, 800, 1)
+    waveform, _ = soundfile.read(tmp_path / "samples" / name)
+    assert np.all(np.abs(waveform) <= 1.0) and np.std(waveform) > 0
