@@ -1,0 +1,201 @@
+"""System benchmarks for tools/bench.py: compile, data, checkpoint, generate, train.
+
+Each measures the compared quantities within one run and prints one JSON line.
+"""
+
+import os
+import tempfile
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchlib import emit, interleaved_times, summary, timed_call
+from s5scale import checkpoint, cli, data, metrics, parallel, steps
+from s5scale import train as train_lib
+from s5scale.generate import make_sampler
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, **overrides):
+  import runpy
+  config = runpy.run_path(os.path.join(REPO, "configs", f"{name}.py"))["get_config"]()
+  for key, value in overrides.items():
+    section, field = key.split("__")
+    config[section][field] = value
+  return config
+
+
+def build_step(config, mesh=None):
+  """Compiled train step, a fresh sharded state and a real batch, with the compile time."""
+  mesh = mesh or parallel.make_mesh(config.mesh, jax.devices()[:1])
+  iterator = data.make_iterator(config.data, "train")
+  batch = next(iterator)
+  model, optimizer, schedule, abstract_state, shardings = train_lib.build_model_and_state(
+      config, mesh, batch)
+  start = time.perf_counter()
+  compiled = train_lib.jit_train_step(config, mesh, model, optimizer, schedule, shardings).lower(
+      abstract_state, train_lib.abstract_batch(batch, mesh)).compile()
+  compile_s = time.perf_counter() - start
+  state = jax.jit(lambda: nn.unbox(steps.init_train_state(model, optimizer, config, batch)),
+                  out_shardings=shardings)()
+  return dict(compiled=compiled, state=state, batch=parallel.global_batch(batch, mesh),
+              iterator=iterator, mesh=mesh, model=model, compile_s=compile_s)
+
+
+def median_step_seconds(built, repeats: int) -> tuple[float, object]:
+  state, times = built["state"], []
+  for _ in range(repeats + 1):
+    start = time.perf_counter()
+    state, step_metrics = built["compiled"](state, built["batch"])
+    jax.block_until_ready(step_metrics)
+    times.append(time.perf_counter() - start)
+  built["state"] = state
+  return float(np.median(times[1:])), state
+
+
+# ----------------------------------------------------------------------------- compile
+
+def bench_compile(args) -> dict:
+  """Train-step compile time at 48 layers vs 4: nn.scan keeps it flat in depth."""
+  seconds = {}
+  for layers in (args.shallow, args.deep):
+    config = load_config(args.config, model__num_layers=layers)
+    seconds[layers] = build_step(config)["compile_s"]
+  result = {"bench": "compile", "config": args.config,
+            f"compile_s_{args.shallow}_layers": seconds[args.shallow],
+            f"compile_s_{args.deep}_layers": seconds[args.deep],
+            "ratio": seconds[args.deep] / seconds[args.shallow]}
+  result["target_ratio<=1.5"] = result["ratio"] <= 1.5
+  emit(result)
+  return result
+
+
+# ----------------------------------------------------------------------------- data
+
+def bench_data(args) -> dict:
+  """Pipeline examples/s against what the training step consumes, per config."""
+  results = {"bench": "data"}
+  for name in args.configs:
+    config = load_config(name)
+    iterator = data.make_iterator(config.data, "train")
+    next(iterator)
+    start, count = time.perf_counter(), 0
+    while time.perf_counter() - start < args.seconds:
+      next(iterator)
+      count += 1
+    pipeline_examples_s = count * config.data.batch_size / (time.perf_counter() - start)
+    step_s, _ = median_step_seconds(build_step(config), args.repeats)
+    consumed_examples_s = config.data.batch_size / step_s
+    results[name] = {"pipeline_examples_per_s": pipeline_examples_s,
+                     "train_examples_per_s": consumed_examples_s,
+                     "headroom": pipeline_examples_s / consumed_examples_s,
+                     "target_headroom>=10": pipeline_examples_s / consumed_examples_s >= 10}
+  emit(results)
+  return results
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+def bench_checkpoint(args) -> dict:
+  """Time the loop is blocked per async save, as a fraction of a training step."""
+  config = load_config(args.config)
+  built = build_step(config)
+  step_s, state = median_step_seconds(built, args.repeats)
+  blocked = []
+  with tempfile.TemporaryDirectory() as workdir:
+    manager = checkpoint.make_manager(workdir, config.checkpoint)
+    for step in range(1, args.saves + 1):
+      state, step_metrics = built["compiled"](state, built["batch"])
+      jax.block_until_ready(step_metrics)
+      start = time.perf_counter()
+      checkpoint.save(manager, step, state, built["iterator"], config.to_dict(), built["mesh"])
+      blocked.append(time.perf_counter() - start)
+      manager.wait_until_finished()  # the next save would otherwise wait for this one
+    manager.close()
+  blocked_s = float(np.median(blocked))
+  result = {"bench": "checkpoint", "config": args.config, "step_s": step_s,
+            "blocked_per_save_s": blocked_s, "blocked_fraction_of_step": blocked_s / step_s,
+            "target_fraction<=0.1": blocked_s / step_s <= 0.1, "blocked_all_s": blocked}
+  emit(result)
+  return result
+
+
+# ----------------------------------------------------------------------------- generate
+
+def bench_generate(args) -> dict:
+  """Recurrent sampling rate vs recomputing the parallel model over a growing prefix."""
+  config = load_config(args.config)
+  model = train_lib.S5Model(**cli.model_kwargs(config.model))
+  prompt = np.zeros((1, 1), np.int32)
+  variables = model.init(jax.random.PRNGKey(0), prompt)
+  sampler = make_sampler(model, args.length, temperature=1.0, top_p=1.0)
+  context = np.zeros((1, args.context), np.int32)
+  parallel_forward = jax.jit(lambda v, x: model.apply(v, x)[:, -1])
+  times = interleaved_times({"sample": (sampler, (variables, prompt, 0)),
+                             "parallel": (parallel_forward, (variables, context))},
+                            repeats=args.repeats)
+  per_sample_s = float(np.median(times["sample"])) / args.length
+  parallel_s = float(np.median(times["parallel"]))
+  result = {"bench": "generate", "config": args.config, "samples_per_s": 1 / per_sample_s,
+            "recurrent_s_per_sample": per_sample_s,
+            f"parallel_recompute_s_per_sample_at_{args.context}": parallel_s,
+            "speedup": parallel_s / per_sample_s, "target_speedup>=100": parallel_s / per_sample_s
+            >= 100, "sample": summary(times["sample"]), "parallel": summary(times["parallel"])}
+  emit(result)
+  return result
+
+
+# ----------------------------------------------------------------------------- train
+
+def bench_train(args) -> dict:
+  """Training-step model FLOPs utilisation against a GEMM peak measured in the same run."""
+  config = load_config(args.config)
+  built = build_step(config)
+  flops = metrics.compiled_flops(built["compiled"])
+  step_s, _ = median_step_seconds(built, args.repeats)
+  size = args.gemm_size
+  a = jnp.ones((size, size), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  gemm_s = min(timed_call(matmul, a) for _ in range(args.repeats + 1))
+  peak = 2 * size ** 3 / gemm_s
+  result = {"bench": "train", "config": args.config, "step_s": step_s,
+            "step_gflop": flops / 1e9, "achieved_gflop_per_s": flops / step_s / 1e9,
+            "gemm_peak_gflop_per_s": peak / 1e9, "mfu": flops / step_s / peak,
+            "target_mfu>=0.35": flops / step_s / peak >= 0.35,
+            "tokens_per_s": config.data.batch_size * config.data.seq_len / step_s}
+  emit(result)
+  return result
+
+
+def add_flags(parser, name: str) -> None:
+  parser.add_argument("--repeats", type=int, default=5)
+  if name == "compile":
+    parser.add_argument("--config", default="text_small")
+    parser.add_argument("--shallow", type=int, default=4)
+    parser.add_argument("--deep", type=int, default=48)
+  elif name == "data":
+    parser.add_argument("--configs", nargs="+", default=["audio_small", "text_small"])
+    parser.add_argument("--seconds", type=float, default=5.0)
+  elif name == "generate":
+    parser.add_argument("--config", default="audio_small")
+    parser.add_argument("--length", type=int, default=2000, help="samples drawn per timing")
+    parser.add_argument("--context", type=int, default=16000)
+  else:
+    parser.add_argument("--config", default="audio_small")
+    if name == "checkpoint":
+      parser.add_argument("--saves", type=int, default=5)
+    if name == "train":
+      parser.add_argument("--gemm-size", type=int, default=2048)
+
+
+SYSTEM_SUBCOMMANDS = {
+    "compile": (bench_compile, "train-step compile time, 48 vs 4 layers"),
+    "data": (bench_data, "pipeline examples/s vs training consumption"),
+    "checkpoint": (bench_checkpoint, "loop time blocked per async save vs step time"),
+    "generate": (bench_generate, "recurrent samples/s vs parallel recompute at 16k context"),
+    "train": (bench_train, "training-step MFU vs measured GEMM peak"),
+}
