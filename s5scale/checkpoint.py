@@ -4,6 +4,7 @@ Orbax writes each step to a temporary directory and renames it when complete, so
 midway is never listed. A step whose files are damaged is passed over for the previous one.
 """
 
+import concurrent.futures
 import datetime
 import json
 import os
@@ -12,6 +13,7 @@ import time
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -46,6 +48,53 @@ def save(manager, step: int, state, data_iterator, config_dict: dict, mesh) -> N
   if data_iterator is not None:
     items["data_iter"] = grain.checkpoint.CheckpointSave(data_iterator)
   manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+class _FrozenIteratorState:
+  """An iterator state captured at save time; grain's handler only calls get_state()."""
+
+  def __init__(self, state: dict):
+    self._json = json.dumps(state).encode()
+
+  def get_state(self) -> bytes:
+    return self._json
+
+
+class BackgroundSaver:
+  """Keeps the training loop from waiting on orbax's blocking phase.
+
+  The loop only snapshots the state on device (the next step donates the live buffers) and the
+  iterator position; a worker thread hands both to orbax, whose own async write follows. One save
+  is in flight at a time.
+  """
+
+  def __init__(self, manager):
+    self.manager = manager
+    # One long-lived worker: starting a thread per save costs tens of ms on a busy host.
+    self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+    self._pending = None
+    # One dispatch for the whole tree (per-leaf copies cost ~0.2 ms each on a busy host).
+    self._snapshot = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
+  def save(self, step: int, state, data_iterator, config_dict: dict, mesh) -> None:
+    self.wait()
+    snapshot = self._snapshot(state)
+    iterator_state = None if data_iterator is None else _FrozenIteratorState(
+        data_iterator.get_state())
+    self._pending = self._worker.submit(
+        save, self.manager, step, snapshot, iterator_state, config_dict, mesh)
+
+  def wait(self) -> None:
+    """Waits until orbax has taken the pending save (its files may still be being written);
+    re-raises here any error the worker met."""
+    if self._pending is not None:
+      pending, self._pending = self._pending, None
+      pending.result()
+
+  def wait_until_finished(self) -> None:
+    """Waits until every started save is complete on disk."""
+    self.wait()
+    self.manager.wait_until_finished()
 
 
 def saved_config(manager, step: int) -> dict:

@@ -87,6 +87,7 @@ def train(config, workdir: str, preemption) -> int:
   writer = metrics.MetricsWriter(os.path.join(workdir, "metrics.jsonl"),
                                  os.path.join(workdir, "tb", "train"))
   progress = metrics.Progress(start_step, config.train.num_steps)
+  saver = checkpoint.BackgroundSaver(manager)
   step, last_saved = start_step, start_step
   if preemption.signalled and jax.process_count() == 1:
     logging.info("preempted before training started at step %d; checkpoints left as they were",
@@ -96,8 +97,8 @@ def train(config, workdir: str, preemption) -> int:
   while step < config.train.num_steps:
     if preemption.reached(step):
       if step != last_saved:
-        checkpoint.save(manager, step, state, train_iter, config.to_dict(), mesh)
-      manager.wait_until_finished()  # also an async save of this step started just before
+        saver.save(step, state, train_iter, config.to_dict(), mesh)
+      saver.wait_until_finished()  # also an async save of this step started just before
       logging.info("preempted at step %d, checkpoint saved", step)
       return 0
 
@@ -120,18 +121,18 @@ def train(config, workdir: str, preemption) -> int:
     if int(step_metrics["bad_steps"]) >= config.train.max_bad_steps:
       logging.error("%d consecutive non-finite updates at step %d: stopping; the last good "
                     "checkpoint is untouched", int(step_metrics["bad_steps"]), step)
-      manager.wait_until_finished()
+      saver.wait_until_finished()
       return cli.EXIT_BAD_INPUT
 
     # No saves during a non-finite streak: rotation (checkpoint.keep) could drop the last good one.
     due = step % config.checkpoint.every_steps == 0 or step == config.train.num_steps
     if due and int(step_metrics["bad_steps"]) == 0:
-      checkpoint.save(manager, step, state, train_iter, config.to_dict(), mesh)
+      saver.save(step, state, train_iter, config.to_dict(), mesh)
       last_saved = step
     if evaluator and step % config.eval.every_steps == 0:
       evaluator.run(workdir, step, state.params, state.batch_stats)
 
-  manager.wait_until_finished()
+  saver.wait_until_finished()
   writer.close()
   logging.info("finished: %d steps, final checkpoint at step %d", step, last_saved)
   return 0
@@ -156,9 +157,15 @@ def build_model_and_state(config, mesh, sample_batch: dict):
 
 def jit_train_step(config, mesh, model, optimizer, schedule, state_shardings):
   """The train step, jitted with the state donated and sharded in place."""
+  train_step = steps.make_train_step(model, config.model.task, optimizer, schedule,
+                                     config.optim.grad_accum_steps)
+
+  def train_step_on_mesh(state, batch):
+    with parallel.logical_constraints(mesh):
+      return train_step(state, batch)
+
   return jax.jit(
-      steps.make_train_step(model, config.model.task, optimizer, schedule,
-                            config.optim.grad_accum_steps),
+      train_step_on_mesh,
       in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
       out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
 

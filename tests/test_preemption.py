@@ -126,12 +126,12 @@ def test_sigkill_during_save_resumes_from_previous(tmp_path, uninterrupted):
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
       names = os.listdir(workdir / "checkpoints")
-      if any("tmp" in n for n in names):
+      if any("tmp" in n for n in names) and complete_steps(workdir):
         proc.kill()
         break
     proc.wait()
     names = os.listdir(workdir / "checkpoints")
-    if any("tmp" in n for n in names):
+    if any("tmp" in n for n in names) and complete_steps(workdir):
       break
   else:
     pytest.fail("never caught a checkpoint mid-write in 5 attempts")
