@@ -94,6 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
       max_batches=0,                # 0: the full held-out split
       batch_size=0,                 # 0: data.batch_size
       step_rescale=1.0,             # evaluate at another sample rate with no retraining
+      compressor_baselines=True,    # LM: also report xz -9e / gzip -9 on the same held-out bytes
   ))
 
   c.generate = ml_collections.ConfigDict(dict(

@@ -14,9 +14,10 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags, logging
 
-from s5scale import checkpoint, cli, data, metrics, parallel, steps
+from s5scale import baselines, checkpoint, cli, data, metrics, parallel, steps
 from s5scale.nn.model import S5Model
 
 SPLIT = "heldout"
@@ -41,16 +42,32 @@ class Evaluator:
       data_config.unlock().batch_size = self.config.eval.batch_size
     batches = data.make_iterator(data_config, SPLIT, process_index=jax.process_index(),
                                  process_count=jax.process_count(), num_epochs=1)
-    totals, num_batches, start = None, 0, time.time()
+    totals, num_batches, start, scored = None, 0, time.time(), []
     for local_batch in batches:
       if self.config.eval.max_batches and num_batches >= self.config.eval.max_batches:
         break
       sums = self.eval_step(params, batch_stats, parallel.global_batch(local_batch, self.mesh))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
       num_batches += 1
+      if self.config.eval.compressor_baselines and self.config.model.task == "lm":
+        scored.append(baselines.scored_symbols(local_batch))
     if totals is None:
       raise data.DataError(f"the {SPLIT} split of data.source={self.config.data.source!r} is empty")
-    return summarize(jax.device_get(totals), self.config, num_batches, time.time() - start)
+    results = summarize(jax.device_get(totals), self.config, num_batches, time.time() - start)
+    if scored:
+      results.update(self.compressor_results(np.concatenate(scored)))
+    return results
+
+  def compressor_results(self, symbols) -> dict:
+    """xz / gzip on this process's scored held-out symbols, in the model's unit."""
+    if self.config.data.kind == "text":
+      payload = data.decode_tokens(self.config.data, symbols).encode("utf-8")
+      bits = baselines.compressed_bits_per_symbol(payload, len(payload))
+      return {f"{name}_bits_per_byte": value for name, value in bits.items()}
+    if self.config.data.bits != 8:
+      return {}  # the compressors see bytes; only 8-bit codes map one-to-one
+    bits = baselines.compressed_bits_per_symbol(symbols.astype(np.uint8).tobytes(), len(symbols))
+    return {f"{name}_bits_per_sample": value for name, value in bits.items()}
 
   def run(self, workdir: str, step: int, params, batch_stats) -> dict:
     results = self.evaluate(params, batch_stats)
