@@ -8,7 +8,6 @@ import concurrent.futures
 import datetime
 import json
 import os
-import signal
 import time
 
 import grain
@@ -177,31 +176,6 @@ def restore_params(workdir_or_dir: str, abstract_params):
   if step is None:
     raise CheckpointError(f"checkpoint.init_from={workdir_or_dir!r} holds no checkpoint")
   return restore_subset(manager, step, {"params": abstract_params})["params"], step
-
-
-class PreemptionWatcher:
-  """Tells every process, at the same step, that the job is being preempted (SIGTERM).
-
-  Several processes agree through JAX's preemption sync point; a single process relies on its own
-  SIGTERM handler. Installed first thing in main, so a SIGTERM during start-up is remembered too.
-  """
-
-  def __init__(self):
-    self.signalled_at = None
-    signal.signal(signal.SIGTERM, self._on_sigterm)
-
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
-    self.signalled_at = time.time()
-
-  @property
-  def signalled(self) -> bool:
-    return self.signalled_at is not None
-
-  def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.signalled
 
 
 def dump_json(path: str, payload: dict) -> None:

@@ -4,9 +4,14 @@ Reads top to bottom: mesh, data, model and optimizer, restore, step functions, l
 Relaunching with the same workdir resumes from the latest complete checkpoint.
 """
 
-import os
-import sys
-import time
+# Installed before the heavy imports below, so that a SIGTERM during start-up exits cleanly.
+from s5scale import preemption  # pylint: disable=g-bad-import-order
+
+PREEMPTION = preemption.PreemptionWatcher()
+
+import os  # pylint: disable=g-import-not-at-top,wrong-import-position
+import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
+import time  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import flax.linen as nn
 import jax
@@ -20,10 +25,8 @@ FLAGS = cli.FLAGS
 
 def main(argv) -> int:
   del argv
-  # A SIGTERM from here on (start-up, compilation, restore) is remembered, never fatal.
-  preemption = checkpoint.PreemptionWatcher()
   try:
-    return train(FLAGS.config, FLAGS.workdir, preemption)
+    return train(FLAGS.config, FLAGS.workdir, PREEMPTION)
   except (cli.ConfigError, data.DataError, checkpoint.CheckpointError) as error:
     logging.error("%s: %s", type(error).__name__, error)
     return cli.EXIT_BAD_INPUT

@@ -31,7 +31,7 @@ def tiny_config(**changes):
 
 
 def train_in_process(config, workdir) -> dict[int, float]:
-  assert train_lib.train(config, str(workdir), checkpoint.PreemptionWatcher()) == 0
+  assert train_lib.train(config, str(workdir), train_lib.PREEMPTION) == 0
   return runs.losses(workdir)
 
 

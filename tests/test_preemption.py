@@ -194,3 +194,24 @@ def test_resharded_restore(tmp_path):
     assert_same_tree(state.opt_state, on_disk["opt_state"])
     b_matrix = state.params["blocks"]["ssm"]["B"]
     assert b_matrix.sharding.mesh.shape == dict(zip(("data", "fsdp", "model"), mesh_shape))
+
+
+@pytest.mark.parametrize("when", ["imports", "compilation"])
+def test_sigterm_before_training_exits_0_leaving_checkpoints(tmp_path, uninterrupted, when):
+  import shutil
+  shutil.copytree(uninterrupted, tmp_path / "run")
+  workdir = tmp_path / "run"
+  steps_before = complete_steps(workdir)
+  proc = runs.start("train", "text_small.py", workdir,
+                    runs.overrides(train__num_steps=NUM_STEPS + 8))
+  if when == "imports":
+    time.sleep(0.5)
+  else:  # the restore is logged just before the train step is compiled
+    for line in proc.stdout:
+      if "resumed from" in line:
+        break
+  proc.send_signal(signal.SIGTERM)
+  output = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, output[-3000:]
+  assert complete_steps(workdir) == steps_before
+  assert max(runs.losses(workdir)) == NUM_STEPS  # no step was trained
