@@ -1,5 +1,6 @@
 """Device mesh, logical axis rules and shardings; multi-process initialisation (DESIGN.md §4)."""
 
+import contextlib
 import os
 
 import flax.linen as nn
@@ -81,11 +82,14 @@ def num_slices(devices) -> int:
 def make_mesh(mesh_config, devices=None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   ici, dcn = mesh_shape(mesh_config, len(devices), num_slices(devices))
+  # Splitting a physical axis lets e.g. model=4 live on a 16x16 torus (v5e-256), which the
+  # default refuses: it raised for multislice and fell back to an unoptimised order otherwise.
   if num_slices(devices) > 1:
-    device_array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    device_array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                         allow_split_physical_axes=True)
   else:
     try:
-      device_array = mesh_utils.create_device_mesh(ici, devices)
+      device_array = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
     except (NotImplementedError, ValueError, AssertionError):
       # Virtual CPU devices have no physical topology to optimise for.
       device_array = np.asarray(devices).reshape(ici)
@@ -96,6 +100,16 @@ def logical_shardings(abstract_tree, mesh: Mesh):
   """NamedShardings for a tree whose leaves may carry nn.Partitioned logical names."""
   specs = nn.get_partition_spec(abstract_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+
+
+@contextlib.contextmanager
+def logical_constraints(mesh: Mesh):
+  """While tracing under it, nn.with_logical_constraint pins activations to the mesh axes of
+  LOGICAL_AXIS_RULES (outside it Flax makes them no-ops). Without the pins, XLA shards a layer's
+  matmul like its fsdp-sharded kernel and moves activations instead of gathering the kernel."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(
+      LOGICAL_AXIS_RULES):
+    yield
 
 
 def with_shardings(abstract_tree, shardings):

@@ -5,6 +5,7 @@
       split "train" or "heldout"; batches hold data.batch_size // process_count rows.
       num_epochs=None repeats forever; a finite stream pads its last batch with mask-0 rows,
       and every process gets the same number of held-out batches.
+  example_batch(data_config, batch_size) -> zero batch dict shaped like make_iterator's
   vocab_size(data_config) -> int
   num_classes(data_config) -> int                  (audio classification: label folders)
   bad_data_counts() -> {"bad_files": n, "bad_documents": m}   seen so far in this process
@@ -31,7 +32,7 @@ from s5scale.data.bad_data import DataError
 from s5scale.data.pipeline import make_iterator
 
 __all__ = ["DataError", "make_iterator", "vocab_size", "num_classes", "label_names",
-           "bad_data_counts", "decode_tokens", "encode_prompt"]
+           "bad_data_counts", "decode_tokens", "encode_prompt", "example_batch"]
 
 
 def vocab_size(data_config) -> int:
@@ -54,6 +55,24 @@ def num_classes(data_config) -> int:
 def label_names(data_config) -> list[str]:
   """Class names in id order (for reports and confusion matrices)."""
   return transforms.make_spec(data_config).label_names
+
+
+def example_batch(data_config, batch_size: int) -> dict:
+  """Zeros with exactly the keys, shapes and dtypes make_iterator yields for `batch_size` rows.
+
+  Needs no data files: ahead-of-time compilation uses it for configs whose data is elsewhere.
+  """
+  transforms.validate(data_config)
+  rows, length = batch_size, data_config.seq_len
+  if data_config.task == "classify":
+    return {"inputs": np.zeros((rows, length, 1), np.float32),
+            "mask": np.zeros((rows, length), np.float32),
+            "label": np.zeros((rows,), np.int32)}
+  return {"inputs": np.zeros((rows, length), np.int32),
+          "targets": np.zeros((rows, length), np.int32),
+          "mask": np.zeros((rows, length), np.float32),
+          "reset": np.zeros((rows, length), bool),
+          "target_bytes": np.zeros((rows, length), np.int32)}
 
 
 def bad_data_counts() -> dict[str, int]:

@@ -1,0 +1,261 @@
+"""Compile the real train step for a TPU slice ahead of time, on any machine: does it fit, how fast?
+
+  python tools/aot_compile.py --config=configs/audio_large.py --topology=v5e:16x16
+  python tools/aot_compile.py --config=configs/audio_large.py --topology=v5e:16x16 --num_slices=2
+  python tools/aot_compile.py --config=configs/text_small.py --topology=v5e:2x2 \
+      --config.data.batch_size=16
+
+libtpu (`pip install -e .[tpu]`) supplies compile-only devices for the topology through
+jax.experimental.topologies, so no TPU is needed. Topologies are libtpu names: v5e:16x16 is
+ACCELERATOR_TYPE v5litepod-256, v4:4x4x4 is v4-128 (64 chips), v5p:4x4x4 is v5p-128, v6e:16x16
+is v6e-256. --num_slices=K compiles for K such slices over DCN (set the mesh.dcn_* sizes; -1 in
+mesh.dcn_data fills with K).
+
+It builds the mesh, state shardings and train step exactly as s5scale.train does, with a batch
+of zeros of the config's shapes (no data files are read), and prints per-chip memory, FLOPs and
+bytes per step, collectives, and a roofline estimate of step time and MFU, then one JSON line.
+
+Exit status: 0 fits; 1 the step needs more memory per chip than the chip's HBM; 2 bad config,
+flags or topology (or libtpu missing).
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # never grab a local TPU: we only compile
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from s5scale import cli, data, parallel, train
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import hlo_stats
+
+GiB = 2**30
+EXIT_OVER_HBM = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  name: str
+  peak_flops: float        # dense bf16 FLOP/s
+  hbm_bytes: float
+  hbm_bandwidth: float     # bytes/s
+  ici_bandwidth: float     # bidirectional bytes/s per chip
+
+
+# Published per-chip figures, Cloud TPU system architecture pages (cloud.google.com/tpu/docs/
+# v4, /v5e, /v5p-training, /v6e). Keyed by jax's device_kind.
+CHIPS = {
+    # v4: 275 TFLOP/s bf16, 32 GiB HBM2 at 1200 GB/s. ICI is not in that table: 6 links of
+    # ~50 GB/s (Jouppi et al., "TPU v4", ISCA 2023); the least certain number here.
+    "TPU v4": Chip("v4", 275e12, 32 * GiB, 1200e9, 300e9),
+    # v5e: 197 TFLOP/s bf16, 16 GB HBM2 at 819 GB/s, 400 GB/s bidirectional ICI.
+    "TPU v5 lite": Chip("v5e", 197e12, 16 * GiB, 819e9, 400e9),
+    # v5p: 459 TFLOP/s bf16, 95 GiB HBM2e at 2765 GB/s, 1200 GB/s bidirectional ICI.
+    "TPU v5": Chip("v5p", 459e12, 95 * GiB, 2765e9, 1200e9),
+    # v6e (Trillium): 918 TFLOP/s bf16, 32 GB HBM at 1638 GB/s, 800 GB/s bidirectional ICI.
+    "TPU v6 lite": Chip("v6e", 918e12, 32 * GiB, 1638e9, 800e9),
+}
+# libtpu keeps part of HBM for itself: it reports 15.75G available on a 16 GiB v5e.
+RESERVED_HBM = GiB // 4
+MEGACORE = ("v4", "v5p")  # two TensorCores per chip, used as one device
+
+_TOPOLOGY = flags.DEFINE_string("topology", None, "libtpu topology name, e.g. v5e:16x16, v4:4x4x4.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of that topology, joined over DCN.")
+
+
+class UsageError(ValueError):
+  """Bad flags or topology: exit 2."""
+
+
+def tpu_devices(topology: str, num_slices: int) -> list:
+  """Compile-only devices of `num_slices` slices of `topology` (one per chip)."""
+  if num_slices < 1:
+    raise UsageError(f"--num_slices must be >= 1, got {num_slices}")
+  generation = topology.split(":")[0]
+  if ":" not in topology or generation not in [chip.name for chip in CHIPS.values()]:
+    raise UsageError(f"--topology={topology!r}: expected GENERATION:SHAPE with GENERATION one of "
+                     f"{[chip.name for chip in CHIPS.values()]}, e.g. v5e:16x16 or v4:4x4x4")
+  from jax.experimental import topologies
+  options = {"chip_config_name": "megacore"} if generation in MEGACORE else {}
+  if num_slices > 1:
+    options["num_slices"] = num_slices
+  try:
+    return list(topologies.get_topology_desc(topology, "tpu", **options).devices)
+  except RuntimeError as error:
+    if "not installed" in str(error):
+      raise UsageError("libtpu is not installed, so TPU programs cannot be compiled here: "
+                       "pip install -e '.[tpu]'") from None
+    raise UsageError(f"--topology={topology!r} is not a topology libtpu knows: {error}") from None
+
+
+def compile_train_step(config, devices):
+  """The compiled train step, model size and timings, built exactly as s5scale.train builds it."""
+  process_count = len({d.process_index for d in devices})
+  cli.check_config(config, devices, process_count)
+  if config.model.input_kind == "tokens" and config.model.vocab_size <= 0:
+    raise cli.ConfigError("model.vocab_size must be set (> 0) to compile ahead of time")
+  mesh = parallel.make_mesh(config.mesh, devices)
+  try:
+    sample_batch = data.example_batch(config.data, config.data.batch_size)
+  except ValueError as error:  # a bad data.* value, named by the message
+    raise cli.ConfigError(str(error)) from None
+  start = time.perf_counter()
+  model, optimizer, schedule, abstract_state, state_shardings = train.build_model_and_state(
+      config, mesh, sample_batch)
+  lowered = train.jit_train_step(config, mesh, model, optimizer, schedule, state_shardings).lower(
+      abstract_state, train.abstract_batch(sample_batch, mesh))
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  params = jax.tree.leaves(abstract_state.params)
+  sizes = dict(
+      num_params=sum(p.size for p in params),
+      matmul_params=sum(p.size for path, p in jax.tree_util.tree_leaves_with_path(
+          abstract_state.params) if _is_matmul_weight(path)),
+      lower_s=lowered_at - start, compile_s=time.perf_counter() - lowered_at)
+  return compiled, mesh, process_count, sizes
+
+
+def _is_matmul_weight(path) -> bool:
+  """Dense kernels and the S5 layer's B̃ and C̃ (each one GEMM per token); the embedding table
+  is a gather, and the rest (norms, biases, Λ, log Δ, D) are per-element."""
+  name = getattr(path[-1], "key", "")
+  return name in ("kernel", "B", "C")
+
+
+def memory_report(compiled) -> dict:
+  """Per-chip bytes. The donated state's outputs alias its arguments, so they count once."""
+  stats = compiled.memory_analysis()
+  report = dict(argument=stats.argument_size_in_bytes, output=stats.output_size_in_bytes,
+                alias=stats.alias_size_in_bytes, temporary=stats.temp_size_in_bytes,
+                generated_code=stats.generated_code_size_in_bytes)
+  report["total"] = (report["argument"] + report["output"] - report["alias"] + report["temporary"]
+                     + report["generated_code"])
+  return report
+
+
+def cost_report(compiled, config, chip: Chip, num_chips: int, matmul_params: int) -> dict:
+  """XLA's cost analysis, the loop-aware HLO totals, and the roofline built on the latter."""
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  totals = hlo_stats.step_totals(compiled.as_text())
+  tokens_per_chip = config.data.batch_size * config.data.seq_len / num_chips
+  model_flops = 6.0 * matmul_params * tokens_per_chip  # forward + backward, no recomputation
+  collective_bytes = sum(c["bytes"] for c in totals["collectives"].values())
+  times = dict(compute_s=totals["matmul_flops"] / chip.peak_flops,
+               memory_s=totals["hbm_bytes"] / chip.hbm_bandwidth,
+               collective_s=collective_bytes / chip.ici_bandwidth)
+  step_s = max(times.values())  # perfect overlap: a lower bound on the step time
+  return dict(
+      xla_flops=float(analysis.get("flops", 0.0)),
+      xla_bytes_accessed=float(analysis.get("bytes accessed", 0.0)),
+      matmul_flops=totals["matmul_flops"], bytes_accessed=totals["hbm_bytes"],
+      collectives=totals["collectives"], unknown_loops=totals["unknown_loops"],
+      model_flops=model_flops,
+      roofline=dict(times, step_s=step_s, bound=max(times, key=times.get)[:-2],
+                    tokens_per_s_per_chip=tokens_per_chip / step_s if step_s else 0.0,
+                    mfu=model_flops / (step_s * chip.peak_flops) if step_s else 0.0))
+
+
+def _gib(n):
+  return f"{n / GiB:8.2f} GiB"
+
+
+def print_summary(result: dict) -> None:
+  memory, cost, chip = result["memory"], result["cost"], result["chip"]
+  roofline = cost["roofline"]
+  lines = [
+      f"{result['config']} on {result['topology']} x {result['num_slices']} slice(s): "
+      f"{result['num_chips']} chips ({chip['name']}, {chip['hbm_bytes'] / GiB:.0f} GiB HBM), "
+      f"{result['num_processes']} hosts",
+      f"mesh {result['mesh']}: per slice (ICI) {result['mesh_ici']}, across slices (DCN) "
+      f"{result['mesh_dcn']}",
+      f"model {result['num_params'] / 1e6:.1f}M parameters; global batch "
+      f"{result['batch_size']} x {result['seq_len']}; lowered in {result['lower_s']:.1f} s, "
+      f"compiled in {result['compile_s']:.1f} s",
+      "per-chip memory:",
+      f"  arguments       {_gib(memory['argument'])}",
+      f"  outputs         {_gib(memory['output'])}  ({_gib(memory['alias']).strip()} aliased "
+      "to donated arguments)",
+      f"  temporaries     {_gib(memory['temporary'])}",
+      f"  generated code  {_gib(memory['generated_code'])}",
+      f"  total           {_gib(memory['total'])}  = {memory['total'] / chip['hbm_bytes']:.0%} "
+      f"of {chip['hbm_bytes'] / GiB:.0f} GiB HBM -> {'fits' if result['fits'] else 'DOES NOT FIT'}",
+      "per-chip cost of one step (loops counted by trip count):",
+      f"  matmul FLOPs    {cost['matmul_flops']:.3e}   (model 6*N*D: {cost['model_flops']:.3e})",
+      f"  bytes accessed  {cost['bytes_accessed']:.3e}",
+      f"  XLA cost_analysis (each loop body once): {cost['xla_flops']:.3e} FLOPs, "
+      f"{cost['xla_bytes_accessed']:.3e} bytes",
+      "collectives per step (per chip):",
+      *[f"  {kind:19s} {c['count']:6d} x  {c['bytes'] / 2**20:12.1f} MiB"
+        for kind, c in cost["collectives"].items()],
+      f"roofline ({chip['name']}: {chip['peak_flops'] / 1e12:.0f} TFLOP/s, "
+      f"{chip['hbm_bandwidth'] / 1e9:.0f} GB/s HBM, {chip['ici_bandwidth'] / 1e9:.0f} GB/s ICI):",
+      f"  compute {roofline['compute_s'] * 1e3:.1f} ms, memory {roofline['memory_s'] * 1e3:.1f} ms,"
+      f" collectives {roofline['collective_s'] * 1e3:.1f} ms (all at ICI speed)",
+      f"  step >= {roofline['step_s'] * 1e3:.1f} ms ({roofline['bound']}-bound), "
+      f"{roofline['tokens_per_s_per_chip']:.0f} tokens/s/chip, MFU <= {roofline['mfu']:.1%}",
+  ]
+  if cost["unknown_loops"]:
+    lines.append(f"  note: {cost['unknown_loops']} loop(s) with unreadable trip counts were "
+                 "counted once")
+  print("\n".join(lines), flush=True)
+
+
+def run(config, topology: str, num_slices: int, config_path: str) -> int:
+  devices = tpu_devices(topology, num_slices)
+  chip = CHIPS[devices[0].device_kind]
+  base = dict(config=config_path, topology=topology, num_slices=num_slices,
+              num_chips=len(devices), chip=dataclasses.asdict(chip),
+              batch_size=config.data.batch_size, seq_len=config.data.seq_len)
+  try:
+    compiled, mesh, num_processes, sizes = compile_train_step(config, devices)
+  except jax.errors.JaxRuntimeError as error:
+    if "RESOURCE_EXHAUSTED" not in str(error):
+      raise
+    # XLA refuses to compile a program that cannot fit the chip's HBM.
+    print(f"error: the train step does not fit in {chip.hbm_bytes / GiB:.0f} GiB of HBM per "
+          f"{chip.name} chip: {str(error).strip().splitlines()[0][:2000]}", file=sys.stderr)
+    print(json.dumps(dict(base, fits=False, error=str(error)[:2000])), flush=True)
+    return EXIT_OVER_HBM
+  memory = memory_report(compiled)
+  ici, dcn = parallel.mesh_shape(config.mesh, len(devices), parallel.num_slices(devices))
+  result = dict(base, mesh=dict(mesh.shape), mesh_ici=dict(zip(parallel.MESH_AXES, ici)),
+                mesh_dcn=dict(zip(parallel.MESH_AXES, dcn)), num_processes=num_processes, **sizes,
+                memory=memory, fits=memory["total"] <= chip.hbm_bytes - RESERVED_HBM,
+                cost=cost_report(compiled, config, chip, len(devices), sizes["matmul_params"]))
+  print_summary(result)
+  print(json.dumps(result), flush=True)
+  if not result["fits"]:
+    print(f"error: {memory['total'] / GiB:.2f} GiB per chip exceeds the "
+          f"{(chip.hbm_bytes - RESERVED_HBM) / GiB:.2f} GiB of the {chip.name}'s HBM that XLA "
+          "can use", file=sys.stderr)
+    return EXIT_OVER_HBM
+  return 0
+
+
+def main(argv) -> int:
+  del argv
+  if not _TOPOLOGY.value:
+    print("error: --topology is required (e.g. v5e:16x16)", file=sys.stderr)
+    return cli.EXIT_BAD_INPUT
+  config_path = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "")
+  try:
+    return run(flags.FLAGS.config, _TOPOLOGY.value, _NUM_SLICES.value, config_path)
+  except (UsageError, cli.ConfigError, parallel.MeshConfigError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    return cli.EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+                                  lock_config=True)
+  flags.mark_flags_as_required(["config"])
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

@@ -1,0 +1,248 @@
+"""Per-step totals from a compiled (partitioned) HLO module's text, loops counted by trip count.
+
+XLA's own cost analysis counts every while-loop body once. Here the layer stack is an nn.scan and
+the S5 recurrence is a loop over chunks, so its FLOPs and bytes are mostly inside loops; these
+totals multiply each computation by how often it runs:
+
+  matmul_flops     2·M·N·K of every dot and convolution (the MXU's work)
+  hbm_bytes        operands + result of every instruction outside fusions (a fusion keeps its
+                   intermediates on chip); a slice reads only the slice and an in-place update
+                   writes only the update. That is XLA's own rule (with every loop body counted
+                   once, these totals come within ~5% of its "bytes accessed"); arrays XLA keeps
+                   in on-chip memory count too, so it bounds HBM traffic from above
+  collectives      {kind: {"count", "bytes"}}: executions per step and bytes moved, where bytes
+                   is the larger of operands and result (an all-gather's result is the gathered
+                   array, a reduce-scatter's operand the unscattered one)
+  unknown_loops    loops whose trip count could not be read (counted once)
+
+A trip count is read from the loop condition `counter < constant` (how JAX lowers scan and
+fori_loop, counting from 0), or from a known_trip_count in the loop's backend config.
+"""
+
+import collections
+import math
+import re
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
+                "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+                "c128": 16}
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8\w*)\[([\d,]*)\]")
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*->.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
+_OPCODE = re.compile(r"\s*([\w\-]+)\(")
+_CALLED = re.compile(r"\b(calls|body|to_apply|condition)=%([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+# Instructions that move no data of their own (aliases, bookkeeping, or control flow whose
+# bodies are counted separately); an async pair is counted at its start.
+_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call",
+               "conditional", "after-all", "partition-id", "replica-id", "opt-barrier",
+               "add-dependency", "async-start", "async-update", "async-done", "copy-done",
+               "all-gather-done", "all-reduce-done", "collective-permute-done", "send-done",
+               "recv-done"}
+
+
+def shape_bytes(type_text: str) -> float:
+  """Bytes of an HLO type: an array `f32[2,3]{...}` or a tuple of them."""
+  total = 0.0
+  for dtype, dims in _ARRAY.findall(type_text):
+    size = math.prod(int(d) for d in dims.split(",") if d)
+    total += size * _DTYPE_BYTES.get(dtype, 1)
+  return total
+
+
+def _dims(type_text: str) -> list[int]:
+  match = _ARRAY.search(type_text)
+  return [int(d) for d in match.group(2).split(",") if d] if match else []
+
+
+def _split_type(rest: str) -> tuple[str, str]:
+  """'(f32[2], s32[]) while(...)' -> ('(f32[2], s32[])', ' while(...)')."""
+  if not rest.startswith("("):
+    head, _, tail = rest.partition(" ")
+    return head, " " + tail
+  depth = 0
+  for index, char in enumerate(rest):
+    depth += {"(": 1, ")": -1}.get(char, 0)
+    if depth == 0:
+      return rest[:index + 1], rest[index + 1:]
+  return rest, ""
+
+
+def _operands(text: str) -> tuple[list[str], str, str]:
+  """For '(%a, %b), attrs': the operand names, the text inside the parentheses, the attributes."""
+  depth = 0
+  for index, char in enumerate(text):
+    depth += {"(": 1, ")": -1}.get(char, 0)
+    if depth == 0 and char == ")":
+      inner = text[1:index]
+      return re.findall(r"%([\w.\-]+)", inner), inner.strip(), text[index + 1:]
+  return re.findall(r"%([\w.\-]+)", text), "", ""
+
+
+def parse_module(hlo_text: str) -> tuple[dict, str]:
+  """{computation: [instruction dicts]} and the entry computation's name."""
+  computations, entry, current = {}, None, None
+  for line in hlo_text.splitlines():
+    header = _HEADER.match(line)
+    if header and not line.startswith(" "):
+      current = header.group(2)
+      computations[current] = []
+      if header.group(1):
+        entry = current
+      continue
+    if line.startswith("}"):
+      current = None
+      continue
+    match = _INSTRUCTION.match(line) if current else None
+    if not match:
+      continue
+    type_text, rest = _split_type(match.group(2))
+    opcode = _OPCODE.match(rest)
+    if not opcode:
+      continue
+    operands, inner, attributes = _operands(rest[opcode.end() - 1:])
+    computations[current].append(dict(
+        name=match.group(1), type=type_text, opcode=opcode.group(1), operands=operands,
+        inner=inner,
+        attributes=attributes, called=dict(_CALLED.findall(attributes)),
+        branches=re.findall(r"%([\w.\-]+)", " ".join(_BRANCHES.findall(attributes)))))
+  return computations, entry
+
+
+def _trip_count(instruction: dict, computations: dict):
+  """The loop's trip count, or None when it cannot be read."""
+  known = _TRIP_COUNT.search(instruction["attributes"])
+  if known:
+    return int(known.group(1))
+  condition = computations.get(instruction["called"].get("condition"), [])
+  constants = {op["name"]: int(op["inner"]) for op in condition
+               if op["opcode"] == "constant" and re.fullmatch(r"-?\d+", op["inner"])}
+  for op in condition:
+    if op["opcode"] == "compare" and "direction=LT" in op["attributes"]:
+      if len(op["operands"]) == 2 and op["operands"][1] in constants:
+        return constants[op["operands"][1]]
+  return None
+
+
+def _multiplicities(computations: dict, entry: str):
+  """How often each control-flow computation runs per call of the entry, and the fused
+  computations (whose instructions count for FLOPs only) with theirs."""
+  control, fused = collections.Counter(), collections.Counter()
+  unknown_loops = 0
+  pending = [(entry, 1)]
+  while pending:
+    name, times = pending.pop()
+    control[name] += times
+    for op in computations.get(name, []):
+      called = op["called"]
+      if op["opcode"] == "while":
+        trips = _trip_count(op, computations)
+        if trips is None:
+          unknown_loops += 1
+          trips = 1
+        pending.append((called["body"], times * trips))
+      elif op["opcode"] == "fusion" and "calls" in called:
+        _add_fused(computations, called["calls"], times, fused)
+      elif op["opcode"] in ("call", "async-start") and "calls" in called:
+        pending.append((called["calls"], times))
+      elif op["opcode"] == "conditional":
+        pending.extend((branch, times) for branch in op["branches"])
+  return control, fused, unknown_loops
+
+
+def _add_fused(computations, name, times, fused):
+  fused[name] += times
+  for op in computations.get(name, []):
+    if op["opcode"] == "fusion" and "calls" in op["called"]:
+      _add_fused(computations, op["called"]["calls"], times, fused)
+
+
+def _matmul_flops(op: dict, types: dict) -> float:
+  result = math.prod(_dims(op["type"]))
+  if op["opcode"] == "dot":
+    lhs = _dims(types.get(op["operands"][0], ""))
+    match = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", op["attributes"])
+    contracted = [int(d) for d in match.group(1).split(",") if d] if match else []
+    return 2.0 * result * math.prod(lhs[d] for d in contracted if d < len(lhs))
+  # convolution: an output element takes one multiply-add per kernel element feeding it, i.e.
+  # the kernel's size over its output features (feature groups are already in the kernel shape).
+  rhs = _dims(types.get(op["operands"][1], "")) if len(op["operands"]) > 1 else []
+  labels = re.search(r"dim_labels=\w*_(\w+)->", op["attributes"])
+  if not rhs or not labels or "o" not in labels.group(1):
+    return 0.0
+  return 2.0 * result * math.prod(rhs) / rhs[labels.group(1).index("o")]
+
+
+def _traffic(op: dict, types: dict, computations: dict) -> float:
+  """HBM bytes read and written by one top-level instruction.
+
+  Slicing reads only the slice, and an in-place update writes only the update (the rest of the
+  buffer is aliased): the stacked layer parameters are sliced this way on every loop iteration.
+  """
+  sizes = [shape_bytes(types.get(o, "")) for o in op["operands"]]
+  if op["opcode"] == "dynamic-slice":
+    return 2 * shape_bytes(op["type"])
+  if op["opcode"] == "dynamic-update-slice":
+    return 2 * sizes[1]
+  if op["opcode"] != "fusion" or "calls" not in op["called"]:
+    return sum(sizes) + shape_bytes(op["type"])
+  fused = computations.get(op["called"]["calls"], [])
+  by_name = {f["name"]: f for f in fused}
+  users = collections.defaultdict(list)
+  for f in fused:
+    for operand in f["operands"]:
+      users[operand].append(f)
+  root = fused[-1] if fused else None
+  roots = [by_name[n] for n in root["operands"]] if root and root["opcode"] == "tuple" else [root]
+  in_place = {r["operands"][0] for r in roots if r and r["opcode"] == "dynamic-update-slice"}
+  total = 0.0
+  for f in fused:
+    if f["opcode"] != "parameter" or not f["inner"].isdigit() or int(f["inner"]) >= len(sizes):
+      continue
+    consumers = users[f["name"]]
+    if f["name"] in in_place:
+      continue  # the buffer being updated in place
+    if consumers and all(c["opcode"] == "dynamic-slice" and c["operands"][0] == f["name"]
+                         for c in consumers):
+      total += sum(shape_bytes(c["type"]) for c in consumers)
+    else:
+      total += sizes[int(f["inner"])]
+  for r in roots:
+    if r is None:
+      continue
+    if r["opcode"] == "dynamic-update-slice":
+      total += shape_bytes(by_name.get(r["operands"][1], {}).get("type", ""))
+    else:
+      total += shape_bytes(r["type"])
+  return total
+
+
+def step_totals(hlo_text: str) -> dict:
+  """Per-call totals of a compiled module (see the module docstring)."""
+  computations, entry = parse_module(hlo_text)
+  control, fused, unknown_loops = _multiplicities(computations, entry)
+  flops, hbm_bytes = 0.0, 0.0
+  collectives = {kind: {"count": 0, "bytes": 0.0} for kind in COLLECTIVES}
+  for name, times in list(control.items()) + list(fused.items()):
+    ops = computations.get(name, [])
+    types = {op["name"]: op["type"] for op in ops}
+    for op in ops:
+      if op["opcode"] in ("dot", "convolution"):
+        flops += times * _matmul_flops(op, types)
+      if name not in control or op["opcode"] in _NO_TRAFFIC:
+        continue
+      operand_bytes = sum(shape_bytes(types.get(o, "")) for o in op["operands"])
+      result_bytes = shape_bytes(op["type"])
+      kind = op["opcode"].removesuffix("-start")
+      if kind in collectives:
+        if op["opcode"].endswith("-start") and op["type"].startswith("("):
+          result_bytes = max(result_bytes - operand_bytes, 0.0)  # (operands, results) tuple
+        collectives[kind]["count"] += times
+        collectives[kind]["bytes"] += times * max(operand_bytes, result_bytes)
+      hbm_bytes += times * _traffic(op, types, computations)
+  return dict(matmul_flops=flops, hbm_bytes=hbm_bytes, collectives=collectives,
+              unknown_loops=unknown_loops)
