@@ -7,7 +7,8 @@ export JAX_PLATFORMS ?= cpu
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	# libtpu (the tpu extra) lets tests compile for TPU topologies ahead of time; optional.
+	$(PY) -m pip install -q -e ".[dev,tpu]" || $(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
 .PHONY: venv train test bench clean

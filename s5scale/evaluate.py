@@ -34,7 +34,13 @@ class Evaluator:
       kwargs["ssm_kwargs"]["step_rescale"] *= config.eval.step_rescale
       model = S5Model(**kwargs)
     self.model = model
-    self.eval_step = jax.jit(steps.make_eval_step(model, config.model.task))
+    eval_step = steps.make_eval_step(model, config.model.task)
+
+    def eval_step_on_mesh(params, batch_stats, batch):
+      with parallel.logical_constraints(mesh):
+        return eval_step(params, batch_stats, batch)
+
+    self.eval_step = jax.jit(eval_step_on_mesh)
 
   def evaluate(self, params, batch_stats) -> dict:
     data_config = self.config.data.copy_and_resolve_references()
