@@ -1,15 +1,15 @@
 """Benchmarks that measure what they compare within one run, and print JSON lines.
 
-  python tools/bench.py layer                 # S5 layer fwd+bwd: default vs reference vs roofline
+  python tools/bench.py layer       # S5 layer fwd+bwd: default vs reference vs roofline
+  python tools/bench.py train       # training-step MFU vs a GEMM peak measured alongside
+                                    # (also: compile, data, checkpoint, generate)
 
-Each subcommand is one function below, registered in SUBCOMMANDS. Timings are medians over
-interleaved rounds (the compared items run in turn, round after round), so a machine shared with
-other jobs slows every item alike rather than whichever ran during a busy spell.
+Each subcommand is one function, registered in SUBCOMMANDS (the system ones live in
+bench_system.py, shared timing helpers in benchlib.py). Timings are medians over interleaved
+rounds, so a machine shared with other jobs slows every item alike.
 """
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -17,46 +17,44 @@ import time
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_system  # also puts the repository on sys.path, through benchlib
+from benchlib import emit, interleaved_times, summary, temp_bytes
 from s5scale.nn import s5  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-# ----------------------------------------------------------------------------- shared helpers
+# ----------------------------------------------------------------------------- helpers
 
-def emit(record: dict) -> None:
-  print(json.dumps(record), flush=True)
+class CpuClock:
+  """Wraps a benchmarked function and records the process CPU seconds (all threads) of each call.
 
-
-def timed_call(fn, *args) -> float:
-  """Seconds for one call, waiting for every output."""
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - start
-
-
-def interleaved_times(items: dict, repeats: int, warmup: int = 1) -> dict:
-  """{name: [seconds per call]} for items {name: (jitted fn, args)}, run round-robin.
-
-  Warm-up calls (compilation, first-touch of buffers) are run and dropped.
+  Reported beside wall time: on a shared machine, CPU seconds show how much of a slow wall time
+  was waiting for a core.
   """
-  for fn, args in items.values():
-    for _ in range(warmup):
-      timed_call(fn, *args)
-  times = {name: [] for name in items}
-  for _ in range(repeats):
-    for name, (fn, args) in items.items():
-      times[name].append(timed_call(fn, *args))
-  return times
+
+  def __init__(self, fn):
+    self.fn, self.seconds = fn, []
+
+  def __call__(self, *args):
+    start = time.process_time()
+    result = jax.block_until_ready(self.fn(*args))
+    self.seconds.append(time.process_time() - start)
+    return result
 
 
-def temp_bytes(jitted, *args) -> int:
-  """Peak temporary memory XLA plans for one call (arguments and outputs excluded)."""
-  return int(jitted.lower(*args).compile().memory_analysis().temp_size_in_bytes)
+class InPlaceStream:
+  """Reads and writes `num_bytes` of float32 per call, in place (the buffer is donated).
 
+  In place, so that the bandwidth is the memory's, not the kernel's cost of handing a fresh
+  output buffer its pages: the tighter (faster) streaming figure for the roofline.
+  """
 
-def summary(times: list) -> dict:
-  return {"median_s": statistics.median(times), "min_s": min(times),
-          "times_s": [round(t, 4) for t in times]}
+  def __init__(self, num_bytes: int):
+    self.buffer = jnp.ones((num_bytes // 4,), jnp.float32)
+    self.update = jax.jit(lambda x: x * 0.5 + 1.0, donate_argnums=0)
+
+  def __call__(self):
+    self.buffer = self.update(self.buffer)
+    return self.buffer
 
 
 # ----------------------------------------------------------------------------- layer
@@ -66,7 +64,8 @@ def bench_layer(args) -> dict:
 
   Roofline = the layer's projection GEMMs alone (u @ B̄ and x @ C̃ as real GEMMs, forward and
   backward: 3x the forward GEMM FLOPs), plus one read and one write of the (batch, L, P'') complex64
-  state tensor at the streaming bandwidth of a large elementwise op timed in the same rounds.
+  state tensor at the streaming bandwidth of an in-place elementwise op over as many bytes, timed
+  in the same rounds.
   """
   key_u, key_params, key_gemm = jax.random.split(jax.random.PRNGKey(args.seed), 3)
   u = jax.random.normal(key_u, (args.batch, args.length, args.d_model), jnp.float32)
@@ -96,26 +95,30 @@ def bench_layer(args) -> dict:
   gemm_flops = 3 * 2 * rows * (args.d_model * 2 * num_states + 2 * state_width * args.d_model)
 
   state_bytes = rows * state_width * jnp.dtype(jnp.complex64).itemsize
-  stream_input = jnp.ones((state_bytes // 4,), jnp.float32)
-  stream = jax.jit(lambda x: x * 1.5 + 1.0)  # reads and writes state_bytes
 
   items = {"default": layer_grad("default"), "reference": layer_grad("reference"),
-           "gemm": (gemm_grad, (w_in, w_out, u)), "stream": (stream, (stream_input,))}
+           "gemm": (gemm_grad, (w_in, w_out, u)), "stream": (InPlaceStream(state_bytes), ())}
   memory = {name: temp_bytes(fn, *fn_args) for name, (fn, fn_args) in items.items()
             if name in ("default", "reference")}
-  times = interleaved_times(items, args.repeats, args.warmup)
+  clocks = {name: CpuClock(fn) for name, (fn, _) in items.items()}
+  times = interleaved_times({name: (clocks[name], fn_args) for name, (_, fn_args) in items.items()},
+                            args.repeats, args.warmup)
   median = {name: statistics.median(t) for name, t in times.items()}
+
+  def timing(name):
+    return {**summary(times[name]),
+            "cpu_median_s": statistics.median(clocks[name].seconds[args.warmup:])}
 
   shape = {"batch": args.batch, "length": args.length, "d_model": args.d_model,
            "ssm_size": args.ssm_size, "num_states": num_states, "conj_sym": args.conj_sym,
            "bidirectional": args.bidirectional}
   for name in ("default", "reference"):
-    emit({"bench": "layer", "item": name, **shape, **summary(times[name]),
+    emit({"bench": "layer", "item": name, **shape, **timing(name),
           "temp_bytes": memory[name]})
-  emit({"bench": "layer", "item": "gemm", **summary(times["gemm"]), "flops": gemm_flops,
-        "gflops_per_s": gemm_flops / median["gemm"] / 1e9})
+  emit({"bench": "layer", "item": "gemm", **timing("gemm"),
+        "flops": gemm_flops, "gflops_per_s": gemm_flops / median["gemm"] / 1e9})
   bandwidth = 2 * state_bytes / median["stream"]
-  emit({"bench": "layer", "item": "stream", **summary(times["stream"]),
+  emit({"bench": "layer", "item": "stream", **timing("stream"),
         "bytes_moved": 2 * state_bytes, "gb_per_s": bandwidth / 1e9})
   roofline = median["gemm"] + 2 * state_bytes / bandwidth
   result = {
@@ -150,6 +153,8 @@ def add_layer_flags(parser):
 # name -> (function(args), function adding its flags to a parser, one-line help)
 SUBCOMMANDS = {
     "layer": (bench_layer, add_layer_flags, "S5 layer fwd+bwd: default vs reference vs roofline"),
+    **{name: (fn, lambda parser, name=name: bench_system.add_flags(parser, name), help_text)
+       for name, (fn, help_text) in bench_system.SYSTEM_SUBCOMMANDS.items()},
 }
 
 
@@ -162,7 +167,10 @@ def main(argv=None) -> int:
   for flag in ("batch", "length", "d_model", "ssm_size", "repeats"):
     if getattr(args, flag, 1) < 1:
       parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-  SUBCOMMANDS[args.command][0](args)
+  try:
+    SUBCOMMANDS[args.command][0](args)
+  except ValueError as error:  # a bad flag combination, named by the code that rejects it
+    parser.exit(2, f"bench {args.command}: {error}\n")
   return 0
 
 

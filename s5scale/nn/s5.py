@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from s5scale import ssm
+from s5scale.ssm import fast_ssm
 from s5scale.ssm import init as ssm_init
 
 
@@ -71,11 +72,36 @@ class S5(nn.Module):
     if intervals is not None:
       delta = delta * intervals[..., None]
     lambda_bar, input_factor = ssm.discretization_factors(self.discretization, lambda_, delta)
+    if self.scan_impl == "default":
+      # A time-invariant factor folds into B̄ (P', H); a per-step one scales B̃u instead of
+      # building an (L, P', H) B̄.
+      varying = intervals is not None
+      return fast_ssm.apply_ssm_planar(
+          lambda_bar, b_tilde if varying else input_factor[:, None] * b_tilde, c_tilde, u,
+          conj_sym=self.conj_sym, bidirectional=self.bidirectional, D=self.D, reset=reset,
+          input_scale=input_factor if varying else None)
     # Scale B̃u by the per-state factor rather than building a time-varying (L, P', H) B̄.
     bu = ssm.project_input(b_tilde, u) * input_factor
     states = ssm.scan_states(lambda_bar, bu, bidirectional=self.bidirectional, reset=reset,
                              impl=self.scan_impl)
     return ssm.project_output(c_tilde, states, self.conj_sym) + self.D * u
+
+  def final_state(self, u, reset=None):
+    """The state after a whole sequence, computed with the parallel scan (prompt prefill).
+
+    Args:
+      u: (batch, L, H) real.
+    Returns:
+      x_L: (batch, P') complex, ready for `step`.
+    """
+    if self.bidirectional:
+      raise ValueError("bidirectional=True has no recurrent mode: the backward scan needs the future")
+    lambda_, b_tilde, _, delta = self._continuous()
+    lambda_bar, input_factor = ssm.discretization_factors(self.discretization, lambda_, delta)
+    bu = ssm.project_input(b_tilde, u) * input_factor
+    states = ssm.scan_states(lambda_bar, bu, bidirectional=False, reset=reset,
+                             impl=self.scan_impl)
+    return states[..., -1, :]
 
   def initial_state(self, batch: int):
     """x_0 = 0: (batch, P') complex."""

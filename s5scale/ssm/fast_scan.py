@@ -1,16 +1,280 @@
-"""Fast linear recurrence (placeholder: same as the reference until the fast scan lands)."""
+"""Fast linear recurrence x_k = a_k ⊙ x_{k∓1} + b_k, in planar real arithmetic, with its own VJP.
+
+Planar: a complex (..., P) array is held as a real (..., 2, P) array, [real parts; imaginary
+parts]. The S5 projections then are real GEMMs, the recurrence runs on contiguous real lanes, and
+an axis P sharded across devices keeps each state's two parts on the same device.
+
+Forward, in three passes over L = C chunks of T steps (the chunk count is chosen per length):
+  1. all chunks at once run T steps from a zero state, keeping only each chunk's end state;
+  2. the end states are chained across chunks (C steps on small arrays): each chunk's start state;
+  3. all chunks run again from their start states, writing every state over its input, in place.
+That is two reads of b and one write of x, in 2T + C loop steps instead of L, and no memory
+beyond b's own buffer.
+
+Backward: for a real loss, the adjoint of x_k = a_k x_{k-1} + b_k with G = dL/dRe x + i dL/dIm x is
+the reverse recurrence G_k = g_k + conj(a_{k+1}) G_{k+1}: the same kernel run the other way, in
+place over g. Then dL/db_k = G_k and dL/da_k = G_k conj(x_{k-1}), summed inside that loop when a
+is constant. Only the states x are kept from the forward pass (the readout's own gradient needs
+them anyway), where autodiff of an associative scan keeps every level of its tree.
+"""
+
+import functools
 
 import jax
+import jax.numpy as jnp
+from jax import lax
 
 
-def _combine(earlier, later):
-  a_earlier, b_earlier = earlier
-  a_later, b_later = later
-  return a_later * a_earlier, a_later * b_earlier + b_later
+def to_planar(z):
+  """(..., P) complex -> (..., 2, P) real."""
+  return jnp.stack([z.real, z.imag], axis=-2)
+
+
+def from_planar(x):
+  """(..., 2, P) real -> (..., P) complex."""
+  return lax.complex(x[..., 0, :], x[..., 1, :])
+
+
+# Products are written with a swap of the two parts (a reverse along the axis of 2) and a
+# broadcast of one part, never by slicing parts apart and stacking them again: XLA fuses the
+# former with the step's other arithmetic and its in-place write, while a stack (concatenate)
+# stays a separate op with its own copy on every step of the loops.
+
+def _swap_parts(x):
+  """(..., 2, P): [re; im] -> [im; re]."""
+  return jnp.flip(x, axis=-2)
+
+
+def _multiplier_parts(m):
+  """(..., 2, P) m -> ([Re m; Re m], [−Im m; Im m]): m ⊙ x = same * x + cross * swap(x)."""
+  sign = jnp.array([[-1], [1]], m.dtype)
+  return jnp.broadcast_to(m[..., :1, :], m.shape), m[..., 1:, :] * sign
+
+
+def _conjugate_parts(y):
+  """(..., 2, P) y -> ([Re y; Re y], [Im y; −Im y]): x ⊙ conj(y) = same * x + cross * swap(x)."""
+  sign = jnp.array([[1], [-1]], y.dtype)
+  return jnp.broadcast_to(y[..., :1, :], y.shape), y[..., 1:, :] * sign
+
+
+def _apply_parts(parts, x):
+  same, cross = parts
+  return same * x + cross * _swap_parts(x)
+
+
+def complex_multiply(m, x):
+  """Planar m ⊙ x; m (..., 2, P) broadcasts against x (..., 2, P)."""
+  return _apply_parts(_multiplier_parts(m), x)
+
+
+def conjugate(m):
+  """Planar conj(m). m: (..., 2, P)."""
+  return m * jnp.array([[1], [-1]], m.dtype)
+
+
+def _power(m, exponent: int):
+  """Planar m ** exponent by repeated squaring. m: (2, P)."""
+  result = jnp.zeros_like(m).at[0].set(1)
+  while exponent:
+    if exponent & 1:
+      result = complex_multiply(m, result)
+    m = complex_multiply(m, m)
+    exponent >>= 1
+  return result
+
+
+def num_chunks_for(length: int) -> int:
+  """Chunk count C dividing L with the fewest sequential loop steps, 2L/C + C (or L for C = 1).
+
+  A loop step costs a few microseconds however little it does, so chunks trade the L-step loop
+  for two T-step loops over wider arrays plus a C-step loop over chunk ends.
+  """
+  def loop_steps(chunks):
+    return length if chunks == 1 else 2 * (length // chunks) + chunks
+  small = [c for c in range(1, int(length ** 0.5) + 1) if length % c == 0]
+  return min(small + [length // c for c in small], key=loop_steps)
+
+
+def _scan(multipliers, inputs, keep, reverse: bool, num_chunks: int | None, correlate=None):
+  """The recurrence, no autodiff.
+
+  Args:
+    multipliers: (2, P) or (M, L, 2, P) planar a_k.
+    inputs: (M, L, 2, P) planar b_k.
+    keep: (M, L) real, 0 where the carried state is dropped, or None.
+    reverse: False: x_k = a_k keep_k x_{k-1} + b_k; True: x_k = a_k keep_k x_{k+1} + b_k.
+    num_chunks: C, a divisor of L; None picks num_chunks_for(L).
+    correlate: (M, L, 2, P) planar y, or None. If given, also returns Σ_k keep_k x_{k∓1} ⊙ conj(y_k)
+      (2, P): the backward pass's dL/da, summed in the loop rather than by another pass over memory.
+  Returns:
+    (M, L, 2, P) planar states, and the (2, P) correlation when asked for.
+  """
+  batch, length = inputs.shape[:2]
+  num_chunks = num_chunks or num_chunks_for(length)
+  chunk = length // num_chunks
+  row_shape = (batch, num_chunks, 1) + inputs.shape[2:]  # one step of every chunk
+
+  def split(array):  # (M, L, ...) -> (M, C, T, ...), free
+    return array.reshape((batch, num_chunks, chunk) + array.shape[2:])
+
+  def row(array, k):
+    return lax.dynamic_slice_in_dim(array, k, 1, 2)
+
+  varying = multipliers.ndim > 2
+  if varying:
+    multipliers = split(multipliers)
+  else:
+    fixed_parts = _multiplier_parts(multipliers)
+  if keep is not None:
+    keep = split(keep)
+
+  def position(t):
+    return chunk - 1 - t if reverse else t
+
+  def carried(t, state):
+    """keep_k x_{k∓1}, and a_k keep_k x_{k∓1}: (M, C, 1, 2, P)."""
+    k = position(t)
+    if keep is not None:
+      state = state * row(keep, k)[..., None, None]
+    parts = _multiplier_parts(row(multipliers, k)) if varying else fixed_parts
+    return state, _apply_parts(parts, state)
+
+  def advance(t, state, buffer):
+    return carried(t, state)[1] + row(buffer, position(t))
+
+  buffer = split(inputs)
+  zeros = jnp.zeros(row_shape, inputs.dtype)
+  if num_chunks == 1:
+    start = zeros
+  else:
+    # Passes 1 and 2: every chunk's end state from zero, then the chain across chunks.
+    if varying:
+      # The chunk's transfer a_T ... a_1 varies too: carry it along in the same loop.
+      def local_step(t, carry):
+        state, transfer = carry
+        return advance(t, state, buffer), carried(t, transfer)[1]
+
+      ends, transfers = lax.fori_loop(0, chunk, local_step, (zeros, zeros.at[..., 0, :].set(1)))
+    else:
+      ends = lax.fori_loop(0, chunk, lambda t, state: advance(t, state, buffer), zeros)
+      transfers = _power(multipliers, chunk)
+      if keep is not None:  # a reset anywhere in a chunk cuts its transfer
+        transfers = transfers * jnp.prod(keep, axis=2)[..., None, None, None]
+    transfers = jnp.broadcast_to(transfers, row_shape)
+
+    def chain(state, chunk_end):
+      transfer, end = chunk_end
+      return complex_multiply(transfer, state) + end, state
+
+    _, starts = lax.scan(chain, zeros[:, 0], (jnp.swapaxes(transfers, 0, 1),
+                                              jnp.swapaxes(ends, 0, 1)), reverse=reverse)
+    start = jnp.swapaxes(starts, 0, 1)
+
+  def write_step(t, carry):
+    # Step t's input is read from the buffer just before its state overwrites it, so the states
+    # take the inputs' place and XLA allocates nothing more.
+    state, buffer, correlation = carry
+    kept_state, propagated = carried(t, state)
+    state = propagated + row(buffer, position(t))
+    if correlate is not None:
+      correlation = correlation + _apply_parts(_conjugate_parts(row(correlate, position(t))),
+                                               kept_state)
+    return state, lax.dynamic_update_slice_in_dim(buffer, state, position(t), 2), correlation
+
+  if correlate is not None:
+    correlate = split(correlate)
+  correlation = None if correlate is None else zeros
+  _, states, correlation = lax.fori_loop(0, chunk, write_step, (start, buffer, correlation))
+  states = states.reshape(inputs.shape)
+  if correlate is None:
+    return states
+  return states, jnp.sum(correlation, axis=(0, 1, 2))
+
+
+def _shift_toward_start(array, reverse: bool):
+  """Step k takes the value of step k+1 (k-1 when reverse) along axis 1; the vacated end is 0."""
+  pad = jnp.zeros(array.shape[:1] + (1,) + array.shape[2:], array.dtype)
+  if reverse:
+    return jnp.concatenate([pad, array[:, :-1]], axis=1)
+  return jnp.concatenate([array[:, 1:], pad], axis=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _recurrence(multipliers, inputs, keep, reverse, num_chunks):
+  return _scan(multipliers, inputs, keep, reverse, num_chunks)
+
+
+def _recurrence_forward(multipliers, inputs, keep, reverse, num_chunks):
+  states = _scan(multipliers, inputs, keep, reverse, num_chunks)
+  return states, (multipliers, keep, states)
+
+
+def _recurrence_backward(reverse, num_chunks, residuals, states_cotangent):
+  multipliers, keep, states = residuals
+  # G_k = g_k + conj(a_{k+1} keep_{k+1}) G_{k+1}, run against the primal direction.
+  adjoint_multipliers = conjugate(multipliers)
+  varying = multipliers.ndim > 2
+  if varying:
+    adjoint_multipliers = _shift_toward_start(adjoint_multipliers, reverse)
+  adjoint_keep = None if keep is None else _shift_toward_start(keep, reverse)
+  if not varying:
+    # Each adjoint step's carried-in keep_{k+1} G_{k+1} (k-1 when reverse), times conj(x_k), is
+    # one term of dL/da, so the loop sums them as it goes.
+    adjoint, multipliers_cotangent = _scan(adjoint_multipliers, states_cotangent, adjoint_keep,
+                                           not reverse, num_chunks, correlate=states)
+  else:
+    adjoint = _scan(adjoint_multipliers, states_cotangent, adjoint_keep, not reverse, num_chunks)
+    # Per step, dL/da_k = keep_k G_k conj(x_prev(k)), with x_prev = 0 at the sequence's start.
+    previous_states = _shift_toward_start(states, not reverse)
+    multipliers_cotangent = complex_multiply(conjugate(previous_states), adjoint)
+    if keep is not None:
+      multipliers_cotangent = multipliers_cotangent * keep[..., None, None]
+  keep_cotangent = None if keep is None else jnp.zeros_like(keep)
+  return multipliers_cotangent, adjoint, keep_cotangent
+
+
+_recurrence.defvjp(_recurrence_forward, _recurrence_backward)
+
+
+def linear_recurrence_planar(multipliers, inputs, keep=None, reverse: bool = False,
+                             num_chunks: int | None = None):
+  """States of x_k = a_k keep_k x_{k-1} + b_k (x_{k+1} when reverse), x outside [0, L) = 0.
+
+  Args:
+    multipliers: (2, P) planar a, or (..., L, 2, P) when it varies along time.
+    inputs: (..., L, 2, P) planar b, real float32 or float64.
+    keep: (..., L) real, 0 where the carried state is dropped (a reset), 1 elsewhere; or None.
+    reverse: run from the last step to the first.
+    num_chunks: C, a divisor of L (tuning and tests); None: num_chunks_for(L).
+  Returns:
+    (..., L, 2, P) planar states, inputs' dtype.
+  """
+  if inputs.ndim < 3 or inputs.shape[-2] != 2:
+    raise ValueError(f"inputs must be planar (..., L, 2, P), got shape {inputs.shape}")
+  if multipliers.shape[-2:] != inputs.shape[-2:]:
+    raise ValueError(f"multipliers' trailing (2, P) {multipliers.shape[-2:]} != inputs' "
+                     f"{inputs.shape[-2:]}")
+  length = inputs.shape[-3]
+  if num_chunks is not None and (num_chunks < 1 or length % num_chunks):
+    raise ValueError(f"num_chunks must be a positive divisor of L={length}, got {num_chunks}")
+  flat = (-1,) + inputs.shape[-3:]
+  if multipliers.ndim > 2:
+    multipliers = jnp.broadcast_to(multipliers, inputs.shape).reshape(flat)
+  multipliers = multipliers.astype(inputs.dtype)
+  if keep is not None:
+    keep = jnp.broadcast_to(keep, inputs.shape[:-2]).reshape(flat[:2]).astype(inputs.dtype)
+  states = _recurrence(multipliers, inputs.reshape(flat), keep, reverse, num_chunks)
+  return states.reshape(inputs.shape)
 
 
 def linear_recurrence(multipliers, bu, reverse: bool = False):
-  """x_k = a_k x_{k∓1} + b_k over axis -2. multipliers, bu: (..., L, P') complex."""
-  _, states = jax.lax.associative_scan(
-      _combine, (multipliers, bu), reverse=reverse, axis=bu.ndim - 2)
-  return states
+  """Complex interface: x_k = a_k x_{k∓1} + b_k over axis -2.
+
+  Args:
+    multipliers: (P',) or (..., L, P') complex (zero where a reset drops the state).
+    bu: (..., L, P') complex.
+  Returns:
+    (..., L, P') complex states.
+  """
+  return from_planar(linear_recurrence_planar(to_planar(multipliers), to_planar(bu),
+                                              reverse=reverse))

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from s5scale.ssm import fast_scan
+from s5scale.ssm import fast_ssm
 
 
 def project_input(b_bar, u):
@@ -70,6 +71,14 @@ def linear_recurrence_reference(multipliers, bu, reverse: bool = False):
   return states
 
 
+IMPLS = ("default", "reference")
+
+
+def check_impl(impl: str) -> None:
+  if impl not in IMPLS:
+    raise ValueError(f"scan_impl must be one of {IMPLS}, got {impl!r}")
+
+
 def scan_states(lambda_bar, bu, *, bidirectional: bool, reset=None, impl: str = "default"):
   """All states of the recurrence; bidirectional concatenates the reversed scan's states.
 
@@ -81,13 +90,18 @@ def scan_states(lambda_bar, bu, *, bidirectional: bool, reset=None, impl: str = 
   Returns:
     (..., L, P') complex, or (..., L, 2P') when bidirectional.
   """
-  recurrence = {"reference": linear_recurrence_reference,
-                "default": fast_scan.linear_recurrence}.get(impl)
-  if recurrence is None:
-    raise ValueError(f"scan_impl must be 'default' or 'reference', got {impl!r}")
+  check_impl(impl)
   directions = [False, True] if bidirectional else [False]
-  states = [recurrence(carry_multipliers(lambda_bar, bu.shape, reset, reverse), bu, reverse)
-            for reverse in directions]
+  if impl == "default":
+    bu_planar, multipliers = fast_scan.to_planar(bu), fast_scan.to_planar(lambda_bar)
+    keeps = fast_ssm.keep_masks(reset, bidirectional)
+    states = [fast_scan.from_planar(
+        fast_scan.linear_recurrence_planar(multipliers, bu_planar, keep, reverse))
+              for reverse, keep in zip(directions, keeps)]
+  else:
+    states = [linear_recurrence_reference(carry_multipliers(lambda_bar, bu.shape, reset, reverse),
+                                          bu, reverse)
+              for reverse in directions]
   return jnp.concatenate(states, axis=-1) if bidirectional else states[0]
 
 
@@ -102,9 +116,14 @@ def apply_ssm(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirectional: b
     u: (..., L, H) real.
     D: (H,) real feedthrough, or None.
     reset: (..., L) bool; True at step k zeroes the state carried into step k.
+    impl: "default" (real GEMMs around the fast scan) or "reference" (the paper's formulation).
   Returns:
     y: (..., L, H) real.
   """
+  check_impl(impl)
+  if impl == "default":
+    return fast_ssm.apply_ssm_planar(lambda_bar, b_bar, c_tilde, u, conj_sym=conj_sym,
+                                     bidirectional=bidirectional, D=D, reset=reset)
   bu = project_input(b_bar, u)
   states = scan_states(lambda_bar, bu, bidirectional=bidirectional, reset=reset, impl=impl)
   y = project_output(c_tilde, states, conj_sym)
