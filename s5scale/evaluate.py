@@ -149,6 +149,10 @@ def run_eval_job(config, workdir: str) -> int:
   sample = steps.zero_global_batch(next(data.make_iterator(config.data, SPLIT, num_epochs=1)),
                                   config.data.batch_size)
   abstract = abstract_eval_variables(model, config, mesh, sample["inputs"])
+  while FLAGS.watch and not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+    time.sleep(FLAGS.poll_seconds)  # started before the training job wrote anything
+  if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+    raise checkpoint.CheckpointError(f"no checkpoints in {workdir}")
   manager = checkpoint.open_readonly(workdir)
   final_step = config.train.num_steps
   while True:

@@ -89,15 +89,20 @@ def test_two_processes_get_disjoint_shards_whose_union_is_the_split(tmp_path):
   documents = _text_dir(tmp_path)
   config = _config(tmp_path)
   train_docs = {text for path, text in documents.items() if not _is_heldout(path, 0.25)}
-  seen = []
+  single = _all(data.make_iterator(config, "train", num_epochs=1))
+  assert _documents_in(_stream_of(single)) == train_docs
+  # Packed rows are what processes split: disjoint, and together the single-process rows.
+  rows = lambda batches: [tuple(r) for b in batches for r, m in zip(b["inputs"], b["mask"])
+                          if m.any()]
+  per_process = []
   for process_index in range(2):
     iterator = data.make_iterator(config, "train", process_index=process_index,
                                   process_count=2, num_epochs=1)
     batches = _all(iterator)
     assert all(batch["inputs"].shape == (2, 32) for batch in batches)   # local batch 4 // 2
-    seen.append(_documents_in(_stream_of(batches)))
-  assert not seen[0] & seen[1]
-  assert seen[0] | seen[1] == train_docs
+    per_process.append(rows(batches))
+  assert not set(per_process[0]) & set(per_process[1])
+  assert sorted(per_process[0] + per_process[1]) == sorted(rows(single))
 
 
 def test_heldout_split_is_the_hash_oracle_disjoint_and_independent_of_process_count(tmp_path):

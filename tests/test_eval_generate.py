@@ -69,6 +69,7 @@ def test_watch_mode_evaluates_each_checkpoint_once(tmp_path):
   watcher = runs.start("evaluate", "text_small.py", tmp_path, watch_flags)
   deadline = time.time() + 300
   while time.time() < deadline and not (eval_log.exists() and runs.read_jsonl(eval_log)):
+    assert watcher.poll() is None, watcher.stdout.read()[-3000:]
     time.sleep(0.1)
   watcher.kill()  # killed mid-run, after at least one finished step
   watcher.wait()

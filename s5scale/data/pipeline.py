@@ -2,15 +2,17 @@
 
   items of the split (sorted ids)                                        MapDataset, random access
     → shuffle(data.seed) per epoch (train) → repeat(num_epochs)
-    → [train] keep global index ≡ process_index (mod process_count)
+    → [train, unpacked] keep global index ≡ process_index (mod process_count)
     → read + decode (+ random crop) in data.num_workers grain processes  (bad item → marker)
   main process:
     → drop/count/log markers → pack documents into rows (text; audio eval windows)
-    → [heldout] every process reads the same rows and keeps its own, padded to equal length
+    → [heldout, or packed] every process builds the same rows and keeps every
+      process_count-th, (held-out: padded to equal length)
     → batch(data.batch_size // process_count) → the batch dict the trainer consumes
 
 Element k of a process's stream is a fixed function of (seed, k, process layout), so the batch
-at step k is too, and the iterator state (all ints) resumes it exactly. Batches do not depend on
+at step k is too, and the iterator state (all ints) resumes it exactly. The global batch at step k
+holds the same examples whatever the process count (only their order across hosts changes). Batches do not depend on
 data.num_workers: grain interleaves the workers' slices back into the global order, and every
 many-to-one stage (filtering, packing) runs after that in the main process.
 
@@ -52,7 +54,8 @@ def _rows(data_config, split, spec, process_index, process_count, num_epochs):
     items = items.random_map(loader, seed=data_config.seed)
   else:
     items = items.map(loader)
-  if train:
+  if train and spec.packing(train) is None:
+    # Strided items: the global batch at step k holds the same examples for any process count.
     items = items[process_index::process_count]
   stream = items.to_iter_dataset(grain.ReadOptions(
       num_threads=data_config.read_threads, prefetch_buffer_size=4 * data_config.read_threads))
@@ -80,7 +83,9 @@ def make_iterator(data_config, split, *, process_index=0, process_count=1, num_e
   spec = transforms.make_spec(data_config)
   stream = _rows(data_config, split, spec, process_index, process_count, num_epochs)
   description = f"the {split} split of {spec.source.description}"
-  if split == "heldout":
+  if split == "heldout" or spec.packing(split == "train") is not None:
+    # Packed rows depend on every document before them, so each process packs the same global
+    # stream and keeps every process_count-th row: again layout-independent global batches.
     stream = ShardRowsIterDataset(stream, process_index, process_count, batch_size,
                                   spec.padding_row, description)
   elif num_epochs is not None:
