@@ -21,10 +21,8 @@ from jax.sharding import Mesh, PartitionSpec
 
 from s5scale import data
 from s5scale import defaults
+from s5scale import hlo_stats
 from tests import runs
-
-sys.path.insert(0, os.path.join(runs.REPO, "tools"))
-import hlo_stats  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 GiB = 2**30
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None

@@ -33,9 +33,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from s5scale import cli, data, parallel, train
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import hlo_stats
+from s5scale import cli, data, hlo_stats, parallel, train
 
 GiB = 2**30
 EXIT_OVER_HBM = 1

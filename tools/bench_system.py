@@ -29,6 +29,11 @@ def load_config(name: str, **overrides):
   return config
 
 
+def _flat(config) -> dict:
+  return {f"{section}.{key}": value for section, fields in config.items()
+          for key, value in fields.items()}
+
+
 def build_step(config, mesh=None):
   """Compiled train step, a fresh sharded state and a real batch, with the compile time."""
   mesh = mesh or parallel.make_mesh(config.mesh, jax.devices()[:1])
@@ -153,8 +158,13 @@ def bench_generate(args) -> dict:
 # ----------------------------------------------------------------------------- train
 
 def bench_train(args) -> dict:
-  """Training-step model FLOPs utilisation against a GEMM peak measured in the same run."""
-  config = load_config(args.config)
+  """Training-step model FLOPs utilisation against a GEMM peak measured in the same run.
+
+  FLOPs are the compiled step's matmuls with loops counted by trip count (metrics.compiled_flops).
+  """
+  overrides = dict(item.split("=", 1) for item in args.set)
+  config = load_config(args.config, **{k.replace(".", "__"): type(v)(overrides[k]) for k, v in
+                                       _flat(load_config(args.config)).items() if k in overrides})
   built = build_step(config)
   flops = metrics.compiled_flops(built["compiled"])
   step_s, _ = median_step_seconds(built, args.repeats)
@@ -163,7 +173,7 @@ def bench_train(args) -> dict:
   matmul = jax.jit(lambda x: x @ x)
   gemm_s = min(timed_call(matmul, a) for _ in range(args.repeats + 1))
   peak = 2 * size ** 3 / gemm_s
-  result = {"bench": "train", "config": args.config, "step_s": step_s,
+  result = {"bench": "train", "config": args.config, "overrides": overrides, "step_s": step_s,
             "step_gflop": flops / 1e9, "achieved_gflop_per_s": flops / step_s / 1e9,
             "gemm_peak_gflop_per_s": peak / 1e9, "mfu": flops / step_s / peak,
             "target_mfu>=0.35": flops / step_s / peak >= 0.35,
@@ -191,6 +201,8 @@ def add_flags(parser, name: str) -> None:
       parser.add_argument("--saves", type=int, default=5)
     if name == "train":
       parser.add_argument("--gemm-size", type=int, default=2048)
+      parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                          help="config overrides, e.g. model.d_model=256")
 
 
 SYSTEM_SUBCOMMANDS = {
