@@ -137,6 +137,11 @@ def model_kwargs(model_config) -> dict:
   return kwargs
 
 
+def workdir_path(workdir: str) -> str:
+  """Absolute local path (orbax requires one); cloud paths such as gs://... pass unchanged."""
+  return workdir if "://" in workdir else os.path.abspath(workdir)
+
+
 def setup_logging(workdir: str, name: str) -> None:
   """INFO to stderr and to WORKDIR/NAME.*.log; orbax's per-save INFO chatter is dropped."""
   os.makedirs(workdir, exist_ok=True)

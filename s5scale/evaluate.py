@@ -131,7 +131,7 @@ def steps_to_evaluate(manager, workdir: str, only_step: int | None) -> list[int]
 
 def main(argv) -> int:
   del argv
-  config, workdir = FLAGS.config, FLAGS.workdir
+  config, workdir = FLAGS.config, cli.workdir_path(FLAGS.workdir)
   try:
     return run_eval_job(config, workdir)
   except (cli.ConfigError, data.DataError, checkpoint.CheckpointError) as error:

@@ -93,7 +93,7 @@ def write_samples(workdir: str, step: int, data_config, tokens: np.ndarray, writ
 def main(argv) -> int:
   del argv
   try:
-    return generate(FLAGS.config, FLAGS.workdir, FLAGS.step)
+    return generate(FLAGS.config, cli.workdir_path(FLAGS.workdir), FLAGS.step)
   except (cli.ConfigError, data.DataError, checkpoint.CheckpointError) as error:
     logging.error("%s: %s", type(error).__name__, error)
     return cli.EXIT_BAD_INPUT

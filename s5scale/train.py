@@ -26,7 +26,7 @@ FLAGS = cli.FLAGS
 def main(argv) -> int:
   del argv
   try:
-    return train(FLAGS.config, FLAGS.workdir, PREEMPTION)
+    return train(FLAGS.config, cli.workdir_path(FLAGS.workdir), PREEMPTION)
   except (cli.ConfigError, data.DataError, checkpoint.CheckpointError) as error:
     logging.error("%s: %s", type(error).__name__, error)
     return cli.EXIT_BAD_INPUT

@@ -4,6 +4,7 @@ beside the eval job."""
 
 import os
 import signal
+import subprocess
 import time
 
 import jax
@@ -112,3 +113,15 @@ def test_generated_wav_reads_back(tmp_path):
     assert (info.samplerate, info.frames, info.channels) == (16000, 800, 1)
     waveform, _ = soundfile.read(tmp_path / "samples" / name)
     assert np.all(np.abs(waveform) <= 1.0) and np.std(waveform) > 0
+
+
+def test_relative_workdir(tmp_path):
+  """`make train` passes a relative workdir; every entry point must accept one."""
+  flags = runs.overrides(train__num_steps=2, checkpoint__every_steps=2)
+  for module in ("train", "evaluate"):
+    result = subprocess.run(runs.command(module, "text_small.py", "relative_run", flags),
+                            env=runs.env_for(1), capture_output=True, text=True, cwd=tmp_path,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+  assert (tmp_path / "relative_run" / "checkpoints" / "2").is_dir()
+  assert runs.read_jsonl(tmp_path / "relative_run" / "eval" / "metrics.jsonl")[0]["step"] == 2
