@@ -71,12 +71,12 @@ def make_train_step(model, task: str, optimizer, schedule, accum_steps: int):
   def train_step(state: TrainState, batch: dict):
     (loss, (sums, batch_stats)), grads = optim.accumulated_value_and_grad(
         lambda p, b, i: loss_fn(p, state, b, i), state.params, batch, accum_steps)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # An update that would make parameters non-finite is as bad as a non-finite gradient.
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-              & jnp.isfinite(optax.global_norm(updates)))
+              & jnp.isfinite(optax.tree.norm(updates)))
 
     def if_finite(new, old):
       return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
