@@ -70,19 +70,19 @@ def train(config, workdir: str, preemption) -> int:
                                                             sample_batch)),
                     out_shardings=state_shardings)()  # created sharded, never whole on a host
     start_step = 0
+    logging.info("no checkpoint in %s: starting from scratch", manager.directory)
     if config.checkpoint.init_from:
       params, from_step = checkpoint.restore_params(config.checkpoint.init_from,
                                                     abstract_state.params)
       state = state.replace(params=params)
       logging.info("initialised parameters from %s (step %d)", config.checkpoint.init_from,
                    from_step)
-    logging.info("no checkpoint in %s: starting from scratch", manager.directory)
 
   # ---------------------------------------------------------------- Step functions
   compiled = jit_train_step(config, mesh, model, optimizer, schedule, state_shardings).lower(
       abstract_state, abstract_batch(sample_batch, mesh)).compile()
   flops_per_step = metrics.compiled_flops(compiled)
-  peak_flops = metrics.peak_flops_per_device()  # cost_analysis counts one device's program
+  peak_flops = metrics.peak_flops_per_device()  # the compiled HLO is one device's program
   tokens_per_step = config.data.batch_size * config.data.seq_len
   evaluator = evaluate.Evaluator(config, model, mesh) if config.eval.every_steps else None
 
