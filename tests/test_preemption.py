@@ -215,3 +215,16 @@ def test_sigterm_before_training_exits_0_leaving_checkpoints(tmp_path, uninterru
   assert proc.returncode == 0, output[-3000:]
   assert complete_steps(workdir) == steps_before
   assert max(runs.losses(workdir)) == NUM_STEPS  # no step was trained
+
+
+def test_init_from_loads_parameters_only(tmp_path, uninterrupted):
+  # A zero learning rate leaves the loaded parameters unchanged through one step.
+  flags = runs.overrides(train__num_steps=1, checkpoint__every_steps=1, optim__learning_rate=0.0,
+                         optim__ssm_learning_rate=0.0,
+                         checkpoint__init_from=str(uninterrupted))
+  result = runs.run("train", "text_small.py", tmp_path, flags)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "initialised parameters from" in result.stderr
+  assert complete_steps(tmp_path) == [1]  # a fresh run: its own step count and optimizer
+  assert_same_tree(saved_state(tmp_path, 1)["params"],
+                   saved_state(uninterrupted, NUM_STEPS)["params"])
