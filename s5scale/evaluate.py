@@ -106,10 +106,6 @@ def finished_steps(workdir: str) -> set[int]:
   return {r["step"] for r in records if r.get("split") == SPLIT}
 
 
-def restore_for_eval(manager, step: int, abstract_variables: dict) -> dict:
-  return checkpoint.restore_subset(manager, step, abstract_variables)
-
-
 def abstract_eval_variables(model, config, mesh, sample_inputs) -> dict:
   """Shapes and target shardings of params and BatchNorm statistics on this job's mesh."""
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample_inputs))
@@ -146,8 +142,7 @@ def run_eval_job(config, workdir: str) -> int:
   mesh = parallel.make_mesh(config.mesh)
   model = S5Model(**cli.model_kwargs(config.model))
   evaluator = Evaluator(config, model, mesh)
-  sample = steps.zero_global_batch(next(data.make_iterator(config.data, SPLIT, num_epochs=1)),
-                                  config.data.batch_size)
+  sample = data.example_batch(config.data, config.data.batch_size)
   abstract = abstract_eval_variables(model, config, mesh, sample["inputs"])
   while FLAGS.watch and not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
     time.sleep(FLAGS.poll_seconds)  # started before the training job wrote anything
@@ -160,7 +155,7 @@ def run_eval_job(config, workdir: str) -> int:
     pending = steps_to_evaluate(manager, workdir, FLAGS.step)
     for step in pending:
       checkpoint.check_architecture(manager, step, config.to_dict())
-      variables = restore_for_eval(manager, step, abstract)
+      variables = checkpoint.restore_subset(manager, step, abstract)
       evaluator.run(workdir, step, variables["params"], variables["batch_stats"])
     if not FLAGS.watch or final_step in finished_steps(workdir):
       break

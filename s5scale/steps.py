@@ -9,7 +9,6 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from s5scale import optim
@@ -116,7 +115,3 @@ def init_train_state(model, optimizer, config, sample_batch: dict) -> TrainState
                     batch_stats=variables.get("batch_stats", {}), rng=rng,
                     bad_steps=jnp.zeros((), jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
 
-
-def zero_global_batch(local_batch: dict, global_batch_size: int) -> dict:
-  """Zeros shaped like a global batch: for shape inference, init and ahead-of-time compilation."""
-  return jax.tree.map(lambda x: np.zeros((global_batch_size,) + x.shape[1:], x.dtype), local_batch)

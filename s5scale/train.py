@@ -48,10 +48,7 @@ def train(config, workdir: str, preemption) -> int:
   # ---------------------------------------------------------------- Data
   train_iter = data.make_iterator(config.data, "train", process_index=jax.process_index(),
                                   process_count=jax.process_count())
-  initial_data_state = train_iter.get_state()
-  first_batch = next(train_iter)  # only its shapes and dtypes are used
-  train_iter.set_state(initial_data_state)
-  sample_batch = steps.zero_global_batch(first_batch, config.data.batch_size)
+  sample_batch = data.example_batch(config.data, config.data.batch_size)  # global shapes
 
   # ---------------------------------------------------------------- Model and optimizer
   model, optimizer, schedule, abstract_state, state_shardings = build_model_and_state(

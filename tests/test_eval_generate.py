@@ -3,7 +3,6 @@ mode forward pass, the parallel model's logits, files on disk and a training pro
 beside the eval job."""
 
 import os
-import signal
 import subprocess
 import time
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from s5scale import checkpoint, cli, data, evaluate, parallel, steps
+from s5scale import checkpoint, cli, data, evaluate, parallel
 from s5scale.nn.model import S5Model
 from tests import runs
 from tests.test_mesh import tiny_config

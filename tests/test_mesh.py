@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from s5scale import checkpoint, parallel, steps
+from s5scale import parallel, steps
 from s5scale import train as train_lib
 from tests import runs
 

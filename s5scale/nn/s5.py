@@ -52,11 +52,19 @@ class S5(nn.Module):
     self.log_step = self.param("log_step", boxed(lambda key: ssm_init.init_log_step(
         key, num_states, self.dt_min, self.dt_max, dtype), ("state", None)))
 
-  def _continuous(self):
-    """Λ (P',), B̃ (P', H), C̃ (H, P'') complex and the base step Δ (P',) real."""
+  def _discretized(self, intervals=None):
+    """Λ̄ and the input factor f (B̄ = f ⊙ B̃), both complex (P',), or intervals.shape + (P',) when
+    per-step intervals multiply Δ; also B̃ (P', H) and C̃ (H, P'') complex."""
     lambda_ = ssm.clip_real_part(self.Lambda_re, self.clip_eigs) + 1j * self.Lambda_im
     delta = self.step_rescale * jnp.exp(self.log_step[:, 0])
-    return lambda_, ssm_init.as_complex(self.B), ssm_init.as_complex(self.C), delta
+    if intervals is not None:
+      delta = delta * intervals[..., None]
+    lambda_bar, input_factor = ssm.discretization_factors(self.discretization, lambda_, delta)
+    return lambda_bar, input_factor, ssm_init.as_complex(self.B), ssm_init.as_complex(self.C)
+
+  def _check_causal(self):
+    if self.bidirectional:
+      raise ValueError("bidirectional=True has no recurrent mode: the backward scan needs the future")
 
   def __call__(self, u, reset=None, intervals=None):
     """Parallel mode.
@@ -68,10 +76,7 @@ class S5(nn.Module):
     Returns:
       (batch, L, H) real.
     """
-    lambda_, b_tilde, c_tilde, delta = self._continuous()
-    if intervals is not None:
-      delta = delta * intervals[..., None]
-    lambda_bar, input_factor = ssm.discretization_factors(self.discretization, lambda_, delta)
+    lambda_bar, input_factor, b_tilde, c_tilde = self._discretized(intervals)
     if self.scan_impl == "default":
       # A time-invariant factor folds into B̄ (P', H); a per-step one scales B̃u instead of
       # building an (L, P', H) B̄.
@@ -94,10 +99,8 @@ class S5(nn.Module):
     Returns:
       x_L: (batch, P') complex, ready for `step`.
     """
-    if self.bidirectional:
-      raise ValueError("bidirectional=True has no recurrent mode: the backward scan needs the future")
-    lambda_, b_tilde, _, delta = self._continuous()
-    lambda_bar, input_factor = ssm.discretization_factors(self.discretization, lambda_, delta)
+    self._check_causal()
+    lambda_bar, input_factor, b_tilde, _ = self._discretized()
     bu = ssm.project_input(b_tilde, u) * input_factor
     states = ssm.scan_states(lambda_bar, bu, bidirectional=False, reset=reset,
                              impl=self.scan_impl)
@@ -118,11 +121,7 @@ class S5(nn.Module):
     Returns:
       (state (batch, P') complex, y_t (batch, H) real).
     """
-    if self.bidirectional:
-      raise ValueError("bidirectional=True has no recurrent mode: the backward scan needs the future")
-    lambda_, b_tilde, c_tilde, delta = self._continuous()
-    if interval is not None:
-      delta = delta * interval[..., None]
-    lambda_bar, input_factor = ssm.discretization_factors(self.discretization, lambda_, delta)
+    self._check_causal()
+    lambda_bar, input_factor, b_tilde, c_tilde = self._discretized(interval)
     b_bar = input_factor[..., None] * b_tilde  # (P', H), or (batch, P', H) with intervals
     return ssm.step(lambda_bar, b_bar, c_tilde, state, u_t, conj_sym=self.conj_sym, D=self.D)
