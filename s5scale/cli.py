@@ -124,6 +124,20 @@ def check_config(config, devices, process_count: int) -> None:
         f"({process_count})")
 
 
+def fill_num_classes(config) -> None:
+  """Classification: model.num_classes=0 becomes the data's label-folder count; any other value
+  must equal it (a head of the wrong width would train without error, on the wrong classes)."""
+  if config.model.task != "classify":
+    return
+  from s5scale import data  # pylint: disable=g-import-not-at-top  (grain: only when needed)
+  found = data.num_classes(config.data)
+  if config.model.num_classes == 0:
+    config.model.num_classes = found
+  elif config.model.num_classes != found:
+    raise ConfigError(f"model.num_classes={config.model.num_classes} but data.source="
+                      f"{config.data.source!r} has {found} label folders: {data.label_names(config.data)}")
+
+
 def model_kwargs(model_config) -> dict:
   """S5Model fields from config.model (the S5 layer's own fields grouped in ssm_kwargs)."""
   import jax.numpy as jnp

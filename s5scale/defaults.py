@@ -15,7 +15,7 @@ def base_config() -> ml_collections.ConfigDict:
       task="lm",                    # "lm" (next-token) or "classify"
       input_kind="tokens",          # "tokens" (embedding) or "continuous" (linear encoder)
       vocab_size=256,               # tokens: set from the tokenizer by the data pipeline if 0
-      num_classes=0,                # classify only
+      num_classes=0,                # classify: 0 = the number of label folders in data.source
       num_layers=4,
       d_model=128,                  # H
       ssm_size=128,                 # P (P/2 complex states with conj_sym)

@@ -4,6 +4,10 @@
 Restores parameters onto this job's own devices and mesh (one CPU device can evaluate a checkpoint
 trained on many), appends one record per (step, split) to eval/metrics.jsonl and skips steps
 already recorded there, so a restarted job does not redo work.
+
+Zero-shot at another sample rate: `--config.data.sample_rate=8000 --config.data.seq_len=8000
+--config.eval.step_rescale=2` on a 16 kHz model records split "heldout_step_rescale2", beside the
+plain "heldout" records, so both are kept and neither is skipped as already done.
 """
 
 import math
@@ -23,11 +27,17 @@ from s5scale.nn.model import S5Model
 SPLIT = "heldout"
 
 
+def split_name(config) -> str:
+  """"heldout", or "heldout_step_rescale<r>" for a zero-shot evaluation with eval.step_rescale=r."""
+  rescale = config.eval.step_rescale
+  return SPLIT if rescale == 1.0 else f"{SPLIT}_step_rescale{rescale:g}"
+
+
 class Evaluator:
   """Held-out metrics for given parameters; the same path serves inline and standalone eval."""
 
   def __init__(self, config, model, mesh):
-    self.config, self.mesh = config, mesh
+    self.config, self.mesh, self.split = config, mesh, split_name(config)
     # eval.step_rescale evaluates at another sample rate with no retraining (Δ scales with it).
     if config.eval.step_rescale != 1.0:
       kwargs = cli.model_kwargs(config.model)
@@ -79,9 +89,9 @@ class Evaluator:
     results = self.evaluate(params, batch_stats)
     writer = metrics.MetricsWriter(os.path.join(workdir, "eval", "metrics.jsonl"),
                                    os.path.join(workdir, "tb", "eval"))
-    writer.write(step, {f"{SPLIT}/{k}": v for k, v in results.items()}, split=SPLIT)
+    writer.write(step, {f"{self.split}/{k}": v for k, v in results.items()}, split=self.split)
     writer.close()
-    logging.info("eval step %d %s: %s", step, SPLIT,
+    logging.info("eval step %d %s: %s", step, self.split,
                  "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
     return results
 
@@ -101,9 +111,9 @@ def summarize(totals: dict, config, num_batches: int, seconds: float) -> dict:
   return results
 
 
-def finished_steps(workdir: str) -> set[int]:
+def finished_steps(workdir: str, split: str = SPLIT) -> set[int]:
   records = metrics.read_jsonl(os.path.join(workdir, "eval", "metrics.jsonl"))
-  return {r["step"] for r in records if r.get("split") == SPLIT}
+  return {r["step"] for r in records if r.get("split") == split}
 
 
 def abstract_eval_variables(model, config, mesh, sample_inputs) -> dict:
@@ -114,14 +124,14 @@ def abstract_eval_variables(model, config, mesh, sample_inputs) -> dict:
   return {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
 
 
-def steps_to_evaluate(manager, workdir: str, only_step: int | None) -> list[int]:
+def steps_to_evaluate(manager, workdir: str, only_step: int | None, split: str) -> list[int]:
   available = manager.all_steps()
   if only_step is not None:
     if only_step not in available:
       raise checkpoint.CheckpointError(
           f"--step={only_step}: no complete checkpoint; available steps {sorted(available)}")
     return [only_step]
-  done = finished_steps(workdir)
+  done = finished_steps(workdir, split)
   return [s for s in sorted(available) if s not in done]
 
 
@@ -138,6 +148,7 @@ def main(argv) -> int:
 def run_eval_job(config, workdir: str) -> int:
   cli.setup_logging(workdir, "evaluate")
   parallel.initialize_distributed()
+  cli.fill_num_classes(config)
   cli.check_config(config, jax.devices(), jax.process_count())
   mesh = parallel.make_mesh(config.mesh)
   model = S5Model(**cli.model_kwargs(config.model))
@@ -152,12 +163,12 @@ def run_eval_job(config, workdir: str) -> int:
   final_step = config.train.num_steps
   while True:
     manager.reload()
-    pending = steps_to_evaluate(manager, workdir, FLAGS.step)
+    pending = steps_to_evaluate(manager, workdir, FLAGS.step, evaluator.split)
     for step in pending:
       checkpoint.check_architecture(manager, step, config.to_dict())
       variables = checkpoint.restore_subset(manager, step, abstract)
       evaluator.run(workdir, step, variables["params"], variables["batch_stats"])
-    if not FLAGS.watch or final_step in finished_steps(workdir):
+    if not FLAGS.watch or final_step in finished_steps(workdir, evaluator.split):
       break
     time.sleep(FLAGS.poll_seconds)
   if not (pending or FLAGS.watch) and FLAGS.step is None:

@@ -83,7 +83,10 @@ class Progress:
     return {"steps_per_s": steps_per_s, "eta_s": eta_s}
 
 
-def format_eta(seconds: float) -> str:
+def format_duration(seconds: float | None) -> str:
+  """"1h02m03s"; "--" before the first timed interval (no rate yet)."""
+  if seconds is None:
+    return "--"
   seconds = int(seconds)
   return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
 

@@ -33,10 +33,12 @@ def main(argv) -> int:
 
 
 def train(config, workdir: str, preemption) -> int:
+  started = time.time()   # elapsed_s in metrics.jsonl: this run's wall time, compilation included
   cli.setup_logging(workdir, "train")
 
   # ---------------------------------------------------------------- Mesh
   parallel.initialize_distributed()
+  cli.fill_num_classes(config)
   cli.check_config(config, jax.devices(), jax.process_count())
   mesh = parallel.make_mesh(config.mesh)
   is_main = jax.process_index() == 0
@@ -111,13 +113,14 @@ def train(config, workdir: str, preemption) -> int:
 
     if step % config.train.log_every_steps == 0 or step == config.train.num_steps:
       rates = progress.update(step)
-      scalars = dict(step_metrics, step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
+      scalars = dict(step_metrics, step_time_s=step_time, elapsed_s=time.time() - started,
+                     tokens_per_s=tokens_per_step / step_time,
                      mfu=flops_per_step / step_time / peak_flops if flops_per_step else 0.0,
                      **{f"data/{k}": v for k, v in data.bad_data_counts().items()})
       writer.write(step, scalars)
       logging.info("step %d/%d  loss %.4f  %.0f tokens/s  ETA %s", step, config.train.num_steps,
                    step_metrics["loss"], scalars["tokens_per_s"],
-                   metrics.format_eta(rates.get("eta_s", 0.0)))
+                   metrics.format_duration(rates.get("eta_s")))
     if int(step_metrics["bad_steps"]) >= config.train.max_bad_steps:
       logging.error("%d consecutive non-finite updates at step %d: stopping; the last good "
                     "checkpoint is untouched", int(step_metrics["bad_steps"]), step)
@@ -134,7 +137,8 @@ def train(config, workdir: str, preemption) -> int:
 
   saver.wait_until_finished()
   writer.close()
-  logging.info("finished: %d steps, final checkpoint at step %d", step, last_saved)
+  logging.info("finished: %d steps in %s, final checkpoint at step %d", step,
+               metrics.format_duration(time.time() - started), last_saved)
   return 0
 
 

@@ -99,6 +99,29 @@ def test_prepare_audio_resamples_once_and_keeps_labels(tmp_path):
         assert (peak in (300, 600)) == (label == 0)            # cat = 0, dog = 1
 
 
+
+def test_prepare_audio_keeps_the_speech_commands_lists(tmp_path):
+  raw = tmp_path / "raw"
+  for label, frequency in [("cat", 300), ("cat", 600), ("dog", 900), ("dog", 1200)]:
+    (raw / label).mkdir(parents=True, exist_ok=True)
+    time = np.arange(4000) / 16000
+    soundfile.write(raw / label / f"s{frequency}_nohash_0.wav",
+                    0.3 * np.sin(2 * np.pi * frequency * time), 16000, subtype="PCM_16")
+  (raw / "testing_list.txt").write_text("dog/s900_nohash_0.wav\n")
+  (raw / "validation_list.txt").write_text("cat/s600_nohash_0.wav\n")
+  out = tmp_path / "shards"
+  result = _run_tool("prepare_audio.py", f"--source={raw}", f"--output={out}",
+                     "--sample_rate=16000", "--num_shards=1", "--num_workers=1")
+  assert result.returncode == 0, result.stderr
+  for name in ("testing_list.txt", "validation_list.txt"):
+    assert (out / name).read_text() == (raw / name).read_text()
+  config = _config(out, kind="audio", task="classify", seq_len=4000, batch_size=1)
+  peaks = {split: sorted(int(np.argmax(np.abs(np.fft.rfft(batch["inputs"][0, :, 0]))) * 4)
+                         for batch in data.make_iterator(config, split, num_epochs=1)
+                         if batch["mask"].any())
+           for split in ("train", "heldout")}
+  assert peaks == {"train": [300, 1200], "heldout": [900]}
+
 _FAKE_ESPEAK = """\
 #!/bin/sh
 # Stand-in for espeak-ng: lists voices like it does, and "speaks" a prepared 22.05 kHz tone.
@@ -133,9 +156,9 @@ def test_make_spoken_digits_writes_the_sc09_layout(tmp_path):
   assert digits == sorted(["zero", "one", "two", "three", "four", "five", "six", "seven",
                            "eight", "nine"])
   names = sorted(path.name for path in (out / "seven").iterdir())
-  assert names == ["gmw-en-US+f1_150_40.wav", "gmw-en-US+f1_150_60.wav",
-                   "gmw-en-US_150_40.wav", "gmw-en-US_150_60.wav"]   # the mbrola voice skipped
-  waveform, rate = soundfile.read(out / "seven" / "gmw-en-US+f1_150_60.wav")
+  assert names == ["gmw-en-US-f1_nohash_150_40.wav", "gmw-en-US-f1_nohash_150_60.wav",
+                   "gmw-en-US_nohash_150_40.wav", "gmw-en-US_nohash_150_60.wav"]  # no mbrola
+  waveform, rate = soundfile.read(out / "seven" / "gmw-en-US-f1_nohash_150_60.wav")
   assert rate == 16000 and waveform.shape == (16000,)
   spectrum = np.abs(np.fft.rfft(waveform))
   assert abs(np.argmax(spectrum) - 440) <= 1                     # 1 Hz bins over 1 s

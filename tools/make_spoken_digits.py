@@ -5,10 +5,12 @@
   python -m s5scale.train --config=configs/audio_small.py --workdir=workdirs/digits \
       --config.data.source=data/spoken_digits
 
-Writes OUTPUT/<digit>/<voice>_<speed>_<pitch>.wav: one-second, 16 kHz, 16-bit mono clips with
-the word centred (the Speech Commands / SC09 layout, so data.task="classify" reads the labels from
-the folder names). Every English espeak-ng voice × voice variant × speed × pitch is one speaker;
-the defaults give 8 voices × 8 variants × 3 speeds × 3 pitches = 576 clips per digit.
+Writes OUTPUT/<digit>/<speaker>_nohash_<speed>_<pitch>.wav: one-second, 16 kHz, 16-bit mono
+clips with the word centred (the Speech Commands / SC09 layout, so data.task="classify" reads the
+labels from the folder names). The speaker is the espeak-ng voice and variant with '/', '+' and
+'_' made '-' (e.g. "gmw-en-US-f2"); as in Speech Commands, "_nohash_" makes the held-out split
+group by speaker (s5scale/data/split.py), so evaluation hears only voices that training never did.
+The defaults give 8 voices × 8 variants × 3 speeds × 3 pitches = 576 clips per digit.
 It is synthetic speech: far less varied than SC09's human speakers, but real spoken words.
 Exit 2 when espeak-ng is missing or the flags are wrong. Re-running skips existing files.
 """
@@ -96,6 +98,12 @@ def synthesize(binary, word, voice, variant, speed, pitch, path) -> str | None:
   return None
 
 
+def speaker_name(voice: str, variant: str) -> str:
+  """E.g. gmw/en-US + f2 -> gmw-en-US-f2: filename-safe, with no "_" to blur "_nohash_"."""
+  name = f"{voice}+{variant}" if variant else voice
+  return name.replace("/", "-").replace("+", "-").replace("_", "-")
+
+
 def jobs(binary, output):
   voices = _VOICES.value or english_voices(binary)
   for digit in DIGITS:
@@ -104,8 +112,8 @@ def jobs(binary, output):
       for variant in _VARIANTS.value:
         for speed in _SPEEDS.value:
           for pitch in _PITCHES.value:
-            speaker = f"{voice}{'+' + variant if variant else ''}".replace("/", "-")
-            path = os.path.join(output, digit, f"{speaker}_{speed}_{pitch}.wav")
+            path = os.path.join(output, digit,
+                                f"{speaker_name(voice, variant)}_nohash_{speed}_{pitch}.wav")
             if not os.path.exists(path):
               yield (binary, digit, voice, variant, int(speed), int(pitch), path)
 

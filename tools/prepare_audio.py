@@ -8,7 +8,8 @@ shard lists the record ids (paths relative to the source root) and labels (first
 training on the shards (data.source=/data/sc_16k) sees the same held-out split and classes as
 training on the raw folder. Bad files are skipped and named in the log. Progress and ETA are
 logged; re-running the same command resumes, skipping shards that are already complete.
-Exit 2: bad flags or a source with no audio.
+Speech Commands' testing_list.txt / validation_list.txt are copied beside the shards, so the
+shards keep the published split. Exit 2: bad flags or a source with no audio.
 """
 
 import functools
@@ -18,6 +19,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from s5scale.data import bad_data  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -45,6 +47,9 @@ def main(argv):
   num_shards = _NUM_SHARDS.value or max(1, -(-len(source) // 1024))
   encode = functools.partial(shards.audio_record, sample_rate=_SAMPLE_RATE.value)
   summary = shards.write_shards(source, encode, _OUTPUT.value, num_shards, _NUM_WORKERS.value)
+  for name in (sources.TESTING_LIST, sources.VALIDATION_LIST):
+    if _SOURCE.value and (listing := epath.Path(_SOURCE.value, name)).exists():
+      listing.copy(epath.Path(_OUTPUT.value, name), overwrite=True)
   logging.info("done: %s -> %s", summary, _OUTPUT.value)
   print(f"wrote {summary['written']} clips to {num_shards} shards in {_OUTPUT.value} "
         f"({summary['skipped']} bad files skipped, {summary['shards_reused']} shards reused)")

@@ -1,6 +1,6 @@
 """make_iterator: the grain graph from a data config, split and process layout.
 
-  items of the split (sorted ids)                                        MapDataset, random access
+  items of the split in id order (split.py)                              MapDataset, random access
     → shuffle(data.seed) per epoch (train) → repeat(num_epochs)
     → [train, unpacked] keep global index ≡ process_index (mod process_count)
     → read + decode (+ random crop) in data.num_workers grain processes  (bad item → marker)
@@ -39,12 +39,14 @@ def local_batch_size(data_config, process_count: int) -> int:
 def _rows(data_config, split, spec, process_index, process_count, num_epochs):
   """IterDataset of rows (packing.py format, or classify rows) for this process."""
   train = split == "train"
-  indices = split_lib.split_indices(spec.source.ids, split, data_config.heldout_fraction)
+  listed = spec.source.listed_split
+  indices = split_lib.split_indices(spec.source.ids, split, data_config.heldout_fraction, listed)
   indices = indices[np.isin(indices, spec.usable_indices)]
   if indices.size == 0:
-    raise bad_data.DataError(
-        f"the {split} split of {spec.source.description} is empty (data.heldout_fraction="
-        f"{data_config.heldout_fraction}, {len(spec.source)} items)")
+    rule = ("its testing_list.txt" if listed is not None
+            else f"data.heldout_fraction={data_config.heldout_fraction}")
+    raise bad_data.DataError(f"the {split} split of {spec.source.description} is empty ({rule}, "
+                             f"{len(spec.source)} items)")
   items = grain.MapDataset.source(indices)
   if train:
     items = items.shuffle(seed=data_config.seed)   # grain reshuffles each epoch (seed + epoch)

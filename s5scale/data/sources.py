@@ -11,13 +11,17 @@ source holds only picklable, compact state (path strings, offsets).
 
 Item ids are paths relative to the source root (JSON Lines: "path:line"), or the ids stored by
 tools/prepare_*.py next to each shard, so the held-out split is the same for raw and prepared data.
+An audio directory holding Speech Commands' testing_list.txt brings its own split: every opened
+source has `listed_split`, a ListedSplit or None (see split.py).
 """
 
 import functools
 import glob as glob_lib
 import json
+import logging
 import os
 import sysconfig
+from typing import NamedTuple
 
 from etils import epath
 import numpy as np
@@ -29,6 +33,20 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 TEXT_EXTENSIONS = (".txt", ".jsonl")
 ARRAY_RECORD_EXTENSION = ".array_record"
 SIDECAR_SUFFIX = ".json"  # shard.array_record.json: {"ids": [...], "labels": [...]}
+TESTING_LIST, VALIDATION_LIST = "testing_list.txt", "validation_list.txt"
+
+_LOG = logging.getLogger("s5scale.data")
+
+
+class ListedSplit(NamedTuple):
+  """Speech Commands' published split, as sorted int64 item indices.
+
+  The validation list is SC's model-selection set. We report accuracy on the test list, so the
+  validation files are in neither split: training then uses exactly SC's train set, and the
+  held-out numbers compare with published test accuracies.
+  """
+  heldout: np.ndarray     # the items named in testing_list.txt
+  excluded: np.ndarray    # the items named in validation_list.txt (and not in the test list)
 
 
 class FileSource:
@@ -222,6 +240,30 @@ def _index_jsonl(root: str, relpaths: list[str], description: str) -> JsonlSourc
                      np.asarray(offsets, np.int64), line_numbers, description)
 
 
+def _read_listed_split(root: str, ids: list[str], description: str) -> ListedSplit | None:
+  """The split of root's testing_list.txt / validation_list.txt (relative paths, one a line)."""
+  directory = epath.Path(root)
+  if not (directory / TESTING_LIST).exists():
+    return None
+  index_of = {item_id: index for index, item_id in enumerate(ids)}
+  listed, missing = {}, 0
+  for name in (TESTING_LIST, VALIDATION_LIST):
+    list_file = directory / name
+    lines = list_file.read_text().splitlines() if list_file.exists() else []
+    entries = [line.strip() for line in lines if line.strip()]
+    missing += sum(entry not in index_of for entry in entries)
+    listed[name] = np.unique(np.asarray([index_of[e] for e in entries if e in index_of], np.int64))
+  heldout = listed[TESTING_LIST]
+  excluded = np.setdiff1d(listed[VALIDATION_LIST], heldout)
+  _LOG.info("%s: held-out split = the %d files of %s, %d files of %s in neither split; "
+            "data.heldout_fraction is ignored", description, heldout.size, TESTING_LIST,
+            excluded.size, VALIDATION_LIST)
+  if missing:
+    _LOG.warning("%s: %d paths in %s / %s are not among its audio files; ignored", description,
+                 missing, TESTING_LIST, VALIDATION_LIST)
+  return ListedSplit(heldout, excluded)
+
+
 def stdlib_root() -> str:
   return sysconfig.get_paths()["stdlib"]
 
@@ -264,4 +306,7 @@ def open_source(kind: str, source: str, sample_rate: int):
       opened = FileSource(root, relpaths, description)
   if len(opened) == 0:
     raise DataError(f"{opened.description} has no items")
+  is_directory = bool(source) and not _has_glob(source) and epath.Path(source).is_dir()
+  opened.listed_split = (_read_listed_split(source, opened.ids, opened.description)
+                         if kind == "audio" and is_directory else None)
   return opened

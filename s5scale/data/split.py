@@ -1,31 +1,59 @@
-"""Train / held-out split by a stable hash of each item's id.
+"""Train / held-out split by a stable hash of each item's split key.
 
-The id is the file path relative to the source root (plus ':line' for JSON Lines documents, or
-the id stored by the prepare tools), so the split depends on neither the listing order, the
-process count nor the machine, and an item never moves between splits as files are added.
+The key is the item's id: the file path relative to the source root (plus ':line' for JSON Lines
+documents, or the id stored by the prepare tools). So the split depends on neither the listing
+order, the process count nor the machine, and an item never moves between splits as files are
+added. One exception groups by speaker: an audio file named "<speaker>_nohash_<n>.<ext>" (the
+Speech Commands convention, also used by tools/make_spoken_digits.py) is keyed by <speaker>, so all
+of one speaker's clips, in every word folder, land in the same split and held-out accuracy
+measures unseen voices. Prepared shards store the same relative paths as ids: the same split.
+
+A Speech Commands root with its own testing_list.txt replaces the hash (sources.ListedSplit).
 """
 
 import hashlib
 
 import numpy as np
 
+from s5scale.data.sources import AUDIO_EXTENSIONS
+
 SPLITS = ("train", "heldout")
+SPEAKER_MARK = "_nohash_"
 
 
-def heldout_score(item_id: str) -> float:
-  """A number in [0, 1) that is a fixed function of the id (first 8 bytes of its SHA-1)."""
-  digest = hashlib.sha1(item_id.encode("utf-8")).digest()
+def split_key(item_id: str) -> str:
+  """The string hashed: the speaker of "<word>/<speaker>_nohash_<n>.wav", else the id itself."""
+  basename = item_id.rsplit("/", 1)[-1]
+  speaker, mark, _ = basename.partition(SPEAKER_MARK)
+  if mark and speaker and basename.lower().endswith(AUDIO_EXTENSIONS):
+    return speaker
+  return item_id
+
+
+def heldout_score(key: str) -> float:
+  """A number in [0, 1) that is a fixed function of the key (first 8 bytes of its SHA-1)."""
+  digest = hashlib.sha1(key.encode("utf-8")).digest()
   return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 def is_heldout(item_id: str, heldout_fraction: float) -> bool:
-  return heldout_score(item_id) < heldout_fraction
+  return heldout_score(split_key(item_id)) < heldout_fraction
 
 
-def split_indices(item_ids, split: str, heldout_fraction: float) -> np.ndarray:
-  """Indices (int64, ascending) of the items that belong to `split` ("train" or "heldout")."""
+def split_indices(item_ids, split: str, heldout_fraction: float, listed=None) -> np.ndarray:
+  """Indices (int64, ascending) of the items that belong to `split` ("train" or "heldout").
+
+  listed: None, or a sources.ListedSplit (index arrays read from a Speech Commands root): then
+  held-out is exactly listed.heldout, listed.excluded is in neither split, and train is the rest;
+  heldout_fraction is not used.
+  """
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  if listed is not None:
+    if split == "heldout":
+      return np.asarray(listed.heldout, dtype=np.int64)
+    not_train = np.concatenate([listed.heldout, listed.excluded])
+    return np.setdiff1d(np.arange(len(item_ids), dtype=np.int64), not_train)
   if not 0.0 <= heldout_fraction < 1.0:
     raise ValueError(f"data.heldout_fraction must be in [0, 1), got {heldout_fraction!r}")
   want_heldout = split == "heldout"

@@ -31,9 +31,8 @@ class Norm(nn.Module):
       return nn.LayerNorm()(x)
     if self.kind == "rms":
       return nn.RMSNorm()(x)
-    # BatchNorm statistics pool every (batch, time) position, as in the paper's classifiers.
-    axes = tuple(range(x.ndim - 1))
-    return nn.BatchNorm(use_running_average=not self.train, axis=-1, reduction_axes=axes)(x)
+    # Statistics pool every (batch, time) position (all axes but features), as in the paper.
+    return nn.BatchNorm(use_running_average=not self.train, axis=-1)(x)
 
 
 class ResidualBlock(nn.Module):

@@ -1,0 +1,44 @@
+"""The S5 paper's Speech Commands classifier, scaled down to a 2-core CPU.
+
+  make results-classify          # spoken digits (tools/make_spoken_digits.py), held out by voice
+  python -m s5scale.train --config=configs/speech_commands.py --workdir=workdirs/speech_commands \
+      --config.data.source=/data/speech_commands_v0.02      # the real dataset, as downloaded
+
+Raw 16 kHz waveforms, one second per clip; bidirectional S5 layers with BatchNorm, mean pooling over
+time, a linear classifier (paper, Table 9: 6 layers, H=96, P=128, J=16, batch 16, lr 0.008, SSM lr
+0.002, weight decay 0.04, dropout 0.1). Scaled down here in width and depth to fit the CPU budget.
+"""
+
+from s5scale import defaults
+
+
+def get_config():
+  c = defaults.base_config()
+  c.model.task = "classify"
+  c.model.input_kind = "continuous"
+  c.model.bidirectional = True
+  c.model.norm = "batch"
+  c.model.pooling = "mean"
+  c.model.activation = "half_glu1"
+  c.model.num_layers = 4
+  c.model.d_model = 64
+  c.model.ssm_size = 64
+  c.model.blocks = 4
+  c.model.c_init = "lecun_normal"
+  c.model.dropout = 0.1
+  c.data.kind = "audio"
+  c.data.task = "classify"
+  c.data.source = "data/spoken_digits"
+  c.data.sample_rate = 16000
+  c.data.seq_len = 16000
+  c.data.batch_size = 16
+  c.data.heldout_fraction = 0.1
+  c.optim.learning_rate = 8e-3
+  c.optim.ssm_learning_rate = 2e-3
+  c.optim.weight_decay = 0.04
+  c.optim.warmup_steps = 50
+  c.train.num_steps = 600
+  c.train.log_every_steps = 20
+  c.checkpoint.every_steps = 200
+  c.eval.every_steps = 200
+  return c
