@@ -31,14 +31,15 @@ def get_config():
   c.data.source = "data/spoken_digits"
   c.data.sample_rate = 16000
   c.data.seq_len = 16000
-  c.data.batch_size = 16
+  c.data.batch_size = 8
   c.data.heldout_fraction = 0.1
-  c.optim.learning_rate = 8e-3
+  c.optim.learning_rate = 4e-3
   c.optim.ssm_learning_rate = 2e-3
   c.optim.weight_decay = 0.04
   c.optim.warmup_steps = 50
-  c.train.num_steps = 600
+  c.train.num_steps = 300
   c.train.log_every_steps = 20
-  c.checkpoint.every_steps = 200
-  c.eval.every_steps = 200
+  c.checkpoint.every_steps = 100
+  c.eval.every_steps = 0
+  c.eval.batch_size = 24
   return c

@@ -22,12 +22,12 @@ def test_batch_norm_pools_batch_and_time_and_tracks_running_statistics():
   mean, var = x64.mean(axis=(0, 1)), x64.var(axis=(0, 1))
   np.testing.assert_allclose(y, (x64 - mean) / np.sqrt(var + 1e-5), atol=1e-4)
   stats = nn.unbox(updated["batch_stats"])["BatchNorm_0"]
-  np.testing.assert_allclose(stats["mean"], 0.01 * mean, rtol=1e-5)        # momentum 0.99
-  np.testing.assert_allclose(stats["var"], 0.99 + 0.01 * var, rtol=1e-5)
+  np.testing.assert_allclose(stats["mean"], 0.1 * mean, rtol=1e-5)        # momentum 0.9
+  np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * var, rtol=1e-5)
   # Evaluation normalises with the running statistics, not the batch's.
   y_eval = Norm("batch", train=False).apply({**variables, "batch_stats": updated["batch_stats"]},
                                             x)
-  np.testing.assert_allclose(y_eval, (x64 - 0.01 * mean) / np.sqrt(0.99 + 0.01 * var + 1e-5),
+  np.testing.assert_allclose(y_eval, (x64 - 0.1 * mean) / np.sqrt(0.9 + 0.1 * var + 1e-5),
                              atol=1e-4)
 
 
