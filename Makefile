@@ -15,10 +15,11 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 # Train a byte-level LM on the embedded default corpus, then evaluate it (README "Results").
+# FLAGS: extra --config.* overrides, e.g. FLAGS=--config.train.num_steps=1000 for a quick look.
 WORKDIR ?= workdirs/text_small
 train: venv
-	$(PY) -m s5scale.train --config=configs/text_small.py --workdir=$(WORKDIR)
-	$(PY) -m s5scale.evaluate --config=configs/text_small.py --workdir=$(WORKDIR) --all
+	$(PY) -m s5scale.train --config=configs/text_small.py --workdir=$(WORKDIR) $(FLAGS)
+	$(PY) -m s5scale.evaluate --config=configs/text_small.py --workdir=$(WORKDIR) --all $(FLAGS)
 
 # README "Results": each target is one result; `make results` runs all three, then the curves.
 results: results-text results-audio results-classify curves

@@ -30,11 +30,12 @@ def get_config():
   c.data.seq_len = 2048
   c.data.heldout_fraction = 0.1
   c.optim.warmup_steps = 50
-  c.train.num_steps = 2000
+  c.train.num_steps = 1000
   c.train.log_every_steps = 50
-  c.checkpoint.every_steps = 500
+  c.checkpoint.every_steps = 250
   c.eval.every_steps = 0
-  c.eval.batch_size = 32
+  c.eval.batch_size = 8
+  c.eval.seq_len = 16000        # whole clips: trained on 2,048-sample crops, scored in context
   c.generate.num_samples = 4
   c.generate.length = 16000
   return c

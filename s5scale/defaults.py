@@ -93,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
       every_steps=500,              # inline eval during training; 0 disables
       max_batches=0,                # 0: the full held-out split
       batch_size=0,                 # 0: data.batch_size
+      seq_len=0,                    # 0: data.seq_len; longer rows give the LM more context
       step_rescale=1.0,             # evaluate at another sample rate with no retraining
       compressor_baselines=True,    # LM: also report xz -9e / gzip -9 on the same held-out bytes
   ))

@@ -53,9 +53,9 @@ class Evaluator:
     self.eval_step = jax.jit(eval_step_on_mesh)
 
   def evaluate(self, params, batch_stats) -> dict:
-    data_config = self.config.data.copy_and_resolve_references()
-    if self.config.eval.batch_size:
-      data_config.unlock().batch_size = self.config.eval.batch_size
+    data_config = self.config.data.copy_and_resolve_references().unlock()
+    data_config.batch_size = self.config.eval.batch_size or data_config.batch_size
+    data_config.seq_len = self.config.eval.seq_len or data_config.seq_len
     batches = data.make_iterator(data_config, SPLIT, process_index=jax.process_index(),
                                  process_count=jax.process_count(), num_epochs=1)
     totals, num_batches, start, scored = None, 0, time.time(), []

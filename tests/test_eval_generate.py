@@ -27,11 +27,15 @@ def trained_text(tmp_path_factory):
   return workdir
 
 
-def test_eval_loss_equals_training_forward_without_dropout(trained_text):
-  config = tiny_config(model__dropout=0.2, eval__max_batches=1)
+@pytest.mark.parametrize("eval_seq_len", [0, 64])   # 0: rows of data.seq_len (32)
+def test_eval_loss_equals_training_forward_without_dropout(trained_text, eval_seq_len):
+  config = tiny_config(model__dropout=0.2, eval__max_batches=1, eval__seq_len=eval_seq_len)
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
   model = S5Model(**cli.model_kwargs(config.model))
-  batch = next(data.make_iterator(config.data, "heldout", num_epochs=1))
+  rows = config.data.copy_and_resolve_references()
+  rows.seq_len = eval_seq_len or rows.seq_len
+  batch = next(data.make_iterator(rows, "heldout", num_epochs=1))
+  assert batch["inputs"].shape[1] == (eval_seq_len or 32)
   abstract = evaluate.abstract_eval_variables(model, config, mesh, batch["inputs"])
   manager = checkpoint.open_readonly(str(trained_text))
   variables = checkpoint.restore_subset(manager, 2, abstract)
