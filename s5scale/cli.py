@@ -135,7 +135,8 @@ def fill_num_classes(config) -> None:
     config.model.num_classes = found
   elif config.model.num_classes != found:
     raise ConfigError(f"model.num_classes={config.model.num_classes} but data.source="
-                      f"{config.data.source!r} has {found} label folders: {data.label_names(config.data)}")
+                      f"{config.data.source!r} has {found} label folders: "
+                      f"{data.label_names(config.data)}")
 
 
 def model_kwargs(model_config) -> dict:

@@ -14,7 +14,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       task="lm",                    # "lm" (next-token) or "classify"
       input_kind="tokens",          # "tokens" (embedding) or "continuous" (linear encoder)
-      vocab_size=256,               # tokens: set from the tokenizer by the data pipeline if 0
+      vocab_size=256,               # tokens; at least data.vocab_size (bytes: 260 with specials)
       num_classes=0,                # classify: 0 = the number of label folders in data.source
       num_layers=4,
       d_model=128,                  # H

@@ -210,8 +210,9 @@ class FakeCloud:
         MAX_RESTARTS="4")
 
   def run(self, *args, **env):
+    # A hang guard, not a timing: five fake relaunches take ~20 s idle, over 60 s on a busy machine.
     return subprocess.run([TPU_POD, *args], cwd=REPO, env=dict(self.env, **env),
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=300)
 
   def calls(self):
     path = self.root / "calls.jsonl"
