@@ -111,7 +111,7 @@ def summarize(totals: dict, config, num_batches: int, seconds: float) -> dict:
   return results
 
 
-def finished_steps(workdir: str, split: str = SPLIT) -> set[int]:
+def finished_steps(workdir: str, split: str) -> set[int]:
   records = metrics.read_jsonl(os.path.join(workdir, "eval", "metrics.jsonl"))
   return {r["step"] for r in records if r.get("split") == split}
 

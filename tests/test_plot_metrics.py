@@ -92,18 +92,19 @@ def test_curves_are_the_numbers_written(tmp_path):
 
 
 def test_train_loss_stays_in_nats_when_no_exact_conversion(tmp_path):
-  audio = plot_metrics.curves(str(_make_workdir(
-      tmp_path / "audio", kind="audio", train=[(5, 2.0), (10, 1.5)])))
+  audio = plot_metrics.load(str(_make_workdir(
+      tmp_path / "audio", kind="audio", train=[(5, 2.0), (10, 1.5)])))[0]
   np.testing.assert_allclose(audio["train/bits_per_sample"].values,
                              np.array([2.0, 1.5]) / math.log(2), rtol=1e-15)
-  sentencepiece = plot_metrics.curves(str(_make_workdir(
-      tmp_path / "spm", kind="text", tokenizer="/models/spm.model", train=[(5, 2.0), (10, 1.5)])))
+  sentencepiece = plot_metrics.load(str(_make_workdir(
+      tmp_path / "spm", kind="text", tokenizer="/models/spm.model",
+      train=[(5, 2.0), (10, 1.5)])))[0]
   assert list(sentencepiece) == ["train/loss"]
   np.testing.assert_array_equal(sentencepiece["train/loss"].values, [2.0, 1.5])
   assert sentencepiece["train/loss"].unit == "nats"
-  classify = plot_metrics.curves(str(_make_workdir(
+  classify = plot_metrics.load(str(_make_workdir(
       tmp_path / "digits", kind="audio", task="classify", train=[(5, 2.0)],
-      evals=[(5, "heldout", {"loss": 1.75, "accuracy": 0.375})])))
+      evals=[(5, "heldout", {"loss": 1.75, "accuracy": 0.375})])))[0]
   assert classify["train/loss"].unit == "nats"
   assert classify["heldout/accuracy"].unit == "accuracy"
   np.testing.assert_array_equal(classify["heldout/accuracy"].values, [0.375])
@@ -114,7 +115,7 @@ def test_accuracy_goes_on_a_right_axis_and_loss_joins_the_training_loss(tmp_path
       tmp_path / "digits", kind="audio", task="classify", train=[(5, 2.0), (10, 1.0)],
       evals=[(5, "heldout", {"loss": 1.75, "accuracy": 0.375}),
              (10, "heldout", {"loss": 1.25, "accuracy": 0.625})])
-  figure = plot_metrics.draw({"digits": plot_metrics.curves(str(workdir))},
+  figure = plot_metrics.draw({"digits": plot_metrics.load(str(workdir))[0]},
                              str(tmp_path / "out.png"))
   left, right = figure.axes
   assert left.get_title() == "digits" and left.get_ylabel() == "loss (nats)"
@@ -129,7 +130,7 @@ def test_smooth_is_a_trailing_moving_average(tmp_path):
   values = [4.0, 2.0, 6.0, 1.0, 3.0, 8.0]
   workdir = _make_workdir(tmp_path / "audio", kind="audio",
                           train=[(10 * (i + 1), v) for i, v in enumerate(values)])
-  figure = plot_metrics.draw({"audio": plot_metrics.curves(str(workdir))},
+  figure = plot_metrics.draw({"audio": plot_metrics.load(str(workdir))[0]},
                              str(tmp_path / "out.png"), smooth=3)
   smoothed = [line for line in figure.axes[0].get_lines() if "3-point mean" in line.get_label()]
   assert len(smoothed) == 1

@@ -99,18 +99,13 @@ def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, int]
   return steps, np.array([by_step[s] for s in steps], np.float64), non_finite
 
 
-def curves(workdir: str) -> dict[str, Curve]:
-  """Every curve of one workdir, by name.
+def load(workdir: str) -> tuple[dict[str, Curve], int]:
+  """(every curve of the workdir by name, number of non-finite training losses left out).
 
-  "train/bits_per_byte" or "train/bits_per_sample" (loss / ln 2) or "train/loss" (nats), and
-  "<split>/<metric>" for each eval split's loss, bits_per_byte, bits_per_sample, accuracy and
+  Names: "train/bits_per_byte" or "train/bits_per_sample" (loss / ln 2) or "train/loss" (nats),
+  and "<split>/<metric>" for each eval split's loss, bits_per_byte, bits_per_sample, accuracy and
   compressor baselines ("<split>/xz_bits_per_byte", ...).
   """
-  return load(workdir)[0]
-
-
-def load(workdir: str) -> tuple[dict[str, Curve], int]:
-  """(curves(workdir), number of non-finite training losses left out)."""
   train_path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.isfile(train_path):
     raise BadInput(f"{train_path}: no such file (is {workdir!r} a training workdir?)")
