@@ -165,12 +165,23 @@ def why_unusable(manager, step: int, error: Exception | None = None) -> str | No
   return None
 
 
+def wait_until_complete(manager, step: int, attempts: int = 5, pause_s: float = 0.5) -> None:
+  """StepSkipped unless `step` is (or soon becomes) complete on disk. A step just renamed into
+  place can still be getting its step metadata; one being deleted loses its parts one by one."""
+  for _ in range(attempts):
+    why = why_unusable(manager, step)
+    if why is None:
+      return
+    if why.startswith("deleted"):
+      break
+    time.sleep(pause_s)
+  raise StepSkipped(why)
+
+
 def read_step(manager, step: int, abstract: dict, config_dict: dict) -> tuple[dict, dict]:
   """(params and batch_stats, the trainer's saved config) of `step`; StepSkipped if the step is
   gone, incomplete or unreadable. An incompatible architecture is CheckpointError (exit 2)."""
-  why = why_unusable(manager, step)
-  if why:
-    raise StepSkipped(why)
+  wait_until_complete(manager, step)
   try:
     saved = checkpoint.saved_config(manager, step)
   except Exception as error:  # pylint: disable=broad-except
