@@ -9,11 +9,10 @@ import os
 import runpy
 import sys
 
-import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from s5scale import validate
+from s5scale import config_schema, validate
 from s5scale.config_schema import ConfigError  # pylint: disable=unused-import  (re-exported)
 
 EXIT_BAD_INPUT = 2
@@ -43,7 +42,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
     # ml_collections reports an unknown override key as AttributeError/KeyError.
     print(f"error: bad flag or config override: {error}", file=sys.stderr)
-    if keys:
+    named = [k for k in overridden if f"config.{k}=" in str(error)]
+    if named:  # a value of the wrong type: say what that key allows
+      print("\n".join(f"  {k} must be {validate.allowed(k)}" for k in named), file=sys.stderr)
+    elif keys:
       print("valid --config.* keys:\n  " + "\n  ".join(keys), file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
   exit_if_invalid(FLAGS.config)
@@ -66,17 +68,7 @@ def valid_config_keys(argv: list[str]) -> list[str]:
     config = runpy.run_path(path)["get_config"]() if path else None
   except Exception:  # the config file itself is broken; absl's message already says so
     return []
-  return sorted(flatten_keys(config)) if config is not None else []
-
-
-def flatten_keys(config, prefix: str = "") -> list[str]:
-  keys = []
-  for key, value in config.items():
-    if isinstance(value, (ml_collections.ConfigDict, dict)):
-      keys += flatten_keys(value, f"{prefix}{key}.")
-    else:
-      keys.append(f"{prefix}{key}")
-  return keys
+  return sorted(config_schema.flat_values(config)) if config is not None else []
 
 
 def fill_num_classes(config) -> None:

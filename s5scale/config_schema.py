@@ -6,7 +6,8 @@ them and names, for each violation, the key, its value and what is allowed. It i
 nor the model, so the launcher can run it on a machine with no accelerator stack
 (`python -m s5scale.validate_config`).
 
-Constraints: Int, Real, OneOf, Bool, Text. Each knows `accepts(value)` and says `allowed`.
+Constraints: Int, Real, OneOf, Bool, Text, and Check(predicate, allowed) for anything else (a
+dict- or list-valued key). Each knows `accepts(value)` and says `allowed`.
 """
 
 import dataclasses
@@ -114,6 +115,19 @@ class Text(Constraint):
 
 
 @dataclasses.dataclass(frozen=True)
+class Check(Constraint):
+  """Any other test, e.g. `Check(lambda v: all(w > 0 for w in v.values()), "positive weights")`."""
+  predicate: Callable[[Any], bool]
+  allowed: str
+
+  def accepts(self, value) -> bool:
+    try:
+      return bool(self.predicate(value))
+    except Exception:  # pylint: disable=broad-except  (a value of the wrong shape fails the check)
+      return False
+
+
+@dataclasses.dataclass(frozen=True)
 class Field:
   default: Any
   constraint: Constraint
@@ -150,20 +164,22 @@ def constraints_of(sections: dict[str, dict[str, Field]]) -> dict[str, Constrain
           for section_name, fields in sections.items() for name, declared in fields.items()}
 
 
-def flat_values(config, prefix: str = "") -> dict[str, Any]:
+def flat_values(config, declared=(), prefix: str = "") -> dict[str, Any]:
+  """"section.key" -> value; a dict under a key in `declared` is that key's value, not a section."""
   values = {}
   for key, value in config.items():
-    if isinstance(value, (ml_collections.ConfigDict, dict)):
-      values.update(flat_values(value, f"{prefix}{key}."))
+    name = f"{prefix}{key}"
+    if isinstance(value, (ml_collections.ConfigDict, dict)) and name not in declared:
+      values.update(flat_values(value, declared, f"{name}."))
     else:
-      values[f"{prefix}{key}"] = value
+      values[name] = value
   return values
 
 
 def violations(config, constraints: dict[str, Constraint], rules: Sequence[Rule]) -> list[str]:
   """Every way `config` breaks its constraints, one line each naming key, value and what is
   allowed. A rule is checked only when each of its keys passed on its own."""
-  values = flat_values(config)
+  values = flat_values(config, constraints)
   found, bad_keys = [], set()
   for key, value in values.items():
     constraint = constraints.get(key)
@@ -172,7 +188,8 @@ def violations(config, constraints: dict[str, Constraint], rules: Sequence[Rule]
                    "default and a constraint there)")
       bad_keys.add(key)
     elif not constraint.accepts(value):
-      found.append(f"{key}={value!r}: must be {constraint.allowed}")
+      shown = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+      found.append(f"{key}={shown!r}: must be {constraint.allowed}")
       bad_keys.add(key)
   for key in constraints.keys() - values.keys():
     found.append(f"{key} is missing from the config (declared in s5scale/defaults.py)")

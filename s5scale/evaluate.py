@@ -157,7 +157,7 @@ def list_steps(manager, attempts: int = 3) -> list[int]:
 def why_unusable(manager, step: int, error: Exception | None = None) -> str | None:
   missing = checkpoint.missing_parts(manager.directory, step)
   if missing == ["the whole step"]:
-    return "deleted while this job read it (checkpoint rotation)"
+    return "deleted by checkpoint rotation after this job listed it"
   if missing:
     return f"incomplete: {', '.join(missing)} missing"
   if error is not None:

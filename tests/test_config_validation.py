@@ -260,3 +260,15 @@ def test_tpu_pod_validates_before_any_cloud_call(tmp_path):
   assert result.returncode == 2, result.stderr[-3000:]
   assert "optim.learning_rate=-1.0" in result.stderr
   assert not calls.exists()
+
+
+def test_a_dict_valued_key_is_one_value_with_its_own_check():
+  sections = {"data": {"mixture": config_schema.field(
+      {"web": 0.7, "code": 0.3}, config_schema.Check(
+          lambda weights: all(w > 0 for w in weights.values()), "a dict of positive weights"))}}
+  config = config_schema.build_config(sections)
+  constraints = config_schema.constraints_of(sections)
+  assert config_schema.violations(config, constraints, []) == []
+  config.data.mixture.code = -0.3
+  assert config_schema.violations(config, constraints, []) == [
+      "data.mixture={'code': -0.3, 'web': 0.7}: must be a dict of positive weights"]  # sorted

@@ -111,7 +111,7 @@ def test_a_step_deleted_after_listing_is_skipped(trained, tmp_path):
   manager = checkpoint.open_readonly(str(workdir))
   assert evaluate.list_steps(manager) == [2]
   shutil.rmtree(workdir / "checkpoints" / "2")  # the trainer's rotation, between list and read
-  with pytest.raises(evaluate.StepSkipped, match="deleted while this job read it"):
+  with pytest.raises(evaluate.StepSkipped, match="deleted by checkpoint rotation"):
     evaluate.read_step(manager, 2, abstract={}, config_dict={})
 
 
