@@ -3,10 +3,12 @@
 Orbax writes each step to a temporary directory and renames it when complete, so a save killed
 midway is never listed. A step whose files are damaged is passed over for the previous one.
 
-The eval job reads steps that the trainer rotates out (checkpoint.keep). Before it reads a step it
-pins it (eval/pins/<split>.json), and the trainer's orbax preservation policy keeps pinned steps.
-What the pin cannot close: a trainer that decided to delete a step just before the pin appeared
-still deletes it. The eval job then finds the step gone or incomplete and records a skip.
+The eval job reads steps that the trainer rotates out (checkpoint.keep). Once it has listed the
+steps it will read, it pins them (eval/pins/<split>.json), and the trainer's orbax preservation
+policy keeps pinned steps. What the pin cannot close: orbax picks the steps to delete when a save
+starts and deletes them when that save is finalised, so a save already under way when the pin
+appeared still deletes its condemned step. The eval job then finds the step gone or incomplete
+and records a skip.
 """
 
 import concurrent.futures
@@ -48,7 +50,7 @@ def pins_dir(workdir) -> epath.Path:
 
 @dataclasses.dataclass
 class PinnedByEvalJobs(ocp.checkpoint_managers.PreservationPolicy):
-  """Preserves the steps an eval job has pinned while it reads them (see pin_step)."""
+  """Preserves the steps an eval job has pinned while it reads them (see pin_steps)."""
   workdir: str
 
   def pinned_steps(self) -> set[int]:
@@ -61,7 +63,7 @@ class PinnedByEvalJobs(ocp.checkpoint_managers.PreservationPolicy):
       try:
         pin = json.loads(pin_file.read_text())
         if time.time() - pin["time"] < PIN_TTL_S:
-          steps.add(int(pin["step"]))
+          steps.update(int(step) for step in pin["steps"])
       except (OSError, ValueError, KeyError, TypeError):
         continue  # being rewritten or removed by its eval job right now
     return steps
@@ -86,17 +88,17 @@ def make_manager(workdir: str, checkpoint_config=None, read_only: bool = False):
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
-def pin_step(workdir: str, name: str, step: int | None) -> None:
-  """Asks the trainer to keep `step` while this eval job reads it (None: release the pin)."""
+def pin_steps(workdir: str, name: str, steps: list[int]) -> None:
+  """Asks the trainer to keep `steps` until this eval job has read them ([]: release the pin)."""
   if jax.process_index() != 0:
     return
   pin_file = pins_dir(workdir) / f"{name}.json"
-  if step is None:
+  if not steps:
     pin_file.unlink(missing_ok=True)
     return
   pin_file.parent.mkdir(parents=True, exist_ok=True)
   temporary = pin_file.parent / f".{name}.json.tmp"
-  temporary.write_text(json.dumps(dict(step=int(step), time=time.time())))
+  temporary.write_text(json.dumps(dict(steps=[int(s) for s in steps], time=time.time())))
   temporary.rename(pin_file)  # the trainer never reads a half-written pin
 
 

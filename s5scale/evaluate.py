@@ -187,6 +187,7 @@ def read_step(manager, step: int, abstract: dict, config_dict: dict) -> tuple[di
   except Exception as error:  # pylint: disable=broad-except
     raise StepSkipped(why_unusable(manager, step, error)) from None
   checkpoint.check_architecture(manager, step, config_dict, saved)
+  wait_until_complete(manager, step)  # again: a failed restore mid-deletion is noisy in orbax
   try:
     return checkpoint.restore_subset(manager, step, abstract), saved
   except Exception as error:  # pylint: disable=broad-except
@@ -256,8 +257,8 @@ def run_eval_job(config, workdir: str) -> int:
   while True:
     available = list_steps(manager)
     pending = steps_to_evaluate(available, workdir, FLAGS.step, split)
-    for step in pending:
-      checkpoint.pin_step(workdir, split, step)  # the trainer keeps a pinned step
+    for index, step in enumerate(pending):
+      checkpoint.pin_steps(workdir, split, pending[index:])  # the trainer keeps pinned steps
       try:
         variables, trainer_config = read_step(manager, step, abstract, config.to_dict())
       except StepSkipped as skip:
@@ -266,7 +267,8 @@ def run_eval_job(config, workdir: str) -> int:
           raise checkpoint.CheckpointError(f"checkpoint step {step} skipped: {skip}") from None
         continue
       finally:
-        checkpoint.pin_step(workdir, split, None)
+        if step == pending[-1]:
+          checkpoint.pin_steps(workdir, split, [])
       evaluator.run(workdir, step, variables["params"], variables["batch_stats"])
     done = finished_steps(workdir, split)
     if FLAGS.watch:

@@ -14,7 +14,7 @@ import pytest
 from s5scale import checkpoint, evaluate
 from tests import runs
 
-NUM_STEPS = 60
+NUM_STEPS = 100  # ~20 s of saves: the watcher is reading long before the trainer ends
 EVERY = 2
 
 
@@ -39,7 +39,9 @@ def test_watch_beside_a_trainer_that_keeps_one_step(tmp_path):
       if process.poll() is None:
         process.kill()
   watch_log = (tmp_path / "watch.log").read_text()
-  assert "Traceback" not in watch_log
+  # orbax's own async readers may print a traceback for a restore that the trainer cut short;
+  # none may come from s5scale's code.
+  assert f'File "{runs.REPO}/s5scale' not in watch_log
 
   saved = set(range(EVERY, NUM_STEPS + 1, EVERY))  # the trainer's save schedule
   records = runs.read_jsonl(tmp_path / "eval" / "metrics.jsonl")
@@ -75,19 +77,24 @@ def test_the_trainer_keeps_the_step_an_eval_job_pinned(tmp_path):
   config = runs_checkpoint_config(keep=1)
   manager = checkpoint.make_manager(workdir, config)
   save_tiny_step(manager, 1)
-  checkpoint.pin_step(workdir, "heldout", 1)
+  checkpoint.pin_steps(workdir, "heldout", [1])
   for step in (2, 3):
     save_tiny_step(manager, step)
   assert steps_on_disk(workdir) == [1, 3]  # 1 pinned, 2 rotated out, 3 the newest
-  checkpoint.pin_step(workdir, "heldout", None)
+  checkpoint.pin_steps(workdir, "heldout", [])
   save_tiny_step(manager, 4)
   assert steps_on_disk(workdir) == [4]
-  # A pin left by a killed eval job stops protecting its step after PIN_TTL_S.
-  checkpoint.pin_step(workdir, "heldout", 4)
+  checkpoint.pin_steps(workdir, "heldout", [4])
+  checkpoint.pin_steps(workdir, "heldout_step_rescale2", [5])  # a second eval job's pin
+  for step in (5, 6, 7):
+    save_tiny_step(manager, step)
+  assert steps_on_disk(workdir) == [4, 5, 7]
+  # A pin left by a killed eval job stops protecting its steps after PIN_TTL_S.
+  checkpoint.pin_steps(workdir, "heldout_step_rescale2", [])
   pin_file = checkpoint.pins_dir(workdir) / "heldout.json"
-  pin_file.write_text(json.dumps(dict(step=4, time=0.0)))
-  save_tiny_step(manager, 5)
-  assert steps_on_disk(workdir) == [5]
+  pin_file.write_text(json.dumps(dict(steps=[4], time=0.0)))
+  save_tiny_step(manager, 8)
+  assert steps_on_disk(workdir) == [8]
   manager.close()
 
 
