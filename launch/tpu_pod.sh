@@ -161,6 +161,7 @@ validate_inputs() {
     JOB=(-m s5scale.train "--config=$REMOTE_CONFIG" "--workdir=$WORKDIR")
   fi
   JOB+=(${OVERRIDES[@]+"${OVERRIDES[@]}"})
+  PYTHONPATH="$REPO_ROOT" "${PYTHON:-$REPO_ROOT/.venv/bin/python}" -m s5scale.validate "--config=$config_abs${CONFIG#"$config_file"}" ${OVERRIDES[@]+"${OVERRIDES[@]}"} || die_bad_input "CONFIG $CONFIG with these overrides is not valid (see above; PYTHON picks the interpreter)"
   SCOPE=("--zone=$ZONE")
   [[ -z $PROJECT ]] || SCOPE+=("--project=$PROJECT")
   if ((!DRY_RUN)) && ! command -v gcloud >/dev/null; then

@@ -2,9 +2,17 @@
 
 Orbax writes each step to a temporary directory and renames it when complete, so a save killed
 midway is never listed. A step whose files are damaged is passed over for the previous one.
+
+The eval job reads steps that the trainer rotates out (checkpoint.keep). Once it has listed the
+steps it will read, it pins them (eval/pins/<split>.json), and the trainer's orbax preservation
+policy keeps pinned steps. What the pin cannot close: orbax picks the steps to delete when a save
+starts and deletes them when that save is finalised, so a save already under way when the pin
+appeared still deletes its condemned step. The eval job then finds the step gone or incomplete
+and records a skip.
 """
 
 import concurrent.futures
+import dataclasses
 import datetime
 import json
 import os
@@ -15,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 import s5scale
@@ -28,14 +37,82 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, "checkpoints")
 
 
+# An eval job killed mid-read leaves its pin behind; past this age the trainer ignores it.
+PIN_TTL_S = 3600.0
+# The parts of a step this code writes; each must be present for the step to be complete.
+STEP_ITEMS = ("state", "config", "meta")
+STEP_METADATA = "_CHECKPOINT_METADATA"
+
+
+def pins_dir(workdir) -> epath.Path:
+  return epath.Path(workdir) / "eval" / "pins"
+
+
+@dataclasses.dataclass
+class PinnedByEvalJobs(ocp.checkpoint_managers.PreservationPolicy):
+  """Preserves the steps an eval job has pinned while it reads them (see pin_steps)."""
+  workdir: str
+
+  def pinned_steps(self) -> set[int]:
+    steps = set()
+    try:
+      pin_files = list(pins_dir(self.workdir).glob("*.json"))
+    except OSError:
+      return steps
+    for pin_file in pin_files:
+      try:
+        pin = json.loads(pin_file.read_text())
+        if time.time() - pin["time"] < PIN_TTL_S:
+          steps.update(int(step) for step in pin["steps"])
+      except (OSError, ValueError, KeyError, TypeError):
+        continue  # being rewritten or removed by its eval job right now
+    return steps
+
+  def should_preserve(self, checkpoints, *, context):
+    del context
+    pinned = self.pinned_steps()
+    return [info.step in pinned for info in checkpoints]
+
+
 def make_manager(workdir: str, checkpoint_config=None, read_only: bool = False):
   keep = checkpoint_config.keep if checkpoint_config else None
   keep_every = checkpoint_config.keep_every if checkpoint_config else 0
   use_async = checkpoint_config.async_save if checkpoint_config else False
+  policies = [ocp.checkpoint_managers.LatestN(keep), PinnedByEvalJobs(workdir)]
+  if keep_every:
+    policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every))
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, keep_period=keep_every or None, enable_async_checkpointing=use_async,
-      create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+      enable_async_checkpointing=use_async, create=not read_only, read_only=read_only,
+      cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def pin_steps(workdir: str, name: str, steps: list[int]) -> None:
+  """Asks the trainer to keep `steps` until this eval job has read them ([]: release the pin)."""
+  if jax.process_index() != 0:
+    return
+  pin_file = pins_dir(workdir) / f"{name}.json"
+  if not steps:
+    pin_file.unlink(missing_ok=True)
+    return
+  pin_file.parent.mkdir(parents=True, exist_ok=True)
+  temporary = pin_file.parent / f".{name}.json.tmp"
+  temporary.write_text(json.dumps(dict(steps=[int(s) for s in steps], time=time.time())))
+  temporary.rename(pin_file)  # the trainer never reads a half-written pin
+
+
+def missing_parts(directory, step: int) -> list[str]:
+  """What step `step` lacks on disk: [] when complete, ["the whole step"] when it is gone."""
+  step_dir = epath.Path(directory) / str(step)
+  if not step_dir.exists():
+    return ["the whole step"]
+  expected = set(STEP_ITEMS)
+  try:
+    expected |= set(json.loads((step_dir / STEP_METADATA).read_text())["item_handlers"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return [STEP_METADATA]
+  return sorted(item for item in expected if not (step_dir / item).exists())
 
 
 def save(manager, step: int, state, data_iterator, config_dict: dict, mesh) -> None:
@@ -108,8 +185,10 @@ def architecture_mismatch(saved: dict, current: dict) -> list[str]:
           for k in keys if saved_model.get(k) != current_model.get(k)]
 
 
-def check_architecture(manager, step: int, config_dict: dict) -> None:
-  differences = architecture_mismatch(saved_config(manager, step), config_dict)
+def check_architecture(manager, step: int, config_dict: dict, saved: dict | None = None) -> None:
+  """CheckpointError if the step's model.* differs from config_dict's (`saved`: its config, when
+  already read)."""
+  differences = architecture_mismatch(saved or saved_config(manager, step), config_dict)
   if differences:
     raise CheckpointError(
         f"checkpoint {manager.directory}/{step} has an incompatible architecture:\n  "

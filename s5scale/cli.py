@@ -1,27 +1,23 @@
-"""Command-line plumbing shared by train, evaluate and generate: flags, config checks, exit codes.
+"""Command-line plumbing shared by train, evaluate and generate: flags, exit codes, logging.
 
-Exit codes (DESIGN.md §3): 0 finished or preempted-and-saved, 2 bad config or bad input.
+Exit codes (DESIGN.md §3): 0 finished or preempted-and-saved, 2 bad config or bad input. The
+config's constraints live beside its defaults (defaults.py) and are checked by s5scale.validate;
+parse_flags runs that check, so no entry point compiles or reads anything with a bad config.
 """
 
 import os
 import runpy
 import sys
 
-import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from s5scale import parallel, ssm
-from s5scale.nn.blocks import ACTIVATIONS, NORMS
-from s5scale.nn.model import REMAT_POLICIES
+from s5scale import config_schema, validate
+from s5scale.config_schema import ConfigError  # pylint: disable=unused-import  (re-exported)
 
 EXIT_BAD_INPUT = 2
 
 FLAGS = flags.FLAGS
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the key."""
 
 
 def define_flags() -> None:
@@ -32,21 +28,37 @@ def define_flags() -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl parsing, but a bad flag or unknown config key exits 2 and lists the valid keys."""
+  """absl parsing, then the config's constraints: a bad flag, unknown config key or invalid value
+  exits 2 (an unknown key lists the valid keys and what each allows)."""
   keys = valid_config_keys(argv)
   overridden = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
   unknown = [k for k in overridden if keys and k not in keys]
   if unknown:
     print(f"error: unknown config key(s) {', '.join(unknown)}; valid --config.* keys:\n  "
-          + "\n  ".join(keys), file=sys.stderr)
+          + "\n  ".join(f"{k}: {validate.allowed(k)}" for k in keys), file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
   try:
-    return FLAGS(argv)
+    remaining = FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
     # ml_collections reports an unknown override key as AttributeError/KeyError.
     print(f"error: bad flag or config override: {error}", file=sys.stderr)
-    if keys:
+    named = [k for k in overridden if f"config.{k}=" in str(error)]
+    if named:  # a value of the wrong type: say what that key allows
+      print("\n".join(f"  {k} must be {validate.allowed(k)}" for k in named), file=sys.stderr)
+    elif keys:
       print("valid --config.* keys:\n  " + "\n  ".join(keys), file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+  exit_if_invalid(FLAGS.config)
+  return remaining
+
+
+def exit_if_invalid(config) -> None:
+  """The check every entry point runs on its resolved config before anything else: exit 2 with
+  each violation named (key, value, what is allowed)."""
+  try:
+    validate.check(config)
+  except ConfigError as error:
+    print(f"error: {error}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
 
 
@@ -56,72 +68,7 @@ def valid_config_keys(argv: list[str]) -> list[str]:
     config = runpy.run_path(path)["get_config"]() if path else None
   except Exception:  # the config file itself is broken; absl's message already says so
     return []
-  return sorted(flatten_keys(config)) if config is not None else []
-
-
-def flatten_keys(config, prefix: str = "") -> list[str]:
-  keys = []
-  for key, value in config.items():
-    if isinstance(value, (ml_collections.ConfigDict, dict)):
-      keys += flatten_keys(value, f"{prefix}{key}.")
-    else:
-      keys.append(f"{prefix}{key}")
-  return keys
-
-
-def choice(config, key: str, options) -> None:
-  section, name = key.split(".")
-  value = config[section][name]
-  if value not in options:
-    raise ConfigError(f"{key}={value!r} is not one of {tuple(options)}")
-
-
-def check_config(config, devices, process_count: int) -> None:
-  """Everything that can be checked before compiling; raises ConfigError naming the key."""
-  model, data, mesh_config = config.model, config.data, config.mesh
-  choice(config, "model.task", ("lm", "classify"))
-  choice(config, "model.input_kind", ("tokens", "continuous"))
-  choice(config, "model.activation", ACTIVATIONS)
-  choice(config, "model.norm", NORMS)
-  choice(config, "model.remat", tuple(REMAT_POLICIES))
-  choice(config, "model.pooling", ("mean", "last"))
-  choice(config, "model.scan_impl", ("default", "reference"))
-  choice(config, "model.compute_dtype", ("float32", "bfloat16"))
-  for key, value in (("model.num_layers", model.num_layers), ("model.d_model", model.d_model),
-                     ("data.batch_size", data.batch_size), ("data.seq_len", data.seq_len),
-                     ("train.num_steps", config.train.num_steps),
-                     ("optim.grad_accum_steps", config.optim.grad_accum_steps)):
-    if value <= 0:
-      raise ConfigError(f"{key} must be positive, got {value}")
-  try:
-    ssm.validate_ssm_args(discretization=model.discretization, c_init=model.c_init,
-                          dt_min=model.dt_min, dt_max=model.dt_max)
-    ssm.validate_state_sizes(model.ssm_size, model.blocks, model.conj_sym)
-  except ValueError as error:
-    raise ConfigError(f"model: {error}") from None
-  if data.task != model.task:
-    raise ConfigError(f"data.task={data.task!r} must equal model.task={model.task!r}")
-  try:
-    ici, dcn = parallel.mesh_shape(mesh_config, len(devices), parallel.num_slices(devices))
-  except parallel.MeshConfigError as error:
-    raise ConfigError(str(error)) from None
-  data_ways = ici[0] * ici[1] * dcn[0] * dcn[1]
-  fsdp_ways = ici[1] * dcn[1]
-  model_ways = ici[2] * dcn[2]
-  num_states = model.ssm_size // 2 if model.conj_sym else model.ssm_size
-  if model.d_model % model_ways:
-    raise ConfigError(f"model.d_model={model.d_model} is not divisible by mesh.model={model_ways}")
-  if num_states % model_ways:
-    raise ConfigError(f"model.ssm_size={model.ssm_size} ({num_states} complex states) is not "
-                      f"divisible by mesh.model={model_ways}")
-  if model.d_model % fsdp_ways:
-    raise ConfigError(f"model.d_model={model.d_model} is not divisible by mesh.fsdp={fsdp_ways}")
-  per_update = data_ways * config.optim.grad_accum_steps
-  if data.batch_size % per_update or data.batch_size % process_count:
-    raise ConfigError(
-        f"data.batch_size={data.batch_size} must be divisible by mesh data*fsdp ({data_ways}) × "
-        f"optim.grad_accum_steps ({config.optim.grad_accum_steps}) and by the process count "
-        f"({process_count})")
+  return sorted(config_schema.flat_values(config)) if config is not None else []
 
 
 def fill_num_classes(config) -> None:

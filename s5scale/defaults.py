@@ -1,109 +1,174 @@
-"""Every config key s5scale knows, with its default.
+"""Every config key s5scale knows: its default and, beside it, what values it allows.
 
 Experiment files in configs/ start from `base_config()` and change what they need. Keeping all keys
 here means an unknown `--config.x.y` override is caught (ml_collections configs are locked), and the
-error can list the valid keys.
+error can list the valid keys. `s5scale.validate` checks a resolved config against CONSTRAINTS and
+RULES before anything is compiled or read; a violation exits 2 naming the key.
+
+Adding a key is one line in its section: `name=field(default, Int(ge=1)),  # what it is`. A rule
+that ties keys together is one `Rule((keys...), lambda *values: ..., "what must hold")` in RULES.
 """
 
-import ml_collections
+from s5scale.config_schema import Bool, Int, OneOf, Real, Rule, Text, build_config, constraints_of
+from s5scale.config_schema import field as f
+
+Count = Int(ge=1)          # steps, sizes, counts: at least one
+Optional0 = Int(ge=0)      # 0 means "off" or "use the default" (said beside the key)
+MeshSize = Int(ge=1, also=(-1,))  # -1 fills the rest of the devices
+Seed = Int(ge=0)
+
+MODEL = dict(
+    task=f("lm", OneOf("lm", "classify")),          # next-token or classification
+    input_kind=f("tokens", OneOf("tokens", "continuous")),  # embedding or linear encoder
+    vocab_size=f(260, Count),                       # tokens; at least the data's (bytes: 260)
+    num_classes=f(0, Optional0),                    # classify: 0 = the label folders in data.source
+    num_layers=f(4, Count),
+    d_model=f(128, Count),                          # H
+    ssm_size=f(128, Count),                         # P (P/2 complex states with conj_sym)
+    blocks=f(4, Count),                             # J
+    conj_sym=f(True, Bool()),
+    bidirectional=f(False, Bool()),
+    discretization=f("zoh", OneOf("zoh", "bilinear")),
+    c_init=f("trunc_standard_normal",
+             OneOf("trunc_standard_normal", "lecun_normal", "complex_normal")),
+    dt_min=f(1e-3, Real(gt=0)),
+    dt_max=f(1e-1, Real(gt=0)),
+    clip_eigs=f(False, Bool()),
+    step_rescale=f(1.0, Real(gt=0)),
+    scan_impl=f("default", OneOf("default", "reference")),  # fast, or associative_scan
+    norm=f("layer", OneOf("layer", "rms", "batch")),
+    prenorm=f(True, Bool()),
+    activation=f("half_glu1", OneOf("full_glu", "half_glu1", "half_glu2", "gelu")),
+    mlp_ratio=f(0, Optional0),                      # 0: no MLP after the SSM
+    dropout=f(0.0, Real(ge=0, lt=1)),
+    pooling=f("mean", OneOf("mean", "last")),       # classify
+    compute_dtype=f("float32", OneOf("float32", "bfloat16")),  # matmuls; parameters stay f32
+    scan_layers=f(True, Bool()),                    # nn.scan over depth: compile time flat
+    remat=f("none", OneOf("none", "full", "dots")),  # jax.checkpoint policy per layer
+)
+
+DATA = dict(
+    kind=f("text", OneOf("text", "audio")),
+    source=f("", Text()),                           # "" = embedded corpus; dir, glob, *.array_record
+    tokenizer=f("bytes", Text(nonempty=True)),      # text: "bytes" or a SentencePiece .model path
+    batch_size=f(8, Count),                         # global, across all processes
+    seq_len=f(256, Count),
+    seed=f(0, Seed),
+    heldout_fraction=f(0.05, Real(ge=0, lt=1)),
+    sample_rate=f(16000, Count),                    # audio
+    quantization=f("mulaw", OneOf("mulaw", "linear")),  # audio
+    bits=f(8, Int(ge=1, le=16)),                    # audio quantization bits (vocab 2**bits)
+    num_workers=f(0, Optional0),                    # grain worker processes (0: in-process)
+    task=f("lm", OneOf("lm", "classify")),          # classify: labels are folder names
+    read_threads=f(4, Count),                       # per process (or worker), reading/decoding
+)
+
+OPTIM = dict(
+    learning_rate=f(2e-3, Real(ge=0)),
+    ssm_learning_rate=f(1e-3, Real(ge=0)),          # Lambda, log_step, B: own rate, no decay
+    weight_decay=f(0.05, Real(ge=0)),
+    b1=f(0.9, Real(ge=0, lt=1)),
+    b2=f(0.999, Real(ge=0, lt=1)),
+    warmup_steps=f(100, Optional0),
+    schedule=f("cosine", OneOf("cosine", "constant")),  # after warmup
+    min_lr_ratio=f(0.0, Real(ge=0, le=1)),
+    clip_norm=f(1.0, Real(ge=0)),                   # global-norm clipping; 0 disables
+    grad_accum_steps=f(1, Count),
+)
+
+TRAIN = dict(
+    num_steps=f(1000, Count),
+    seed=f(0, Seed),
+    log_every_steps=f(10, Count),
+    max_bad_steps=f(10, Count),                     # consecutive non-finite updates before exit 2
+)
+
+MESH = dict(                                        # per-slice (ICI) sizes; -1 fills the rest
+    data=f(-1, MeshSize), fsdp=f(1, MeshSize), model=f(1, MeshSize),
+    dcn_data=f(1, MeshSize), dcn_fsdp=f(1, MeshSize), dcn_model=f(1, MeshSize),  # across slices
+)
+
+CHECKPOINT = dict(
+    every_steps=f(200, Count),
+    keep=f(3, Count),                               # newest steps kept (an eval job may pin more)
+    keep_every=f(0, Optional0),                     # 0: none kept permanently
+    init_from=f("", Text()),                        # workdir or checkpoint dir: params only
+    async_save=f(True, Bool()),
+)
+
+EVAL = dict(
+    every_steps=f(500, Optional0),                  # inline eval during training; 0 disables
+    max_batches=f(0, Optional0),                    # 0: the full held-out split
+    batch_size=f(0, Optional0),                     # 0: data.batch_size
+    seq_len=f(0, Optional0),                        # 0: data.seq_len; longer gives more context
+    step_rescale=f(1.0, Real(gt=0)),                # another sample rate, no retraining
+    compressor_baselines=f(True, Bool()),           # LM: also xz -9e / gzip -9 on held-out bytes
+)
+
+GENERATE = dict(
+    num_samples=f(2, Count),
+    length=f(16000, Count),
+    temperature=f(1.0, Real(ge=0)),                 # 0: greedy
+    top_p=f(1.0, Real(gt=0, le=1)),
+    prompt=f("", Text()),                           # audio file path or text prefix
+    seed=f(0, Seed),
+)
+
+SECTIONS = dict(model=MODEL, data=DATA, optim=OPTIM, train=TRAIN, mesh=MESH,
+                checkpoint=CHECKPOINT, eval=EVAL, generate=GENERATE)
+CONSTRAINTS = constraints_of(SECTIONS)
 
 
-def base_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
+def mesh_ways(*sizes: int) -> int:
+  """Devices along these mesh axes as far as the config alone says: -1 counts as 1 here; the
+  entry points check again once the devices fill it in."""
+  ways = 1
+  for size in sizes:
+    ways *= max(size, 1)
+  return ways
 
-  c.model = ml_collections.ConfigDict(dict(
-      task="lm",                    # "lm" (next-token) or "classify"
-      input_kind="tokens",          # "tokens" (embedding) or "continuous" (linear encoder)
-      vocab_size=256,               # tokens; at least data.vocab_size (bytes: 260 with specials)
-      num_classes=0,                # classify: 0 = the number of label folders in data.source
-      num_layers=4,
-      d_model=128,                  # H
-      ssm_size=128,                 # P (P/2 complex states with conj_sym)
-      blocks=4,                     # J
-      conj_sym=True,
-      bidirectional=False,
-      discretization="zoh",         # "zoh" or "bilinear"
-      c_init="trunc_standard_normal",  # or "lecun_normal", "complex_normal"
-      dt_min=1e-3,
-      dt_max=1e-1,
-      clip_eigs=False,
-      step_rescale=1.0,
-      scan_impl="default",          # "default" (fast) or "reference" (associative_scan)
-      norm="layer",                 # "layer", "rms" or "batch"
-      prenorm=True,
-      activation="half_glu1",       # "full_glu", "half_glu1", "half_glu2", "gelu"
-      mlp_ratio=0,                  # 0: no MLP after the SSM
-      dropout=0.0,
-      pooling="mean",               # classify: "mean" or "last"
-      compute_dtype="float32",      # matmul dtype; parameters stay float32
-      scan_layers=True,             # nn.scan over depth: compile time flat in num_layers
-      remat="none",                 # "none", "full", "dots" (jax.checkpoint policy per layer)
-  ))
 
-  c.data = ml_collections.ConfigDict(dict(
-      kind="text",                  # "text" or "audio"
-      source="",                    # "" = embedded default corpus; else dir, glob or *.array_record
-      tokenizer="bytes",            # text: "bytes" or a path to a SentencePiece .model
-      batch_size=8,                 # global, across all processes
-      seq_len=256,
-      seed=0,
-      heldout_fraction=0.05,
-      sample_rate=16000,            # audio
-      quantization="mulaw",         # audio: "mulaw" or "linear"
-      bits=8,                       # audio quantization bits
-      num_workers=0,                # grain worker processes (0: in-process)
-      task="lm",                    # "lm" (next token) or "classify" (audio, labels = folder names)
-      read_threads=4,               # threads per process (or worker) reading/decoding items
-  ))
+def data_vocab(kind: str, tokenizer: str, bits: int) -> int:
+  """Token ids the data can produce, when the config alone decides it (0: a SentencePiece file
+  decides, checked when it is read)."""
+  if kind == "audio":
+    return 2**bits
+  return 260 if tokenizer == "bytes" else 0  # 256 bytes + PAD, BOS, EOS, one reserved
 
-  c.optim = ml_collections.ConfigDict(dict(
-      learning_rate=2e-3,
-      ssm_learning_rate=1e-3,       # Lambda, log_step and B: own rate, no weight decay (paper)
-      weight_decay=0.05,
-      b1=0.9,
-      b2=0.999,
-      warmup_steps=100,
-      schedule="cosine",            # "cosine" or "constant" (after warmup)
-      min_lr_ratio=0.0,
-      clip_norm=1.0,                # global-norm clipping; 0 disables
-      grad_accum_steps=1,
-  ))
 
-  c.train = ml_collections.ConfigDict(dict(
-      num_steps=1000,
-      seed=0,
-      log_every_steps=10,
-      max_bad_steps=10,             # consecutive non-finite updates before exit 2
-  ))
+RULES = [
+    Rule(("model.dt_min", "model.dt_max"), lambda lo, hi: lo < hi,
+         "model.dt_min < model.dt_max"),
+    Rule(("model.ssm_size", "model.blocks"), lambda p, j: p % j == 0,
+         "model.ssm_size divisible by model.blocks"),
+    Rule(("model.ssm_size", "model.blocks", "model.conj_sym"),
+         lambda p, j, conj: not conj or (p // j) % 2 == 0,
+         "model.ssm_size / model.blocks even with model.conj_sym (conjugate pairs per block)"),
+    Rule(("data.task", "model.task"), lambda d, m: d == m, "data.task == model.task"),
+    Rule(("model.input_kind", "model.vocab_size", "data.kind", "data.tokenizer", "data.bits"),
+         lambda kind, vocab, data_kind, tokenizer, bits:
+         kind != "tokens" or vocab >= data_vocab(data_kind, tokenizer, bits),
+         "model.vocab_size >= the data's token count (260 for bytes, 2**data.bits for audio)"),
+    Rule(("optim.warmup_steps", "train.num_steps"), lambda warmup, steps: warmup <= steps,
+         "optim.warmup_steps <= train.num_steps"),
+    Rule(("checkpoint.keep_every", "checkpoint.every_steps"),
+         lambda every_k, every: every_k % every == 0,
+         "checkpoint.keep_every a multiple of checkpoint.every_steps (or 0)"),
+    Rule(("data.batch_size", "optim.grad_accum_steps", "mesh.data", "mesh.fsdp", "mesh.dcn_data",
+          "mesh.dcn_fsdp"),
+         lambda batch, accum, *axes: batch % (accum * mesh_ways(*axes)) == 0,
+         "data.batch_size divisible by optim.grad_accum_steps x mesh data*fsdp (ICI x DCN)"),
+    Rule(("model.d_model", "mesh.model", "mesh.dcn_model"),
+         lambda h, *axes: h % mesh_ways(*axes) == 0,
+         "model.d_model divisible by mesh.model (ICI x DCN)"),
+    Rule(("model.d_model", "mesh.fsdp", "mesh.dcn_fsdp"),
+         lambda h, *axes: h % mesh_ways(*axes) == 0,
+         "model.d_model divisible by mesh.fsdp (ICI x DCN)"),
+    Rule(("model.ssm_size", "model.conj_sym", "mesh.model", "mesh.dcn_model"),
+         lambda p, conj, *axes: (p // 2 if conj else p) % mesh_ways(*axes) == 0,
+         "model.ssm_size's complex states (P/2 with conj_sym) divisible by mesh.model"),
+]
 
-  c.mesh = ml_collections.ConfigDict(dict(
-      data=-1, fsdp=1, model=1,     # per-slice (ICI) sizes; -1 fills the rest
-      dcn_data=1, dcn_fsdp=1, dcn_model=1,  # across slices (DCN)
-  ))
 
-  c.checkpoint = ml_collections.ConfigDict(dict(
-      every_steps=200,
-      keep=3,
-      keep_every=0,                 # 0: none kept permanently
-      init_from="",                 # workdir or checkpoint dir: load params only (fine-tuning)
-      async_save=True,
-  ))
-
-  c.eval = ml_collections.ConfigDict(dict(
-      every_steps=500,              # inline eval during training; 0 disables
-      max_batches=0,                # 0: the full held-out split
-      batch_size=0,                 # 0: data.batch_size
-      seq_len=0,                    # 0: data.seq_len; longer rows give the LM more context
-      step_rescale=1.0,             # evaluate at another sample rate with no retraining
-      compressor_baselines=True,    # LM: also report xz -9e / gzip -9 on the same held-out bytes
-  ))
-
-  c.generate = ml_collections.ConfigDict(dict(
-      num_samples=2,
-      length=16000,
-      temperature=1.0,
-      top_p=1.0,
-      prompt="",                    # audio file path or text prefix
-      seed=0,
-  ))
-  return c
+def base_config():
+  return build_config(SECTIONS)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from s5scale import baselines, checkpoint, cli, data, metrics, parallel, steps
+from s5scale import backend, baselines, checkpoint, cli, data, metrics, parallel, steps, validate
 from s5scale.nn.model import S5Model
 
 SPLIT = "heldout"
@@ -124,8 +124,8 @@ def abstract_eval_variables(model, config, mesh, sample_inputs) -> dict:
   return {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
 
 
-def steps_to_evaluate(manager, workdir: str, only_step: int | None, split: str) -> list[int]:
-  available = manager.all_steps()
+def steps_to_evaluate(available: list[int], workdir: str, only_step: int | None,
+                      split: str) -> list[int]:
   if only_step is not None:
     if only_step not in available:
       raise checkpoint.CheckpointError(
@@ -135,8 +135,100 @@ def steps_to_evaluate(manager, workdir: str, only_step: int | None, split: str) 
   return [s for s in sorted(available) if s not in done]
 
 
+class StepSkipped(Exception):
+  """A step the trainer deleted, or had not finished, while it was read: skipped, not fatal."""
+
+
+def list_steps(manager, attempts: int = 3) -> list[int]:
+  """The complete steps on disk; a listing that fails because the trainer is deleting a step is
+  retried, and after `attempts` this poll sees none."""
+  for attempt in range(attempts):
+    try:
+      manager.reload()
+      return sorted(manager.all_steps())
+    except Exception as error:  # pylint: disable=broad-except  (orbax: many types for a vanished step)
+      logging.warning("listing %s failed while the trainer changed it (%s: %s); attempt %d of %d",
+                      manager.directory, type(error).__name__, str(error)[:200], attempt + 1,
+                      attempts)
+      time.sleep(1.0)
+  return []
+
+
+def why_unusable(manager, step: int, error: Exception | None = None) -> str | None:
+  missing = checkpoint.missing_parts(manager.directory, step)
+  if missing == ["the whole step"]:
+    return "deleted by checkpoint rotation after this job listed it"
+  if missing:
+    return f"incomplete: {', '.join(missing)} missing"
+  if error is not None:
+    return f"unreadable: {type(error).__name__}: {str(error)[:300]}"
+  return None
+
+
+def wait_until_complete(manager, step: int, attempts: int = 5, pause_s: float = 0.5) -> None:
+  """StepSkipped unless `step` is (or soon becomes) complete on disk. A step just renamed into
+  place can still be getting its step metadata; one being deleted loses its parts one by one."""
+  for _ in range(attempts):
+    why = why_unusable(manager, step)
+    if why is None:
+      return
+    if why.startswith("deleted"):
+      break
+    time.sleep(pause_s)
+  raise StepSkipped(why)
+
+
+def read_step(manager, step: int, abstract: dict, config_dict: dict) -> tuple[dict, dict]:
+  """(params and batch_stats, the trainer's saved config) of `step`; StepSkipped if the step is
+  gone, incomplete or unreadable. An incompatible architecture is CheckpointError (exit 2)."""
+  wait_until_complete(manager, step)
+  try:
+    saved = checkpoint.saved_config(manager, step)
+  except Exception as error:  # pylint: disable=broad-except
+    raise StepSkipped(why_unusable(manager, step, error)) from None
+  checkpoint.check_architecture(manager, step, config_dict, saved)
+  wait_until_complete(manager, step)  # again: a failed restore mid-deletion is noisy in orbax
+  try:
+    return checkpoint.restore_subset(manager, step, abstract), saved
+  except Exception as error:  # pylint: disable=broad-except
+    raise StepSkipped(why_unusable(manager, step, error)) from None
+
+
+class MissedSteps:
+  """Counts saved steps that rotation deleted before this --watch job saw them."""
+
+  def __init__(self, checkpoint_config):
+    self.every_steps, self.keep = checkpoint_config.every_steps, checkpoint_config.keep
+    self.seen, self.reported = set(), 0
+
+  def update(self, available: list[int], done: set[int], trainer_config: dict | None) -> None:
+    if trainer_config:  # the trainer's own values, if its command line changed them
+      self.every_steps = trainer_config["checkpoint"]["every_steps"]
+      self.keep = trainer_config["checkpoint"]["keep"]
+    self.seen |= set(available)
+    newest = max(self.seen, default=0)
+    saved = set(range(self.every_steps, newest + 1, self.every_steps))
+    missed = sorted(saved - self.seen - done)
+    if len(missed) > self.reported:
+      self.reported = len(missed)
+      logging.warning(
+          "missed %d checkpoint step(s) so far (the latest: %s): the trainer's rotation deleted "
+          "them before this job saw them. Raise checkpoint.keep (now %d) in the trainer's "
+          "config, or evaluate faster (--poll_seconds, eval.max_batches).", len(missed),
+          missed[-5:], self.keep)
+
+
+def record_skip(workdir: str, step: int, split: str, why: str) -> None:
+  logging.warning("skipping checkpoint step %d (%s): %s", step, split, why)
+  writer = metrics.MetricsWriter(os.path.join(workdir, "eval", "metrics.jsonl"),
+                                 os.path.join(workdir, "tb", "eval"))
+  writer.write(step, {}, split=split, skipped=why)
+  writer.close()
+
+
 def main(argv) -> int:
   del argv
+  backend.choose_platform()
   config, workdir = FLAGS.config, cli.workdir_path(FLAGS.workdir)
   try:
     return run_eval_job(config, workdir)
@@ -149,7 +241,7 @@ def run_eval_job(config, workdir: str) -> int:
   cli.setup_logging(workdir, "evaluate")
   parallel.initialize_distributed()
   cli.fill_num_classes(config)
-  cli.check_config(config, jax.devices(), jax.process_count())
+  validate.check_on_devices(config, jax.devices(), jax.process_count())
   mesh = parallel.make_mesh(config.mesh)
   model = S5Model(**cli.model_kwargs(config.model))
   evaluator = Evaluator(config, model, mesh)
@@ -160,15 +252,28 @@ def run_eval_job(config, workdir: str) -> int:
   if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
     raise checkpoint.CheckpointError(f"no checkpoints in {workdir}")
   manager = checkpoint.open_readonly(workdir)
-  final_step = config.train.num_steps
+  split, final_step = evaluator.split, config.train.num_steps
+  missed, trainer_config = MissedSteps(config.checkpoint), None
   while True:
-    manager.reload()
-    pending = steps_to_evaluate(manager, workdir, FLAGS.step, evaluator.split)
-    for step in pending:
-      checkpoint.check_architecture(manager, step, config.to_dict())
-      variables = checkpoint.restore_subset(manager, step, abstract)
+    available = list_steps(manager)
+    pending = steps_to_evaluate(available, workdir, FLAGS.step, split)
+    for index, step in enumerate(pending):
+      checkpoint.pin_steps(workdir, split, pending[index:])  # the trainer keeps pinned steps
+      try:
+        variables, trainer_config = read_step(manager, step, abstract, config.to_dict())
+      except StepSkipped as skip:
+        record_skip(workdir, step, split, str(skip))
+        if FLAGS.step is not None:
+          raise checkpoint.CheckpointError(f"checkpoint step {step} skipped: {skip}") from None
+        continue
+      finally:
+        if step == pending[-1]:
+          checkpoint.pin_steps(workdir, split, [])
       evaluator.run(workdir, step, variables["params"], variables["batch_stats"])
-    if not FLAGS.watch or final_step in finished_steps(workdir, evaluator.split):
+    done = finished_steps(workdir, split)
+    if FLAGS.watch:
+      missed.update(available, done, trainer_config)
+    if not FLAGS.watch or final_step in done:
       break
     time.sleep(FLAGS.poll_seconds)
   if not (pending or FLAGS.watch) and FLAGS.step is None:

@@ -17,7 +17,8 @@ import flax.linen as nn
 import jax
 from absl import app, logging
 
-from s5scale import checkpoint, cli, data, evaluate, metrics, optim, parallel, steps
+from s5scale import backend, checkpoint, cli, data, evaluate, metrics, optim, parallel, steps
+from s5scale import validate
 from s5scale.nn.model import S5Model
 
 FLAGS = cli.FLAGS
@@ -25,6 +26,7 @@ FLAGS = cli.FLAGS
 
 def main(argv) -> int:
   del argv
+  backend.choose_platform()
   try:
     return train(FLAGS.config, cli.workdir_path(FLAGS.workdir), PREEMPTION)
   except (cli.ConfigError, data.DataError, checkpoint.CheckpointError) as error:
@@ -39,7 +41,7 @@ def train(config, workdir: str, preemption) -> int:
   # ---------------------------------------------------------------- Mesh
   parallel.initialize_distributed()
   cli.fill_num_classes(config)
-  cli.check_config(config, jax.devices(), jax.process_count())
+  validate.check_on_devices(config, jax.devices(), jax.process_count())
   mesh = parallel.make_mesh(config.mesh)
   is_main = jax.process_index() == 0
   logging.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), mesh.size,

@@ -23,7 +23,7 @@ TPU_POD = str(REPO / "launch" / "tpu_pod.sh")
 LOCAL = str(REPO / "launch" / "local.sh")
 WORKDIR = "gs://bucket/s5/run"
 CONFIG = "configs/text_small.py"
-OVERRIDE = "--config.train.num_steps=7"
+OVERRIDE = "--config.train.num_steps=700"  # valid: s5scale.validate runs first
 NUM_WORKERS = 2
 
 FAKE_GCLOUD = r'''#!{python} -S
@@ -205,6 +205,7 @@ class FakeCloud:
         "polls_after_release": 0, "scenario": SCENARIOS[scenario]}))
     self.env = dict(
         os.environ, PATH=f"{self.bin}:{os.environ['PATH']}", FAKE_GCLOUD_DIR=str(self.root),
+        PYTHON=sys.executable,  # validates CONFIG locally with this interpreter
         FAKE_BIN=str(self.bin), TPU_NAME="s5-test", ZONE="us-west4-a",
         ACCELERATOR_TYPE="v5litepod-16", WORKDIR=WORKDIR, SPOT="1", POLL_SECONDS="0.02",
         MAX_RESTARTS="4")

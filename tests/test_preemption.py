@@ -220,7 +220,7 @@ def test_sigterm_before_training_exits_0_leaving_checkpoints(tmp_path, uninterru
 def test_init_from_loads_parameters_only(tmp_path, uninterrupted):
   # A zero learning rate leaves the loaded parameters unchanged through one step.
   flags = runs.overrides(train__num_steps=1, checkpoint__every_steps=1, optim__learning_rate=0.0,
-                         optim__ssm_learning_rate=0.0,
+                         optim__ssm_learning_rate=0.0, optim__warmup_steps=1,
                          checkpoint__init_from=str(uninterrupted))
   result = runs.run("train", "text_small.py", tmp_path, flags)
   assert result.returncode == 0, result.stderr[-3000:]

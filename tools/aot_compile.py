@@ -33,7 +33,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from s5scale import cli, data, hlo_stats, parallel, train
+from s5scale import cli, data, hlo_stats, parallel, train, validate
 
 GiB = 2**30
 EXIT_OVER_HBM = 1
@@ -97,9 +97,7 @@ def tpu_devices(topology: str, num_slices: int) -> list:
 def compile_train_step(config, devices):
   """The compiled train step, model size and timings, built exactly as s5scale.train builds it."""
   process_count = len({d.process_index for d in devices})
-  cli.check_config(config, devices, process_count)
-  if config.model.input_kind == "tokens" and config.model.vocab_size <= 0:
-    raise cli.ConfigError("model.vocab_size must be set (> 0) to compile ahead of time")
+  validate.check_on_devices(config, devices, process_count)
   mesh = parallel.make_mesh(config.mesh, devices)
   try:
     sample_batch = data.example_batch(config.data, config.data.batch_size)

@@ -1,0 +1,144 @@
+"""The eval job beside a trainer that rotates its checkpoints: it never crashes, records each step
+as evaluated or skipped, and the trainer keeps the step the eval job has pinned."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from s5scale import checkpoint, evaluate
+from tests import runs
+
+NUM_STEPS = 100  # ~20 s of saves: the watcher is reading long before the trainer ends
+EVERY = 2
+
+
+def start(module: str, workdir, flags: list[str], log_path) -> subprocess.Popen:
+  log = open(log_path, "w")  # a file, not a pipe: neither process may block on a full pipe
+  return subprocess.Popen(runs.command(module, "text_small.py", workdir, flags),
+                          env=runs.env_for(), stdout=log, stderr=subprocess.STDOUT, text=True,
+                          cwd=runs.REPO)
+
+
+def test_watch_beside_a_trainer_that_keeps_one_step(tmp_path):
+  flags = runs.overrides(train__num_steps=NUM_STEPS, checkpoint__every_steps=EVERY,
+                         checkpoint__keep=1, eval__every_steps=0, eval__max_batches=1)
+  watcher = start("evaluate", tmp_path, flags + ["--watch", "--poll_seconds=0.05"],
+                  tmp_path / "watch.log")
+  trainer = start("train", tmp_path, flags, tmp_path / "train.log")
+  try:
+    assert trainer.wait(timeout=600) == 0, (tmp_path / "train.log").read_text()[-3000:]
+    assert watcher.wait(timeout=600) == 0, (tmp_path / "watch.log").read_text()[-3000:]
+  finally:
+    for process in (trainer, watcher):
+      if process.poll() is None:
+        process.kill()
+  watch_log = (tmp_path / "watch.log").read_text()
+  # orbax's own async readers may print a traceback for a restore that the trainer cut short;
+  # none may come from s5scale's code.
+  assert f'File "{runs.REPO}/s5scale' not in watch_log
+
+  saved = set(range(EVERY, NUM_STEPS + 1, EVERY))  # the trainer's save schedule
+  records = runs.read_jsonl(tmp_path / "eval" / "metrics.jsonl")
+  steps = [r["step"] for r in records]
+  assert len(steps) == len(set(steps)) and set(steps) <= saved
+  for record in records:
+    assert record["split"] == "heldout"
+    if "skipped" in record:
+      assert set(record) == {"step", "split", "skipped"} and record["skipped"], record
+    else:
+      assert math.isfinite(record["heldout/loss"]) and record["heldout/num_batches"] == 1
+  final = [r for r in records if r["step"] == NUM_STEPS]
+  assert final and "skipped" not in final[0]
+  assert len(records) >= 2, "the watcher read no step while the trainer was running"
+  if saved - set(steps):  # rotation deleted steps the watcher never saw: it says so
+    assert "missed" in watch_log and "Raise checkpoint.keep (now 1)" in watch_log
+
+
+def save_tiny_step(manager, step: int) -> None:
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave({"w": np.full(2, step, np.float32)}),
+      config=ocp.args.JsonSave({}), meta=ocp.args.JsonSave({})))
+  manager.wait_until_finished()
+
+
+def steps_on_disk(workdir) -> list[int]:
+  return sorted(int(name) for name in os.listdir(checkpoint.checkpoint_dir(workdir))
+                if name.isdigit())
+
+
+def test_the_trainer_keeps_the_step_an_eval_job_pinned(tmp_path):
+  workdir = str(tmp_path)
+  config = runs_checkpoint_config(keep=1)
+  manager = checkpoint.make_manager(workdir, config)
+  save_tiny_step(manager, 1)
+  checkpoint.pin_steps(workdir, "heldout", [1])
+  for step in (2, 3):
+    save_tiny_step(manager, step)
+  assert steps_on_disk(workdir) == [1, 3]  # 1 pinned, 2 rotated out, 3 the newest
+  checkpoint.pin_steps(workdir, "heldout", [])
+  save_tiny_step(manager, 4)
+  assert steps_on_disk(workdir) == [4]
+  checkpoint.pin_steps(workdir, "heldout", [4])
+  checkpoint.pin_steps(workdir, "heldout_step_rescale2", [5])  # a second eval job's pin
+  for step in (5, 6, 7):
+    save_tiny_step(manager, step)
+  assert steps_on_disk(workdir) == [4, 5, 7]
+  # A pin left by a killed eval job stops protecting its steps after PIN_TTL_S.
+  checkpoint.pin_steps(workdir, "heldout_step_rescale2", [])
+  pin_file = checkpoint.pins_dir(workdir) / "heldout.json"
+  pin_file.write_text(json.dumps(dict(steps=[4], time=0.0)))
+  save_tiny_step(manager, 8)
+  assert steps_on_disk(workdir) == [8]
+  manager.close()
+
+
+def runs_checkpoint_config(keep: int):
+  import ml_collections
+  return ml_collections.ConfigDict(dict(keep=keep, keep_every=0, async_save=False))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("trained")
+  flags = runs.overrides(train__num_steps=2, checkpoint__every_steps=2, eval__every_steps=0)
+  result = runs.run("train", "text_small.py", workdir, flags)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, flags
+
+
+def test_a_step_deleted_after_listing_is_skipped(trained, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(trained[0], workdir)
+  manager = checkpoint.open_readonly(str(workdir))
+  assert evaluate.list_steps(manager) == [2]
+  shutil.rmtree(workdir / "checkpoints" / "2")  # the trainer's rotation, between list and read
+  with pytest.raises(evaluate.StepSkipped, match="deleted by checkpoint rotation"):
+    evaluate.read_step(manager, 2, abstract={}, config_dict={})
+
+
+@pytest.mark.parametrize("part", ["state", "config", "meta", "data_iter",
+                                  checkpoint.STEP_METADATA])
+def test_removed_part_of_a_step_is_a_skip_or_exit_2_naming_it(trained, tmp_path, part):
+  source, flags = trained
+  workdir = tmp_path / "copy"
+  shutil.copytree(source, workdir)
+  target = workdir / "checkpoints" / "2" / part
+  assert target.exists()
+  shutil.rmtree(target) if target.is_dir() else target.unlink()
+  result = runs.run("evaluate", "text_small.py", workdir, flags + ["--step=2"])
+  output = result.stdout + result.stderr
+  assert "Traceback" not in output
+  assert result.returncode == 2, output[-3000:]
+  assert "step 2" in output or "--step=2" in output
+  records_path = workdir / "eval" / "metrics.jsonl"
+  records = runs.read_jsonl(records_path) if records_path.exists() else []
+  assert all("skipped" in r for r in records)  # no evaluation of an incomplete step
+  if records:
+    assert records == [{"step": 2, "split": "heldout", "skipped": records[0]["skipped"]}]
+    assert part in records[0]["skipped"]
