@@ -96,6 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
       seq_len=0,                    # 0: data.seq_len; longer rows give the LM more context
       step_rescale=1.0,             # evaluate at another sample rate with no retraining
       compressor_baselines=True,    # LM: also report xz -9e / gzip -9 on the same held-out bytes
+      recompute_batch_stats=0,      # N > 0 (model.norm="batch"): BatchNorm statistics recomputed
+                                    # on the first N training batches before scoring; 0: as saved
+      lowpass_hz=0.0,               # classify: > 0 band-limits held-out clips at this cutoff
+                                    # (0 < 2 * lowpass_hz < data.sample_rate); 0: off
   ))
 
   c.generate = ml_collections.ConfigDict(dict(
