@@ -142,15 +142,18 @@ def test_recomputed_batch_stats_average_each_batch_norm_input_over_batches():
                                atol=1e-5)
 
 
-@pytest.mark.slow
-def test_sample_quality_scores_lm_samples_and_a_wav_dir_against_ceiling_and_floor(tmp_path):
-  source = tmp_path / "sc"
+FRACTION = 0.3
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+  """A two-word synthetic Speech Commands tree, a classifier and an audio LM trained on it."""
+  root = tmp_path_factory.mktemp("runs")
+  source = root / "sc"
   _speech_commands_tree(source)
-  fraction = 0.3
-  heldout_clips = len(_heldout_speakers(fraction)) * len(WORDS)
-  shared = runs.overrides(data__source=source, data__heldout_fraction=fraction,
+  shared = runs.overrides(data__source=source, data__heldout_fraction=FRACTION,
                           data__sample_rate=SAMPLE_RATE, data__batch_size=4, eval__every_steps=0)
-  classifier, lm = tmp_path / "classifier", tmp_path / "lm"
+  classifier, lm = root / "classifier", root / "lm"
   classifier_flags = shared + ["--config.data.seq_len=400", "--config.train.num_steps=30",
                                 "--config.model.dropout=0"]
   result = runs.run("train", "speech_commands.py", classifier, classifier_flags + [
@@ -160,6 +163,15 @@ def test_sample_quality_scores_lm_samples_and_a_wav_dir_against_ceiling_and_floo
                        "--config.checkpoint.every_steps=2", "--config.generate.length=400"]
   result = runs.run("train", "spoken_digits_lm.py", lm, lm_flags)
   assert result.returncode == 0, result.stderr[-3000:]
+  return dict(source=source, classifier=classifier, lm=lm, classifier_flags=classifier_flags,
+              lm_flags=lm_flags)
+
+
+@pytest.mark.slow
+def test_sample_quality_scores_lm_samples_and_a_wav_dir_against_ceiling_and_floor(tiny_runs):
+  source, classifier, lm = tiny_runs["source"], tiny_runs["classifier"], tiny_runs["lm"]
+  classifier_flags, lm_flags = tiny_runs["classifier_flags"], tiny_runs["lm_flags"]
+  heldout_clips = len(_heldout_speakers(FRACTION)) * len(WORDS)
 
   num_samples = 6
   result = runs.run("sample_quality", "spoken_digits_lm.py", lm, lm_flags + [
@@ -204,3 +216,27 @@ def test_sample_quality_scores_lm_samples_and_a_wav_dir_against_ceiling_and_floo
   assert record["split"] == split and record[f"{split}/num_predictions"] == heldout_clips
   # Both tones (200 Hz, 1.1 kHz) lie below the cutoff, so band-limiting leaves the task as easy.
   assert record[f"{split}/accuracy"] == 1.0
+
+
+@pytest.mark.slow
+def test_context_curve_scores_each_length_as_the_eval_job_does(tiny_runs, tmp_path):
+  lm, lm_flags = tiny_runs["lm"], tiny_runs["lm_flags"]
+  output = tmp_path / "curve.png"
+  result = subprocess.run(
+      [sys.executable, f"{runs.REPO}/tools/context_curve.py",
+       f"--config={runs.REPO}/configs/spoken_digits_lm.py", f"--workdir={lm}", "--step=4",
+       "--seq_lens=16,128", f"--output={output}", *lm_flags],
+      env=runs.env_for(1), capture_output=True, text=True, timeout=600, cwd=runs.REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = runs.read_jsonl(f"{output}.jsonl")
+  assert [r["seq_len"] for r in rows] == [16, 128] and all(r["step"] == 4 for r in rows)
+  import matplotlib.image  # pylint: disable=g-import-not-at-top
+  assert matplotlib.image.imread(output).shape[:2] == (400, 600)
+  # The eval job at eval.seq_len=16, a separate process, gives the first point.
+  result = runs.run("evaluate", "spoken_digits_lm.py", lm,
+                    lm_flags + ["--step=4", "--config.eval.seq_len=16"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  heldout = [r for r in runs.read_jsonl(lm / "eval" / "metrics.jsonl") if r["split"] == "heldout"]
+  assert heldout[-1]["heldout/bits_per_sample"] == pytest.approx(rows[0]["bits_per_sample"],
+                                                                rel=1e-6)
+  assert heldout[-1]["heldout/num_predictions"] == rows[0]["num_predictions"]
