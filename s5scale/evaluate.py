@@ -17,7 +17,6 @@ another Δ).
 """
 
 import itertools
-
 import math
 import os
 import sys

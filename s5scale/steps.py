@@ -117,7 +117,6 @@ def init_train_state(model, optimizer, config, sample_batch: dict) -> TrainState
                     bad_steps=jnp.zeros((), jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
 
 
-
 def make_batch_statistics_step(model):
   """(params, batch_stats, batch) -> every BatchNorm's statistics of this batch, in training mode.
 
