@@ -168,8 +168,10 @@ def run() -> int:
   else:
     workdir = cli.workdir_path(FLAGS.workdir)
   cli.setup_logging(workdir, "sample_quality")
-  reference = FLAGS.reference or (FLAGS.config.data.source if FLAGS.config else "")
-  if not reference:
+  # "" is a source too: the embedded default corpus of data.kind.
+  reference = FLAGS.reference if FLAGS.reference is not None else (
+      FLAGS.config.data.source if FLAGS.config else None)
+  if reference is None:
     raise cli.ConfigError("--reference=DATA_SOURCE is needed with --samples_dir and no --config")
   scorer = clip_scorer.ClipScorer.from_workdir(
       classifier_workdir, FLAGS.classifier_step,
