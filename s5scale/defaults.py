@@ -103,6 +103,9 @@ EVAL = dict(
     seq_len=f(0, Optional0),                        # 0: data.seq_len; longer gives more context
     step_rescale=f(1.0, Real(gt=0)),                # another sample rate, no retraining
     compressor_baselines=f(True, Bool()),           # LM: also xz -9e / gzip -9 on held-out bytes
+    recompute_batch_stats=f(0, Optional0),          # N > 0 (norm="batch"): BatchNorm statistics
+                                                    # from N training batches first; 0: as saved
+    lowpass_hz=f(0.0, Real(ge=0)),                  # classify: band-limit held-out clips; 0: off
 )
 
 GENERATE = dict(
@@ -167,6 +170,9 @@ RULES = [
     Rule(("model.ssm_size", "model.conj_sym", "mesh.model", "mesh.dcn_model"),
          lambda p, conj, *axes: (p // 2 if conj else p) % mesh_ways(*axes) == 0,
          "model.ssm_size's complex states (P/2 with conj_sym) divisible by mesh.model"),
+    Rule(("eval.lowpass_hz", "data.sample_rate", "model.task"),
+         lambda cutoff, rate, task: cutoff == 0 or (task == "classify" and 2 * cutoff < rate),
+         "eval.lowpass_hz 0, or (model.task=classify) with 2 x eval.lowpass_hz < data.sample_rate"),
 ]
 
 

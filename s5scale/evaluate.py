@@ -8,8 +8,15 @@ already recorded there, so a restarted job does not redo work.
 Zero-shot at another sample rate: `--config.data.sample_rate=8000 --config.data.seq_len=8000
 --config.eval.step_rescale=2` on a 16 kHz model records split "heldout_step_rescale2", beside the
 plain "heldout" records, so both are kept and neither is skipped as already done.
+
+Two diagnostics get their own split names the same way: `--config.eval.recompute_batch_stats=N`
+("heldout_recomputed_bn<N>": BatchNorm statistics recomputed on N training batches before
+scoring, s5scale/steps.py) and `--config.eval.lowpass_hz=F` ("heldout_lowpass<F>": held-out clips
+band-limited at F Hz, to tell a classifier that needs the energy above F from one that fails at
+another Δ).
 """
 
+import itertools
 import math
 import os
 import sys
@@ -22,15 +29,23 @@ import numpy as np
 from absl import app, flags, logging
 
 from s5scale import backend, baselines, checkpoint, cli, data, metrics, parallel, steps, validate
+from s5scale.data import audio as audio_lib
 from s5scale.nn.model import S5Model
 
 SPLIT = "heldout"
 
 
 def split_name(config) -> str:
-  """"heldout", or "heldout_step_rescale<r>" for a zero-shot evaluation with eval.step_rescale=r."""
-  rescale = config.eval.step_rescale
-  return SPLIT if rescale == 1.0 else f"{SPLIT}_step_rescale{rescale:g}"
+  """"heldout", or "heldout_step_rescale<r>" for a zero-shot evaluation with eval.step_rescale=r;
+  "_recomputed_bn<N>" and "_lowpass<F>" mark the diagnostics (module docstring)."""
+  name, settings = SPLIT, config.eval
+  if settings.step_rescale != 1.0:
+    name += f"_step_rescale{settings.step_rescale:g}"
+  if settings.recompute_batch_stats and config.model.norm == "batch":
+    name += f"_recomputed_bn{settings.recompute_batch_stats}"
+  if settings.lowpass_hz:
+    name += f"_lowpass{settings.lowpass_hz:g}"
+  return name
 
 
 class Evaluator:
@@ -51,6 +66,32 @@ class Evaluator:
         return eval_step(params, batch_stats, batch)
 
     self.eval_step = jax.jit(eval_step_on_mesh)
+    batch_statistics = steps.make_batch_statistics_step(model)
+
+    def batch_statistics_on_mesh(params, batch_stats, batch):
+      with parallel.logical_constraints(mesh):
+        return batch_statistics(params, batch_stats, batch)
+
+    self.batch_statistics = jax.jit(batch_statistics_on_mesh)
+
+  def recomputed_batch_stats(self, params, batch_stats):
+    """BatchNorm statistics recomputed on the first eval.recompute_batch_stats training batches
+    (deterministic: the train stream's first batches), or batch_stats as saved."""
+    num_batches = self.config.eval.recompute_batch_stats
+    if not (num_batches and batch_stats):
+      return batch_stats
+    train_batches = data.make_iterator(self.config.data, "train", process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+    batches = (parallel.global_batch(b, self.mesh)
+               for b in itertools.islice(train_batches, num_batches))
+    return steps.recompute_batch_stats(self.batch_statistics, params, batch_stats, batches)
+
+  def lowpass(self, local_batch: dict) -> dict:
+    if not self.config.eval.lowpass_hz:
+      return local_batch
+    inputs = audio_lib.band_limit(local_batch["inputs"], self.config.data.sample_rate,
+                                  self.config.eval.lowpass_hz, axis=1)
+    return {**local_batch, "inputs": inputs * local_batch["mask"][..., None]}
 
   def evaluate(self, params, batch_stats) -> dict:
     data_config = self.config.data.copy_and_resolve_references().unlock()
@@ -59,9 +100,11 @@ class Evaluator:
     batches = data.make_iterator(data_config, SPLIT, process_index=jax.process_index(),
                                  process_count=jax.process_count(), num_epochs=1)
     totals, num_batches, start, scored = None, 0, time.time(), []
+    batch_stats = self.recomputed_batch_stats(params, batch_stats)
     for local_batch in batches:
       if self.config.eval.max_batches and num_batches >= self.config.eval.max_batches:
         break
+      local_batch = self.lowpass(local_batch)
       sums = self.eval_step(params, batch_stats, parallel.global_batch(local_batch, self.mesh))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
       num_batches += 1

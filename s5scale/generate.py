@@ -68,8 +68,10 @@ def prompt_tokens(data_config, prompt: str, batch: int) -> np.ndarray:
   return np.tile(tokens[None], (batch, 1))
 
 
-def write_samples(workdir: str, step: int, data_config, tokens: np.ndarray, writer) -> list[str]:
-  out_dir = os.path.join(workdir, "samples")
+def write_samples(workdir: str, step: int, data_config, tokens: np.ndarray, writer,
+                  subdir: str = "") -> list[str]:
+  """One WAV or .txt per row into workdir/samples[/subdir]; writer (or None): tensorboard."""
+  out_dir = os.path.join(workdir, "samples", subdir)
   os.makedirs(out_dir, exist_ok=True)
   paths = []
   for index, row in enumerate(tokens):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from s5scale import optim
+from s5scale.nn.blocks import BATCH_NORM_MOMENTUM
 
 
 @flax.struct.dataclass
@@ -115,3 +116,40 @@ def init_train_state(model, optimizer, config, sample_batch: dict) -> TrainState
                     batch_stats=variables.get("batch_stats", {}), rng=rng,
                     bad_steps=jnp.zeros((), jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
 
+
+def make_batch_statistics_step(model):
+  """(params, batch_stats, batch) -> every BatchNorm's statistics of this batch, in training mode.
+
+  Each layer normalises with the batch's own statistics (as in training), so what a layer sees
+  follows from the layers below it as during training; dropout is off, as it is when the
+  statistics are used. Flax only exposes the running update momentum * old + (1 - momentum) *
+  batch; from zero running statistics that is (1 - momentum) * batch, which is divided back out.
+  """
+  without_dropout = model.clone(dropout=0.0)
+
+  def batch_statistics(params, batch_stats, batch):
+    zeros = jax.tree.map(jnp.zeros_like, batch_stats)
+    _, updated = forward(without_dropout, params, zeros, {"inputs": batch["inputs"],
+                                                           "mask": batch.get("mask")}, train=True)
+    return jax.tree.map(lambda s: s / (1.0 - BATCH_NORM_MOMENTUM), updated)
+
+  return batch_statistics
+
+
+def recompute_batch_stats(batch_statistics_step, params, batch_stats, batches) -> Any:
+  """Population BatchNorm statistics: the mean over `batches` of each batch's mean and variance.
+
+  What the field does before evaluating a checkpoint whose running averages trail its parameters
+  (PyTorch's torch.optim.swa_utils.update_bn with momentum=None). Returns batch_stats unchanged
+  when there are none or no batches.
+  """
+  if not batch_stats:
+    return batch_stats
+  total, count = None, 0
+  for batch in batches:
+    stats = batch_statistics_step(params, batch_stats, batch)
+    total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+    count += 1
+  if total is None:
+    return batch_stats
+  return jax.tree.map(lambda s: s / count, total)

@@ -89,6 +89,8 @@ BAD_VALUES = {
     "eval.seq_len": [-1],
     "eval.step_rescale": [0.0, -1.0],
     "eval.compressor_baselines": ["xz"],
+    "eval.recompute_batch_stats": [-1, 2.5],
+    "eval.lowpass_hz": [-1.0, float("nan")],
     "generate.num_samples": [0],
     "generate.length": [0, -1],
     "generate.temperature": [-1.0],
@@ -112,6 +114,7 @@ CROSS_KEY = [
     ({"model.d_model": 12, "mesh.model": 8}, "model.d_model"),
     ({"model.d_model": 16, "mesh.dcn_fsdp": 3}, "model.d_model"),
     ({"model.ssm_size": 24, "mesh.model": 8}, "model.ssm_size"),  # 12 complex states
+    ({"eval.lowpass_hz": 4000.0}, "eval.lowpass_hz"),               # an LM has no clips to filter
 ]
 
 # Edge values that must pass: the validator does not refuse everything.

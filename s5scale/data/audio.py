@@ -78,6 +78,26 @@ def resample(waveform: np.ndarray, source_rate: int, target_rate: int) -> np.nda
   return signal.resample_poly(waveform.astype(np.float32), up, down).astype(np.float32)
 
 
+def band_limit(waveforms: np.ndarray, sample_rate: int, cutoff_hz: float, axis: int = -1):
+  """Removes content above cutoff_hz exactly as a round trip through a 2·cutoff_hz rate does.
+
+  Resampling down to 2·cutoff_hz and back up applies `resample`'s own anti-aliasing low-pass, so
+  a clip keeps what the same clip loaded at the lower rate carries, still at sample_rate. Length
+  along `axis` is kept. float32 out.
+  """
+  from scipy import signal  # pylint: disable=g-import-not-at-top  # slow import; rarely needed
+  low_rate = int(round(2 * cutoff_hz))
+  if not 0 < low_rate < sample_rate:
+    raise ValueError(f"cutoff {cutoff_hz} Hz must be between 0 and the Nyquist frequency "
+                     f"{sample_rate / 2} Hz")
+  divisor = math.gcd(int(sample_rate), low_rate)
+  up, down = low_rate // divisor, int(sample_rate) // divisor
+  low = signal.resample_poly(np.asarray(waveforms, np.float32), up, down, axis=axis)
+  back = signal.resample_poly(low, down, up, axis=axis)
+  length = np.shape(waveforms)[axis]
+  return np.take(back, np.arange(length), axis=axis).astype(np.float32)
+
+
 def peak_normalize(waveform: np.ndarray) -> np.ndarray:
   """Scales so max |sample| is 1; an all-silent clip stays silent."""
   peak = float(np.max(np.abs(waveform))) if waveform.size else 0.0

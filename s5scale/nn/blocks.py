@@ -12,6 +12,8 @@ from s5scale.nn.s5 import S5
 
 ACTIVATIONS = ("full_glu", "half_glu1", "half_glu2", "gelu")
 NORMS = ("layer", "rms", "batch")
+# Running statistics <- momentum * running + (1 - momentum) * batch's (see Norm).
+BATCH_NORM_MOMENTUM = 0.9
 
 
 def logical_dense(features, names, dtype, name):
@@ -34,7 +36,8 @@ class Norm(nn.Module):
     # Statistics pool every (batch, time) position (all axes but features), as in the paper.
     # Momentum 0.9 as in the paper's code: with flax's 0.99 the running statistics still hold a
     # third of their initial value after 100 steps, and a short run evaluates badly.
-    return nn.BatchNorm(use_running_average=not self.train, axis=-1, momentum=0.9)(x)
+    return nn.BatchNorm(use_running_average=not self.train, axis=-1,
+                        momentum=BATCH_NORM_MOMENTUM)(x)
 
 
 class ResidualBlock(nn.Module):

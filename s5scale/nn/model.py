@@ -89,12 +89,32 @@ class S5Model(nn.Module):
     Returns:
       (batch, L, vocab) float32 logits for "lm", (batch, num_classes) for "classify".
     """
-    x = nn.with_logical_constraint(self._embed(inputs), ("batch", "length", "act_embed"))
-    x, _ = self._run_blocks(x, reset, None, train)
-    x = Norm(self.norm, train, name="final_norm")(x)
+    x = self._trunk(inputs, reset, train)
     if self.task == "lm":
       return self._head(x)
     return self._head(pool(x, mask, self.pooling))
+
+  @nn.compact
+  def pooled_features(self, inputs, *, mask=None):
+    """Classifier: the pooled features its linear head reads, and the logits (evaluation mode).
+
+    The penultimate features of a classifier, e.g. for FID (s5scale/sample_metrics.py). Same
+    parameters and statistics as __call__; nothing is added to a checkpoint.
+
+    Args:
+      inputs: (batch, L, C) float.
+      mask: (batch, L) float, 1 on real steps.
+    Returns:
+      ((batch, d_model) float32 features, (batch, num_classes) float32 logits).
+    """
+    features = pool(self._trunk(inputs, None, train=False), mask, self.pooling)
+    return features.astype(jnp.float32), self._head(features)
+
+  def _trunk(self, inputs, reset, train: bool):
+    """(batch, L[, C]) inputs -> (batch, L, H) normalised outputs of the last block."""
+    x = nn.with_logical_constraint(self._embed(inputs), ("batch", "length", "act_embed"))
+    x, _ = self._run_blocks(x, reset, None, train)
+    return Norm(self.norm, train, name="final_norm")(x)
 
   @nn.compact
   def prefill(self, inputs):
