@@ -93,13 +93,16 @@ def pin_steps(workdir: str, name: str, steps: list[int]) -> None:
   if jax.process_index() != 0:
     return
   pin_file = pins_dir(workdir) / f"{name}.json"
-  if not steps:
-    pin_file.unlink(missing_ok=True)
-    return
-  pin_file.parent.mkdir(parents=True, exist_ok=True)
-  temporary = pin_file.parent / f".{name}.json.tmp"
-  temporary.write_text(json.dumps(dict(steps=[int(s) for s in steps], time=time.time())))
-  temporary.rename(pin_file)  # the trainer never reads a half-written pin
+  try:
+    if not steps:
+      pin_file.unlink(missing_ok=True)
+      return
+    pin_file.parent.mkdir(parents=True, exist_ok=True)
+    temporary = pin_file.parent / f".{name}.json.tmp"
+    temporary.write_text(json.dumps(dict(steps=[int(s) for s in steps], time=time.time())))
+    temporary.replace(pin_file)  # the trainer never reads a half-written pin
+  except OSError as error:  # a pin only narrows the race; reading goes on without it
+    logging.warning("could not write the eval pin %s: %s", pin_file, error)
 
 
 def missing_parts(directory, step: int) -> list[str]:

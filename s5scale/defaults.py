@@ -5,15 +5,18 @@ here means an unknown `--config.x.y` override is caught (ml_collections configs 
 error can list the valid keys. `s5scale.validate` checks a resolved config against CONSTRAINTS and
 RULES before anything is compiled or read; a violation exits 2 naming the key.
 
-Adding a key is one line in its section: `name=field(default, Int(ge=1)),  # what it is`. A rule
-that ties keys together is one `Rule((keys...), lambda *values: ..., "what must hold")` in RULES.
+Adding a key is one line in its section: `name=f(default, Int(ge=1)),  # what it is` (f is
+config_schema.field; constraints: Int, Real, OneOf, Bool, Text, Check). A rule that ties keys
+together is one `Rule((keys...), lambda *values: ..., "what must hold")` in RULES. A key declared
+without a constraint fails at import; tests/test_config_validation.py then asks for a value that
+the new constraint must refuse (BAD_VALUES).
 """
 
 from s5scale.config_schema import Bool, Int, OneOf, Real, Rule, Text, build_config, constraints_of
 from s5scale.config_schema import field as f
 
 Count = Int(ge=1)          # steps, sizes, counts: at least one
-Optional0 = Int(ge=0)      # 0 means "off" or "use the default" (said beside the key)
+NonNegative = Int(ge=0)    # 0 means "off" or "use the default" (said beside the key)
 MeshSize = Int(ge=1, also=(-1,))  # -1 fills the rest of the devices
 Seed = Int(ge=0)
 
@@ -21,7 +24,7 @@ MODEL = dict(
     task=f("lm", OneOf("lm", "classify")),          # next-token or classification
     input_kind=f("tokens", OneOf("tokens", "continuous")),  # embedding or linear encoder
     vocab_size=f(260, Count),                       # tokens; at least the data's (bytes: 260)
-    num_classes=f(0, Optional0),                    # classify: 0 = the label folders in data.source
+    num_classes=f(0, NonNegative),                    # classify: 0 = the label folders in data.source
     num_layers=f(4, Count),
     d_model=f(128, Count),                          # H
     ssm_size=f(128, Count),                         # P (P/2 complex states with conj_sym)
@@ -39,7 +42,7 @@ MODEL = dict(
     norm=f("layer", OneOf("layer", "rms", "batch")),
     prenorm=f(True, Bool()),
     activation=f("half_glu1", OneOf("full_glu", "half_glu1", "half_glu2", "gelu")),
-    mlp_ratio=f(0, Optional0),                      # 0: no MLP after the SSM
+    mlp_ratio=f(0, NonNegative),                      # 0: no MLP after the SSM
     dropout=f(0.0, Real(ge=0, lt=1)),
     pooling=f("mean", OneOf("mean", "last")),       # classify
     compute_dtype=f("float32", OneOf("float32", "bfloat16")),  # matmuls; parameters stay f32
@@ -58,7 +61,7 @@ DATA = dict(
     sample_rate=f(16000, Count),                    # audio
     quantization=f("mulaw", OneOf("mulaw", "linear")),  # audio
     bits=f(8, Int(ge=1, le=16)),                    # audio quantization bits (vocab 2**bits)
-    num_workers=f(0, Optional0),                    # grain worker processes (0: in-process)
+    num_workers=f(0, NonNegative),                    # grain worker processes (0: in-process)
     task=f("lm", OneOf("lm", "classify")),          # classify: labels are folder names
     read_threads=f(4, Count),                       # per process (or worker), reading/decoding
 )
@@ -69,7 +72,7 @@ OPTIM = dict(
     weight_decay=f(0.05, Real(ge=0)),
     b1=f(0.9, Real(ge=0, lt=1)),
     b2=f(0.999, Real(ge=0, lt=1)),
-    warmup_steps=f(100, Optional0),
+    warmup_steps=f(100, NonNegative),
     schedule=f("cosine", OneOf("cosine", "constant")),  # after warmup
     min_lr_ratio=f(0.0, Real(ge=0, le=1)),
     clip_norm=f(1.0, Real(ge=0)),                   # global-norm clipping; 0 disables
@@ -91,16 +94,16 @@ MESH = dict(                                        # per-slice (ICI) sizes; -1 
 CHECKPOINT = dict(
     every_steps=f(200, Count),
     keep=f(3, Count),                               # newest steps kept (an eval job may pin more)
-    keep_every=f(0, Optional0),                     # 0: none kept permanently
+    keep_every=f(0, NonNegative),                     # 0: none kept permanently
     init_from=f("", Text()),                        # workdir or checkpoint dir: params only
     async_save=f(True, Bool()),
 )
 
 EVAL = dict(
-    every_steps=f(500, Optional0),                  # inline eval during training; 0 disables
-    max_batches=f(0, Optional0),                    # 0: the full held-out split
-    batch_size=f(0, Optional0),                     # 0: data.batch_size
-    seq_len=f(0, Optional0),                        # 0: data.seq_len; longer gives more context
+    every_steps=f(500, NonNegative),                  # inline eval during training; 0 disables
+    max_batches=f(0, NonNegative),                    # 0: the full held-out split
+    batch_size=f(0, NonNegative),                     # 0: data.batch_size
+    seq_len=f(0, NonNegative),                        # 0: data.seq_len; longer gives more context
     step_rescale=f(1.0, Real(gt=0)),                # another sample rate, no retraining
     compressor_baselines=f(True, Bool()),           # LM: also xz -9e / gzip -9 on held-out bytes
     recompute_batch_stats=f(0, Optional0),          # N > 0 (norm="batch"): BatchNorm statistics

@@ -81,20 +81,23 @@ def test_the_trainer_keeps_the_step_an_eval_job_pinned(tmp_path):
   for step in (2, 3):
     save_tiny_step(manager, step)
   assert steps_on_disk(workdir) == [1, 3]  # 1 pinned, 2 rotated out, 3 the newest
-  checkpoint.pin_steps(workdir, "heldout", [])
+  checkpoint.pin_steps(workdir, "heldout", [1, 3])  # rewrites the job's pin
   save_tiny_step(manager, 4)
-  assert steps_on_disk(workdir) == [4]
-  checkpoint.pin_steps(workdir, "heldout", [4])
-  checkpoint.pin_steps(workdir, "heldout_step_rescale2", [5])  # a second eval job's pin
-  for step in (5, 6, 7):
+  assert steps_on_disk(workdir) == [1, 3, 4]
+  checkpoint.pin_steps(workdir, "heldout", [])
+  save_tiny_step(manager, 5)
+  assert steps_on_disk(workdir) == [5]
+  checkpoint.pin_steps(workdir, "heldout", [5])
+  checkpoint.pin_steps(workdir, "heldout_step_rescale2", [6])  # a second eval job's pin
+  for step in (6, 7, 8):
     save_tiny_step(manager, step)
-  assert steps_on_disk(workdir) == [4, 5, 7]
+  assert steps_on_disk(workdir) == [5, 6, 8]
   # A pin left by a killed eval job stops protecting its steps after PIN_TTL_S.
   checkpoint.pin_steps(workdir, "heldout_step_rescale2", [])
   pin_file = checkpoint.pins_dir(workdir) / "heldout.json"
-  pin_file.write_text(json.dumps(dict(steps=[4], time=0.0)))
-  save_tiny_step(manager, 8)
-  assert steps_on_disk(workdir) == [8]
+  pin_file.write_text(json.dumps(dict(steps=[5], time=0.0)))
+  save_tiny_step(manager, 9)
+  assert steps_on_disk(workdir) == [9]
   manager.close()
 
 
