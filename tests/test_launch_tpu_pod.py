@@ -91,7 +91,8 @@ def act(action):
   elif action == "stale":  # as crash, plus a stray process holding worker 0's TPU device
     home = homes()[0]
     stray = subprocess.Popen(["bash", "-c", 'exec 9<"$1"; exec sleep 300', "_",
-                              os.path.join(home, "dev", "accel0")], start_new_session=True)
+                              os.path.join(home, "dev", "accel0")], start_new_session=True,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     open(os.path.join(root, "strays"), "a").write(f"{stray.pid}\n")
     control(1, homes()[1:2])
   elif action == "bad_config":
@@ -157,7 +158,9 @@ node = words[5].split(":", 1)[0] if verb == "scp" else words[4]
 streaming = verb == "ssh" and flags.get("command", "").startswith("tail ")
 if group == "queued-resources":
   if verb == "create":
-    if state["qr"]:
+    if "bogus" in flags["accelerator-type"]:
+      err, rc = "ERROR: (gcloud.compute.tpus.queued-resources.create) INVALID_ARGUMENT: accelerator type not available in zone", 1
+    elif state["qr"]:
       err, rc = "ALREADY_EXISTS", 1
     else:
       state["qr"], state["qr_error"] = "WAITING_FOR_RESOURCES", ""
@@ -514,6 +517,13 @@ def test_relaunch_in_place_stops_stale_trainers_and_clears_the_lock(make_cloud):
   assert "relaunching in place" in done.stderr
   stray = int(cloud.lines("strays")[0])
   assert not os.path.exists(f"/proc/{stray}") or "Z" in pathlib.Path(f"/proc/{stray}/stat").read_text().split()[2]
+
+
+def test_request_rejected_by_the_api_exits_2_at_once(make_cloud):
+  cloud = make_cloud("finish")
+  done = cloud.run(CONFIG, ACCELERATOR_TYPE="v9bogus-16", RUNTIME_VERSION="some-image")
+  assert done.returncode == 2 and "INVALID_ARGUMENT" in done.stderr
+  assert len(indices(cloud.calls(), "create")) == 1  # not retried, not restarted
 
 
 @pytest.mark.parametrize("name", ["v5e-16", "v5e-256"])
