@@ -70,7 +70,8 @@ Environment only:
   DELETE_WHEN_DONE       1 (default): delete the slice after the job finishes; 0: keep it.
   MAX_MISSED_POLLS       polls in a row one worker may fail to answer (on a READY node) before it
                          counts as lost and the slice is recreated. Default 10.
-  GCLOUD_ATTEMPTS        tries of each gcloud step (create, delete, scp, install, launch). Default 3.
+  GCLOUD_ATTEMPTS        tries of each gcloud step (create, delete, scp, install, launch).
+                         Default 3.
   RETRY_SECONDS          pause between tries. Default 30.
   GCLOUD_SECONDS         time limit of a describe, create or delete call. Default 300.
   SSH_SECONDS            time limit of a status poll or launch over ssh. Default 300.
@@ -278,7 +279,9 @@ supervise() {
       finished)
         stop_log_stream
         log "job finished on $SLICE (workdir $WORKDIR)"
-        if ((DELETE_WHEN_DONE)); then delete_slice || log "could not delete $SLICE; delete it by hand"; fi
+        if ((DELETE_WHEN_DONE)); then
+          delete_slice || log "could not delete $SLICE; delete it by hand"
+        fi
         return 0 ;;
       bad_config)
         stop_log_stream

@@ -201,7 +201,8 @@ launch_job() {
         [[ $tag != "$STARTED_TAG" ]] || EXPECTED["$node/$host"]=1
       done <<<"$out"
       # What the workers said while starting (stale trainers stopped, ...).
-      ((DRY_RUN)) || grep -v '^[[:space:]]*$' "$TMP_DIR/gcloud.err" | sed "s|^|  $node: |" >&2 || true
+      ((DRY_RUN)) ||
+        grep -v '^[[:space:]]*$' "$TMP_DIR/gcloud.err" | sed "s|^|  $node: |" >&2 || true
       if ((rc)); then
         log "launch on $node failed (try $attempt/$GCLOUD_ATTEMPTS, exit $rc): $(last_error)"
         break

@@ -34,7 +34,8 @@ class MeshConfigError(ValueError):
 # explicit marker tells "one of several TPU hosts" from "a laptop".
 DISTRIBUTED_MARKER = "S5SCALE_DISTRIBUTED"
 # Set in the environment by GKE (one slice) and by multislice launchers that export it.
-CLUSTER_ENV_KEYS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS")
+CLUSTER_ENV_KEYS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES",
+                    "MEGASCALE_COORDINATOR_ADDRESS")
 
 
 def initialize_distributed() -> None:
@@ -51,7 +52,7 @@ def initialize_distributed() -> None:
     jax.distributed.initialize(coordinator_address=coordinator,
                                num_processes=int(os.environ["S5SCALE_NUM_PROCESSES"]),
                                process_id=int(os.environ["S5SCALE_PROCESS_ID"]))
-  elif os.environ.get(DISTRIBUTED_MARKER) == "1" or any(os.environ.get(k) for k in CLUSTER_ENV_KEYS):
+  elif os.environ.get(DISTRIBUTED_MARKER) == "1" or any(map(os.environ.get, CLUSTER_ENV_KEYS)):
     jax.distributed.initialize()
 
 

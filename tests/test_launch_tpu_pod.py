@@ -57,8 +57,9 @@ def jobs(sig, selected=None):
 
 def control(code, selected):
   os.makedirs(os.path.join(root, "control"), exist_ok=True)
-  for home in selected:
-    open(os.path.join(root, "control", os.path.basename(os.path.dirname(home)) + "-" + os.path.basename(home)), "w").write(str(code))
+  for home in selected:  # named like the worker's hostname: NODE-wI
+    name = os.path.basename(os.path.dirname(home)) + "-" + os.path.basename(home)
+    open(os.path.join(root, "control", name), "w").write(str(code))
   wait_exit(selected)
 
 def wait_exit(selected):
@@ -159,7 +160,7 @@ streaming = verb == "ssh" and flags.get("command", "").startswith("tail ")
 if group == "queued-resources":
   if verb == "create":
     if "bogus" in flags["accelerator-type"]:
-      err, rc = "ERROR: (gcloud.compute.tpus.queued-resources.create) INVALID_ARGUMENT: accelerator type not available in zone", 1
+      err, rc = "ERROR: (gcloud...create) INVALID_ARGUMENT: accelerator type not in zone", 1
     elif state["qr"]:
       err, rc = "ALREADY_EXISTS", 1
     else:
