@@ -464,11 +464,12 @@ def test_ssh_refused_right_after_active_is_retried(make_cloud):
 def test_hanging_scp_is_killed_and_retried(make_cloud):
   cloud = make_cloud("finish", hang_scp=1)
   started = time.time()
-  done = cloud.run(CONFIG, OVERRIDE, SCP_SECONDS="2")
+  # 8 s: a healthy fake copy takes well under a second, even on a loaded machine.
+  done = cloud.run(CONFIG, OVERRIDE, SCP_SECONDS="8")
   calls = finished_once(cloud, done)
   scps = [calls[i] for i in indices(calls, "scp")]
   assert scps[0].get("hung") and scps[-1]["rc"] == 0 and len(scps) == 2
-  assert "timed out after 2s" in done.stderr
+  assert "scp to s5-test failed (try 1/3, exit 124): timed out after 8s" in done.stderr
   assert time.time() - started < 100  # the fake hangs 120 s unless killed
 
 
