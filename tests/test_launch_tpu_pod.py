@@ -59,7 +59,8 @@ def control(code, selected):
   os.makedirs(os.path.join(root, "control"), exist_ok=True)
   for home in selected:  # named like the worker's hostname: NODE-wI
     name = os.path.basename(os.path.dirname(home)) + "-" + os.path.basename(home)
-    open(os.path.join(root, "control", name), "w").write(str(code))
+    path = os.path.join(root, "control", name)
+    open(path + ".tmp", "w").write(str(code)); os.replace(path + ".tmp", path)  # read whole
   wait_exit(selected)
 
 def wait_exit(selected):
