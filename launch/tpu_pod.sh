@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Runs s5scale training (or its eval job) on a Cloud TPU pod slice and keeps it running for days:
-# requests the slice as a queued resource, ships this checkout to every worker, starts the job on
-# all of them, streams worker 0's log, and recreates the slice and relaunches whenever the slice
-# is preempted or the workers die. The run resumes from its checkpoints in WORKDIR.
-# `launch/tpu_pod.sh --help` documents every input.
+# Runs s5scale training (or its eval job) on a Cloud TPU pod slice (or K slices: multislice) and
+# keeps it running for days: requests the slices as one queued resource, ships this checkout to
+# every worker, starts the job on all of them, streams worker 0's log, relaunches in place when the
+# job dies on healthy slices and recreates the slices when they are lost. The run resumes from its
+# checkpoints in WORKDIR. Only MAX_RESTARTS used up (exit 1) or bad input (exit 2) ends it.
+# `launch/tpu_pod.sh --help` documents every input; launch/tpu_pod_lib.sh holds the gcloud calls.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -13,11 +14,12 @@ REMOTE_TARBALL=s5scale.tar.gz
 REMOTE_CODE=s5scale
 REMOTE_WORKER="bash $REMOTE_CODE/launch/tpu_worker.sh"
 REMOTE_LOG=s5scale_run/job.log
-# Each worker answers a status query with one line starting with this tag.
+# Each worker answers a status query (a start) with one line starting with this tag.
 STATUS_TAG=s5scale-status:
+STARTED_TAG=s5scale-started:
 # Flag names that map to input variables (--tpu-name=x sets TPU_NAME=x).
 VALUE_FLAGS=" tpu-name zone project accelerator-type runtime-version workdir max-restarts"
-VALUE_FLAGS+=" poll-seconds eval-accelerator-type eval-runtime-version "
+VALUE_FLAGS+=" poll-seconds eval-accelerator-type eval-runtime-version num-slices "
 
 usage() {
   cat <<'EOF'
@@ -26,26 +28,36 @@ Usage: launch/tpu_pod.sh [options] CONFIG [--config.key=value ...]
 
 Creates a Cloud TPU slice (queued resource) if needed, installs this checkout on every worker,
 runs `python -m s5scale.train --config=CONFIG --workdir=WORKDIR [overrides]` on all workers, streams
-worker 0's log and supervises the run: when the slice is preempted or the workers die it deletes
-and recreates the slice and relaunches with the same WORKDIR, so the run resumes from its last
-checkpoint. Exits 0 when training finishes, 2 on a bad config or bad input (never restarted),
-1 when MAX_RESTARTS is exhausted. Ctrl-C stops only this supervisor; the job keeps running and
-running the same command again re-attaches to it.
+worker 0's log and supervises the run, resuming from the last checkpoint in WORKDIR each time:
+- the job dies on a healthy slice: relaunch in place (stale trainers are stopped and the libtpu
+  lock cleared first);
+- the slice is preempted, FAILED (e.g. no capacity), vanishes, or a worker stays unreachable:
+  delete and recreate it, then relaunch.
+Every gcloud call has a timeout and a bounded number of tries; a relaunch that fails counts as a
+restart. Exits 0 when training finishes, 2 on a bad config or bad input (never restarted), 1 when
+MAX_RESTARTS is used up. Ctrl-C stops only this supervisor; the job keeps running and running the
+same command again re-attaches to it.
 
 With --eval it runs `python -m s5scale.evaluate --config=CONFIG --workdir=WORKDIR --watch` the same
 way on its own small slice named TPU_NAME-eval.
 
 Every input is a flag or an environment variable (the flag wins):
-  --tpu-name=NAME          TPU_NAME          slice (and queued resource) name. Required.
+  --tpu-name=NAME          TPU_NAME          queued resource name (and node name; with
+                                             NUM_SLICES>1 the nodes are NAME-0, NAME-1, ...).
   --zone=ZONE              ZONE              e.g. us-west4-a. Required.
   --project=PROJECT        PROJECT           GCP project; default: gcloud's configured project.
-  --accelerator-type=T     ACCELERATOR_TYPE  e.g. v5litepod-256, v4-128. Required for training.
+  --accelerator-type=T     ACCELERATOR_TYPE  e.g. v5litepod-256, v5p-128, v6e-64, v4-128 (v5e
+                                             slices are v5litepod-N). Required for training.
   --runtime-version=V      RUNTIME_VERSION   TPU VM image; default from the accelerator type
                                              (v5litepod: v2-alpha-tpuv5-lite, v5p: v2-alpha-tpuv5,
                                              v6e: v2-alpha-tpuv6e, v2/v3/v4: tpu-ubuntu2204-base).
+  --num-slices=K           NUM_SLICES        slices of ACCELERATOR_TYPE in one queued resource
+                                             (multislice, mesh.dcn_*). Default 1. Losing any slice
+                                             relaunches all of them.
   --workdir=gs://B/DIR     WORKDIR           run directory shared by all workers. Required, gs://.
   --spot                   SPOT=1            request Spot capacity (preemptible). Default 0.
-  --max-restarts=N         MAX_RESTARTS      slice recreations before giving up. Default 20.
+  --max-restarts=N         MAX_RESTARTS      relaunches (in place or on new slices) before giving
+                                             up. Default 20.
   --poll-seconds=S         POLL_SECONDS      seconds between health checks. Default 60.
   --eval                                     run the eval job instead of training.
   --eval-accelerator-type=T EVAL_ACCELERATOR_TYPE  eval slice type. Default v5litepod-8.
@@ -56,8 +68,19 @@ Environment only:
   REMOTE_PYTHON_VERSION  Python for the workers' venv, installed by uv (jax needs >= 3.11 and the
                          TPU images ship 3.10). Default 3.12.
   DELETE_WHEN_DONE       1 (default): delete the slice after the job finishes; 0: keep it.
-  MAX_MISSED_POLLS       consecutive failed health checks (ssh errors on a READY slice) before the
-                         workers count as dead. Default 10.
+  MAX_MISSED_POLLS       polls in a row one worker may fail to answer (on a READY node) before it
+                         counts as lost and the slice is recreated. Default 10.
+  GCLOUD_ATTEMPTS        tries of each gcloud step (create, delete, scp, install, launch).
+                         Default 3.
+  RETRY_SECONDS          pause between tries. Default 30.
+  GCLOUD_SECONDS         time limit of a describe, create or delete call. Default 300.
+  SSH_SECONDS            time limit of a status poll or launch over ssh. Default 300.
+  SCP_SECONDS            time limit of copying the code to a node. Default 600.
+  INSTALL_SECONDS        time limit of installing the code on a node. Default 1800.
+  DELETE_WAIT_SECONDS    how long a deleted slice may take to disappear. Default 1800.
+  SSH_CONNECT_SECONDS    ssh -oConnectTimeout. Default 30.
+  SSH_ALIVE_SECONDS      ssh -oServerAliveInterval (3 missed answers drop the connection).
+                         Default 30.
 
 CONFIG must be a file inside this repository: only the repository is copied to the workers.
 Example:
@@ -117,12 +140,21 @@ require_match() {  # require_match NAME REGEX WHAT: bad input unless $NAME match
 
 default_runtime_version() {  # accelerator type -> TPU VM image that carries its driver
   case "$1" in
-    v5litepod-*|v5e-*) echo v2-alpha-tpuv5-lite ;;
+    v5litepod-*) echo v2-alpha-tpuv5-lite ;;
     v5p-*) echo v2-alpha-tpuv5 ;;
     v6e-*) echo v2-alpha-tpuv6e ;;
     v2-*|v3-*|v4-*) echo tpu-ubuntu2204-base ;;
     *) die_bad_input "no default RUNTIME_VERSION for accelerator type '$1'; set RUNTIME_VERSION" ;;
   esac
+}
+
+# Cloud TPU calls v5e slices v5litepod-N; "v5e-N" is rejected by the API only after queueing.
+check_accelerator() {  # check_accelerator NAME
+  if [[ ${!1} =~ ^v5e-([0-9]+)$ ]]; then
+    die_bad_input "$1=${!1} is not a Cloud TPU accelerator type: v5e slices are named" \
+      "v5litepod-N; use $1=v5litepod-${BASH_REMATCH[1]}"
+  fi
+  require_match "$1" '^[a-z0-9]+-[0-9]+$' "an accelerator type such as v5litepod-256"
 }
 
 validate_inputs() {
@@ -145,23 +177,41 @@ validate_inputs() {
   require_match SPOT '^[01]$' "0 or 1"
   require_match MAX_RESTARTS '^[0-9]+$' "a whole number"
   require_match MAX_MISSED_POLLS '^[1-9][0-9]*$' "a whole number >= 1"
-  require_match POLL_SECONDS '^[0-9]+([.][0-9]+)?$' "a number of seconds"
   require_match DELETE_WHEN_DONE '^[01]$' "0 or 1"
+  require_match NUM_SLICES '^[1-9][0-9]*$' "a whole number >= 1"
+  require_match GCLOUD_ATTEMPTS '^[1-9][0-9]*$' "a whole number >= 1"
+  require_match DELETE_WAIT_SECONDS '^[0-9]+$' "a whole number of seconds"
+  for name in POLL_SECONDS RETRY_SECONDS GCLOUD_SECONDS SSH_SECONDS SCP_SECONDS INSTALL_SECONDS \
+      SSH_CONNECT_SECONDS SSH_ALIVE_SECONDS; do
+    require_match "$name" '^[0-9]+([.][0-9]+)?$' "a number of seconds"
+  done
 
   if [[ $MODE == eval ]]; then
+    check_accelerator EVAL_ACCELERATOR_TYPE
     SLICE="$TPU_NAME-eval"
+    NUM_SLICES=1
     ACCELERATOR=$EVAL_ACCELERATOR_TYPE
     RUNTIME=${EVAL_RUNTIME_VERSION:-$(default_runtime_version "$ACCELERATOR")}
     JOB=(-m s5scale.evaluate "--config=$REMOTE_CONFIG" "--workdir=$WORKDIR" --watch)
   else
     [[ -n $ACCELERATOR_TYPE ]] || die_bad_input "missing ACCELERATOR_TYPE, e.g. v5litepod-256"
+    check_accelerator ACCELERATOR_TYPE
     SLICE=$TPU_NAME
     ACCELERATOR=$ACCELERATOR_TYPE
     RUNTIME=${RUNTIME_VERSION:-$(default_runtime_version "$ACCELERATOR")}
     JOB=(-m s5scale.train "--config=$REMOTE_CONFIG" "--workdir=$WORKDIR")
   fi
   JOB+=(${OVERRIDES[@]+"${OVERRIDES[@]}"})
-  PYTHONPATH="$REPO_ROOT" "${PYTHON:-$REPO_ROOT/.venv/bin/python}" -m s5scale.validate "--config=$config_abs${CONFIG#"$config_file"}" ${OVERRIDES[@]+"${OVERRIDES[@]}"} || die_bad_input "CONFIG $CONFIG with these overrides is not valid (see above; PYTHON picks the interpreter)"
+  # The same validator as the entry points, before any cloud call: a bad key costs no slice.
+  PYTHONPATH="$REPO_ROOT" "${PYTHON:-$REPO_ROOT/.venv/bin/python}" -m s5scale.validate \
+    "--config=$config_abs${CONFIG#"$config_file"}" ${OVERRIDES[@]+"${OVERRIDES[@]}"} \
+    || die_bad_input "CONFIG $CONFIG with these overrides is not valid (see above; PYTHON picks the interpreter)"
+  NODES=("$SLICE")
+  if ((NUM_SLICES > 1)); then
+    local i
+    NODES=()
+    for ((i = 0; i < NUM_SLICES; i++)); do NODES+=("$SLICE-$i"); done
+  fi
   SCOPE=("--zone=$ZONE")
   [[ -z $PROJECT ]] || SCOPE+=("--project=$PROJECT")
   if ((!DRY_RUN)) && ! command -v gcloud >/dev/null; then
@@ -170,248 +220,72 @@ validate_inputs() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# gcloud calls. Each goes through gcloud_run so --dry-run prints it instead; it prints on fd 3
-# (the original stdout) so commands whose output is captured still show up.
+# Supervision
 # ---------------------------------------------------------------------------------------------
 
-gcloud_run() {
-  if ((DRY_RUN)); then
-    { printf 'gcloud'; printf ' %q' "$@"; printf '\n'; } >&3
-    return 0
-  fi
-  gcloud "$@"
-}
+pause() { ((DRY_RUN)) || sleep "$POLL_SECONDS"; }
 
-# Prints the queued resource's state (ACTIVE, WAITING_FOR_RESOURCES, SUSPENDED, ...), NOT_FOUND
-# when it does not exist, or UNKNOWN when the API call failed for another reason (retried later).
-queued_resource_state() {
-  if ((DRY_RUN)); then
-    gcloud_run compute tpus queued-resources describe "$SLICE" "${SCOPE[@]}" \
-      --format='value(state.state)'
-    echo "$DRY_RUN_STATE"
-    return
-  fi
-  local state
-  if state=$(gcloud compute tpus queued-resources describe "$SLICE" "${SCOPE[@]}" \
-      --format='value(state.state)' 2>"$TMP_DIR/describe.err"); then
-    echo "${state:-UNKNOWN}"
-  elif grep -q NOT_FOUND "$TMP_DIR/describe.err"; then
-    echo NOT_FOUND
-  else
-    log "describe failed: $(tail -n 1 "$TMP_DIR/describe.err")"
-    echo UNKNOWN
-  fi
-}
-
-# The TPU node can report PREEMPTED before its queued resource leaves ACTIVE; asked only when ssh
-# to the workers fails.
-node_state() {
-  gcloud_run compute tpus tpu-vm describe "$SLICE" "${SCOPE[@]}" --format='value(state)' \
-    2>/dev/null || echo UNKNOWN
-}
-
-create_slice() {
-  local args=(compute tpus queued-resources create "$SLICE" --node-id="$SLICE" "${SCOPE[@]}"
-    --accelerator-type="$ACCELERATOR" --runtime-version="$RUNTIME")
-  ((!SPOT)) || args+=(--spot)
-  log "requesting $ACCELERATOR slice $SLICE ($RUNTIME, spot=$SPOT)"
-  gcloud_run "${args[@]}"
-  DRY_RUN_STATE=ACTIVE
-}
-
-# --force also deletes the TPU node; we wait until the name is free because creating a queued
-# resource under a name that is still DELETING fails.
-delete_slice() {
-  log "deleting slice $SLICE"
-  gcloud_run compute tpus queued-resources delete "$SLICE" "${SCOPE[@]}" --force --quiet
-  DRY_RUN_STATE=NOT_FOUND
-  until [[ $(queued_resource_state) == NOT_FOUND ]]; do pause; done
-}
-
-wait_until_active() {
-  local state previous=""
-  while :; do
-    state=$(queued_resource_state)
-    [[ $state == "$previous" ]] || log "slice $SLICE is $state"
-    previous=$state
-    case "$state" in
-      ACTIVE) return 0 ;;
-      FAILED)
-        log "the request for $SLICE FAILED; gcloud compute tpus queued-resources describe tells why"
-        exit 1 ;;
-      SUSPENDING|SUSPENDED) delete_slice; create_slice ;;  # preempted before we could use it
-      NOT_FOUND) create_slice ;;
-    esac
-    pause
-  done
-}
-
-# At start-up: reuse a healthy slice (our job may still run on it), replace a dead one.
+# At start-up: reuse a healthy slice (our job may still run on it), replace a dead one. Sets
+# SLICE_WAS_THERE. Fails like wait_until_active.
 ensure_slice() {
-  local state
-  state=$(queued_resource_state)
+  describe_queued_resource
   SLICE_WAS_THERE=0
-  case "$state" in
-    NOT_FOUND) create_slice ;;
+  case "$QR_STATE" in
+    NOT_FOUND) create_slice || return 1 ;;
     SUSPENDING|SUSPENDED|FAILED)
-      log "slice $SLICE exists but is $state; recreating it"
-      delete_slice
-      create_slice ;;
+      [[ $QR_STATE != FAILED ]] || log_failure
+      log "slice $SLICE exists but is $QR_STATE; recreating it"
+      delete_slice && create_slice || return 1 ;;
     *) SLICE_WAS_THERE=1 ;;
   esac
   wait_until_active
 }
 
-pause() { ((DRY_RUN)) || sleep "$POLL_SECONDS"; }
-
-# ---------------------------------------------------------------------------------------------
-# Code and job on the workers
-# ---------------------------------------------------------------------------------------------
-
-# Packed once, so every relaunch runs the code the run started with even if the checkout changes.
-pack_code() {
-  TARBALL="$TMP_DIR/$REMOTE_TARBALL"
-  if ((DRY_RUN)); then
-    echo "# pack $REPO_ROOT (without .git, .venv, workdirs) into $TARBALL" >&3
-    return
-  fi
-  tar -C "$REPO_ROOT" --exclude=.git --exclude=.venv --exclude=workdirs --exclude=__pycache__ \
-    --exclude='*.egg-info' -czf "$TARBALL" .
-}
-
-ssh_all() {  # ssh_all COMMAND: run a shell command on every worker
-  gcloud_run compute tpus tpu-vm ssh "$SLICE" --worker=all "${SCOPE[@]}" --quiet --command="$1"
-}
-
-install_code() {
-  log "copying the code to every worker of $SLICE and installing it"
-  gcloud_run compute tpus tpu-vm scp "$TARBALL" "$SLICE:$REMOTE_TARBALL" --worker=all \
-    "${SCOPE[@]}" --quiet
-  ssh_all "set -e; cd ~; rm -rf $REMOTE_CODE; mkdir -p $REMOTE_CODE
-tar -xzf $REMOTE_TARBALL -C $REMOTE_CODE; $REMOTE_WORKER install $REMOTE_PYTHON_VERSION"
-}
-
-launch_job() {
-  log "starting ${JOB[1]} on every worker of $SLICE with workdir $WORKDIR"
-  ssh_all "$REMOTE_WORKER start$(printf ' %q' "${JOB[@]}")"
-}
-
-remote_status_command() {
-  echo "$REMOTE_WORKER status 2>/dev/null || echo \"$STATUS_TAG lost \$(hostname)\""
-}
-
-# Reduces the workers' status lines (stdin) to one outcome. A single dead worker is enough to
-# restart: the others would hang in their next collective.
-classify_statuses() {
-  local tag word code rest bad_config=0 dead=0 running=0 preempted=0 finished=0
-  while read -r tag word code rest; do
-    [[ $tag == "$STATUS_TAG" ]] || continue
-    case "$word" in
-      failed) if [[ $code == 2 ]]; then bad_config=1; else dead=1; fi ;;
-      lost) dead=1 ;;
-      running) running=1 ;;
-      preempted) preempted=1 ;;
-      finished) finished=1 ;;
+# The first launch of this supervisor: attach to a job that still runs, else (re)start it, in
+# place when the slice was already there.
+start_run() {
+  ensure_slice || return 1
+  if ((SLICE_WAS_THERE)); then
+    check_run
+    case "$OUTCOME" in
+      running)
+        log "the job is already running on $SLICE; attaching to it"
+        start_log_stream 100
+        return 0 ;;
+      lost) return 1 ;;  # the next restart recreates the slice
     esac
-  done
-  if ((bad_config)); then echo bad_config
-  elif ((dead)); then echo dead
-  elif ((running)); then echo running
-  elif ((preempted)); then echo preempted
-  elif ((finished)); then echo finished
-  else echo unknown; fi
-}
-
-# Sets OUTCOME to running, finished, bad_config, preempted (slice lost), dead (job lost) or
-# unknown (no answer this time).
-check_run() {
-  local state statuses
-  state=$(queued_resource_state)
-  case "$state" in
-    ACTIVE) ;;
-    UNKNOWN) OUTCOME=unknown; return ;;  # API hiccup: look again next poll
-    *) log "slice $SLICE is $state (preempted or deleted)"; OUTCOME=preempted; return ;;
-  esac
-  if ((DRY_RUN)); then
-    ssh_all "$(remote_status_command)"
-    statuses="$STATUS_TAG finished"
-  elif ! statuses=$(ssh_all "$(remote_status_command)" 2>"$TMP_DIR/status.err"); then
-    state=$(node_state)
-    case "$state" in
-      PREEMPTED|TERMINATED|STOPPING|STOPPED|DELETING)
-        log "TPU node $SLICE is $state"; OUTCOME=preempted; return ;;
-    esac
-    statuses=""
   fi
-  OUTCOME=$(classify_statuses <<<"$statuses")
-  if [[ $OUTCOME == unknown ]]; then
-    MISSED_POLLS=$((MISSED_POLLS + 1))
-    log "no status from the workers ($MISSED_POLLS/$MAX_MISSED_POLLS):" \
-      "$(tail -n 1 "$TMP_DIR/status.err" 2>/dev/null)"
-    if ((MISSED_POLLS >= MAX_MISSED_POLLS)); then OUTCOME=dead; fi
-  else
-    MISSED_POLLS=0
-  fi
+  install_code && launch_job && start_log_stream +1
 }
 
-# Worker 0's log, in the background. Reconnects (after ssh drops) print only new lines.
-start_log_stream() {  # start_log_stream TAIL_LINES (+1: whole log)
-  if ((DRY_RUN)); then
-    gcloud_run compute tpus tpu-vm ssh "$SLICE" --worker=0 "${SCOPE[@]}" --quiet \
-      --command="tail -n $1 -F $REMOTE_LOG"
-    return
-  fi
-  gcloud compute tpus tpu-vm ssh "$SLICE" --worker=0 "${SCOPE[@]}" --quiet \
-    --command="tail -n $1 -F $REMOTE_LOG" </dev/null 2>>"$TMP_DIR/stream.err" &
-  LOG_STREAM_PID=$!
+# The job died but the slice is healthy: start it again on the same workers (tpu_worker.sh start
+# stops stale trainers and clears the libtpu lock first).
+relaunch_in_place() {
+  stop_log_stream
+  launch_job && start_log_stream +1
 }
-
-ensure_log_stream() {
-  if [[ -z $LOG_STREAM_PID ]] || ! kill -0 "$LOG_STREAM_PID" 2>/dev/null; then
-    [[ -z $LOG_STREAM_PID ]] || wait "$LOG_STREAM_PID" 2>/dev/null || true
-    start_log_stream 0
-  fi
-}
-
-stop_log_stream() {
-  [[ -n ${LOG_STREAM_PID:-} ]] || return 0
-  # gcloud runs ssh as its child; it must not keep printing after we move on.
-  pkill -TERM -P "$LOG_STREAM_PID" 2>/dev/null || true
-  kill -TERM "$LOG_STREAM_PID" 2>/dev/null || true
-  wait "$LOG_STREAM_PID" 2>/dev/null || true
-  LOG_STREAM_PID=""
-}
-
-show_worker0_log_tail() {
-  gcloud_run compute tpus tpu-vm ssh "$SLICE" --worker=0 "${SCOPE[@]}" --quiet \
-    --command="tail -n 30 $REMOTE_LOG" >&2 || true
-}
-
-# ---------------------------------------------------------------------------------------------
-# Supervision
-# ---------------------------------------------------------------------------------------------
 
 relaunch_on_new_slice() {
   stop_log_stream
-  delete_slice
-  create_slice
-  wait_until_active
-  install_code
-  launch_job
-  start_log_stream +1
+  delete_slice && create_slice && wait_until_active && install_code && launch_job &&
+    start_log_stream +1
 }
 
+# OUTCOME comes from start_run / check_run (see check_run); REASON says why a run stopped.
 supervise() {
   local restarts=0
   while :; do
-    pause
-    check_run
     case "$OUTCOME" in
-      running|unknown) ensure_log_stream ;;
+      running|unknown)
+        ensure_log_stream
+        pause
+        check_run ;;
       finished)
         stop_log_stream
         log "job finished on $SLICE (workdir $WORKDIR)"
-        if ((DELETE_WHEN_DONE)); then delete_slice; fi
+        if ((DELETE_WHEN_DONE)); then
+          delete_slice || log "could not delete $SLICE; delete it by hand"
+        fi
         return 0 ;;
       bad_config)
         stop_log_stream
@@ -419,15 +293,24 @@ supervise() {
         log "the job exited 2: bad config or input (see the log above). Not restarting;" \
           "$SLICE is kept."
         exit 2 ;;
-      preempted|dead)
+      dead|lost|start_failed)
         if ((restarts >= MAX_RESTARTS)); then
-          log "job $OUTCOME and MAX_RESTARTS=$MAX_RESTARTS restarts are used up; giving up"
+          log "job stopped ($OUTCOME: $REASON) and MAX_RESTARTS=$MAX_RESTARTS restarts are used" \
+            "up; giving up. $SLICE is kept as it is."
           exit 1
         fi
         restarts=$((restarts + 1))
-        log "job $OUTCOME; restart $restarts/$MAX_RESTARTS: recreating $SLICE," \
-          "resuming from $WORKDIR"
-        relaunch_on_new_slice ;;
+        if [[ $OUTCOME == dead ]]; then
+          log "job $OUTCOME ($REASON); restart $restarts/$MAX_RESTARTS: relaunching in place on" \
+            "$SLICE, resuming from $WORKDIR"
+          if relaunch_in_place; then OUTCOME=running; else OUTCOME=start_failed; fi
+        else
+          log "job $OUTCOME ($REASON); restart $restarts/$MAX_RESTARTS: recreating $SLICE," \
+            "resuming from $WORKDIR"
+          if relaunch_on_new_slice; then OUTCOME=running; else OUTCOME=start_failed; fi
+        fi
+        [[ $OUTCOME == running ]] || REASON="the relaunch failed"
+        ;;
     esac
   done
 }
@@ -445,35 +328,32 @@ on_interrupt() {
 main() {
   TPU_NAME=${TPU_NAME:-} ZONE=${ZONE:-} PROJECT=${PROJECT:-} WORKDIR=${WORKDIR:-}
   ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-} RUNTIME_VERSION=${RUNTIME_VERSION:-} SPOT=${SPOT:-0}
-  MAX_RESTARTS=${MAX_RESTARTS:-20} POLL_SECONDS=${POLL_SECONDS:-60}
+  NUM_SLICES=${NUM_SLICES:-1} MAX_RESTARTS=${MAX_RESTARTS:-20} POLL_SECONDS=${POLL_SECONDS:-60}
   EVAL_ACCELERATOR_TYPE=${EVAL_ACCELERATOR_TYPE:-v5litepod-8}
   EVAL_RUNTIME_VERSION=${EVAL_RUNTIME_VERSION:-}
   REMOTE_PYTHON_VERSION=${REMOTE_PYTHON_VERSION:-3.12} DELETE_WHEN_DONE=${DELETE_WHEN_DONE:-1}
-  MAX_MISSED_POLLS=${MAX_MISSED_POLLS:-10}
+  MAX_MISSED_POLLS=${MAX_MISSED_POLLS:-10} GCLOUD_ATTEMPTS=${GCLOUD_ATTEMPTS:-3}
+  RETRY_SECONDS=${RETRY_SECONDS:-30} GCLOUD_SECONDS=${GCLOUD_SECONDS:-300}
+  SSH_SECONDS=${SSH_SECONDS:-300} SCP_SECONDS=${SCP_SECONDS:-600}
+  INSTALL_SECONDS=${INSTALL_SECONDS:-1800} DELETE_WAIT_SECONDS=${DELETE_WAIT_SECONDS:-1800}
+  SSH_CONNECT_SECONDS=${SSH_CONNECT_SECONDS:-30} SSH_ALIVE_SECONDS=${SSH_ALIVE_SECONDS:-30}
   parse_args "$@"
   validate_inputs
 
   exec 3>&1
   TMP_DIR=$(mktemp -d)
   LOG_STREAM_PID=""
-  MISSED_POLLS=0
+  declare -gA EXPECTED=() MISSED=()  # node/host -> 1; node/host -> polls missed in a row
+  UNREACHABLE=0 REASON="" QR_STATE="" QR_ERROR=""
   DRY_RUN_STATE=NOT_FOUND  # --dry-run shows the path from nothing to a finished run
   trap on_exit EXIT
   trap on_interrupt INT TERM
 
   pack_code
-  ensure_slice
-  OUTCOME=""
-  if ((SLICE_WAS_THERE)); then check_run; fi
-  if [[ $OUTCOME == running ]]; then
-    log "the job is already running on $SLICE; attaching to it"
-    start_log_stream 100
-  else
-    install_code
-    launch_job
-    start_log_stream +1
-  fi
+  if start_run; then OUTCOME=running; else OUTCOME=start_failed REASON="the start failed"; fi
   supervise
 }
 
+# shellcheck source=launch/tpu_pod_lib.sh
+source "$REPO_ROOT/launch/tpu_pod_lib.sh"
 main "$@"

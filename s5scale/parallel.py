@@ -29,11 +29,22 @@ class MeshConfigError(ValueError):
   """A mesh that cannot be built on the devices at hand."""
 
 
+# Set by launch/tpu_worker.sh on every Cloud TPU VM it starts a job on. There JAX finds its peers in
+# the VM metadata (jax/_src/clusters/cloud_tpu_cluster.py), not in the environment, so only an
+# explicit marker tells "one of several TPU hosts" from "a laptop".
+DISTRIBUTED_MARKER = "S5SCALE_DISTRIBUTED"
+# Set in the environment by GKE (one slice) and by multislice launchers that export it.
+CLUSTER_ENV_KEYS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES",
+                    "MEGASCALE_COORDINATOR_ADDRESS")
+
+
 def initialize_distributed() -> None:
   """Starts jax.distributed when launched as several processes.
 
-  launch/local.sh sets S5SCALE_COORDINATOR / S5SCALE_NUM_PROCESSES / S5SCALE_PROCESS_ID (CPU, gloo);
-  on a TPU VM slice jax.distributed discovers its peers itself.
+  launch/local.sh sets S5SCALE_COORDINATOR / S5SCALE_NUM_PROCESSES / S5SCALE_PROCESS_ID (CPU, gloo).
+  On TPU VMs (S5SCALE_DISTRIBUTED=1 from launch/tpu_worker.sh, or a GKE/multislice environment)
+  `jax.distributed.initialize()` with no arguments discovers the peers itself; on a single host it
+  starts a one-process client, which is harmless and gives it the preemption sync point too.
   """
   coordinator = os.environ.get("S5SCALE_COORDINATOR")
   if coordinator:
@@ -41,8 +52,21 @@ def initialize_distributed() -> None:
     jax.distributed.initialize(coordinator_address=coordinator,
                                num_processes=int(os.environ["S5SCALE_NUM_PROCESSES"]),
                                process_id=int(os.environ["S5SCALE_PROCESS_ID"]))
-  elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+  elif os.environ.get(DISTRIBUTED_MARKER) == "1" or any(map(os.environ.get, CLUSTER_ENV_KEYS)):
     jax.distributed.initialize()
+
+
+def launched_process_count() -> int:
+  """How many processes the launcher says this job has (1 when it says nothing).
+
+  Known without jax.distributed: it tells a lone process from one of several that were never
+  connected (then no preemption sync point exists; see preemption.PreemptionWatcher.connect).
+  """
+  if os.environ.get("S5SCALE_NUM_PROCESSES"):
+    return int(os.environ["S5SCALE_NUM_PROCESSES"])
+  hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES")
+  per_slice = len(hosts.split(",")) if hosts else 1
+  return per_slice * int(os.environ.get("MEGASCALE_NUM_SLICES") or 1)
 
 
 def resolve_axis_sizes(sizes: dict, total: int, prefix: str) -> tuple[int, ...]:

@@ -40,6 +40,7 @@ def train(config, workdir: str, preemption) -> int:
 
   # ---------------------------------------------------------------- Mesh
   parallel.initialize_distributed()
+  preemption.connect(parallel.launched_process_count())
   cli.fill_num_classes(config)
   validate.check_on_devices(config, jax.devices(), jax.process_count())
   mesh = parallel.make_mesh(config.mesh)

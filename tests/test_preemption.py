@@ -6,7 +6,9 @@ plain orbax, no s5scale code), and the processes' exit codes and logs.
 
 import os
 import random
+import shutil
 import signal
+import subprocess
 import time
 
 import jax
@@ -14,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from s5scale import checkpoint, parallel
+from s5scale import checkpoint, parallel, preemption
 from s5scale import train as train_lib
 from tests import runs
 from tests.test_mesh import tiny_config
@@ -228,3 +230,128 @@ def test_init_from_loads_parameters_only(tmp_path, uninterrupted):
   assert complete_steps(tmp_path) == [1]  # a fresh run: its own step count and optimizer
   assert_same_tree(saved_state(tmp_path, 1)["params"],
                    saved_state(uninterrupted, NUM_STEPS)["params"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 13: jax.distributed on TPU VMs, and no SIGTERM swallowed without it
+# ---------------------------------------------------------------------------------------------
+
+TPU_WORKER = os.path.join(runs.REPO, "launch", "tpu_worker.sh")
+ENV_DUMPER = """#!/usr/bin/env bash
+env -0 > "$HOME/trainer_env.tmp" && mv "$HOME/trainer_env.tmp" "$HOME/trainer_env"
+"""
+
+
+def env_from_tpu_worker(tmp_path) -> dict:
+  """The environment launch/tpu_worker.sh really gives the trainer on a TPU VM (its `start`)."""
+  home = tmp_path / "home"
+  (home / "s5scale" / "launch").mkdir(parents=True)
+  shutil.copy(TPU_WORKER, home / "s5scale" / "launch" / "tpu_worker.sh")
+  python = home / "s5scale_venv" / "bin" / "python"
+  python.parent.mkdir(parents=True)
+  python.write_text(ENV_DUMPER)
+  python.chmod(0o755)
+  plain = {k: v for k, v in os.environ.items()
+           if not k.startswith(("S5SCALE_", "TPU_", "MEGASCALE_"))}
+  subprocess.run(["bash", TPU_WORKER, "start", "-m", "s5scale.train"], check=True, timeout=60,
+                 env=dict(plain, HOME=str(home), S5SCALE_TPU_DEVICES=str(home / "accel*"),
+                          S5SCALE_LIBTPU_LOCKFILE=str(home / "libtpu_lockfile")))
+  dump = home / "trainer_env"
+  deadline = time.time() + 30
+  while not dump.exists() and time.time() < deadline:
+    time.sleep(0.05)
+  return dict(item.split("=", 1) for item in dump.read_text().split("\0") if "=" in item)
+
+
+@pytest.fixture
+def recorded_initialize(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+  for key in list(os.environ):
+    if key.startswith(("S5SCALE_", "TPU_", "MEGASCALE_")):
+      monkeypatch.delenv(key)
+  return calls
+
+
+def test_initialize_distributed_on_a_simulated_tpu_vm(tmp_path, monkeypatch, recorded_initialize):
+  parallel.initialize_distributed()  # a laptop: nothing to join
+  assert recorded_initialize == []
+  for key, value in env_from_tpu_worker(tmp_path).items():
+    monkeypatch.setenv(key, value)
+  parallel.initialize_distributed()
+  # No arguments: JAX reads the slice (and multislice) layout from the TPU VM metadata.
+  assert recorded_initialize == [((), {})]
+
+
+@pytest.mark.parametrize("env, processes", [
+    ({"TPU_WORKER_HOSTNAMES": "h0,h1,h2,h3"}, 4),  # GKE, one slice
+    ({"MEGASCALE_COORDINATOR_ADDRESS": "h0", "TPU_WORKER_HOSTNAMES": "h0,h1",
+      "MEGASCALE_NUM_SLICES": "2"}, 4),            # multislice that exports its layout
+])
+def test_initialize_distributed_in_cluster_environments(monkeypatch, recorded_initialize, env,
+                                                        processes):
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  parallel.initialize_distributed()
+  assert recorded_initialize == [((), {})]
+  assert parallel.launched_process_count() == processes
+
+
+@pytest.mark.slow
+def test_processes_without_a_coordinator_fall_back_to_their_own_sigterm(tmp_path):
+  # Two processes told they are 2 but given no coordinator: no jax.distributed client, hence no
+  # preemption sync point. Each must say so at start-up and still stop on its own SIGTERM.
+  flags = runs.overrides(train__num_steps=100000, checkpoint__every_steps=100000)
+  procs = [runs.start("train", "text_small.py", tmp_path / f"p{i}", flags,
+                      S5SCALE_NUM_PROCESSES=2, S5SCALE_PROCESS_ID=i) for i in range(2)]
+  try:
+    for i, proc in enumerate(procs):
+      wait_for_step(tmp_path / f"p{i}", 2, proc)
+    for proc in procs:
+      proc.send_signal(signal.SIGTERM)
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+  finally:
+    for proc in procs:
+      proc.kill()
+  for proc, output in zip(procs, outputs):
+    assert proc.returncode == 0, output[-3000:]
+    error = next(line for line in output.splitlines() if "no jax.distributed client" in line)
+    assert error.startswith("E") and "SIGTERM falls back to the local handler" in error
+    stop = next(line for line in output.splitlines() if "preempted at step" in line)
+    assert "checkpoint saved" in stop
+
+
+@pytest.fixture
+def watcher_factory():
+  previous = signal.getsignal(signal.SIGTERM)
+  yield preemption.PreemptionWatcher
+  signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("client", [False, True])
+def test_several_processes_stop_on_sigterm_with_or_without_a_client(monkeypatch, caplog,
+                                                                    watcher_factory, client):
+  # A multi-host TPU slice where jax.distributed was never initialised: JAX still counts every
+  # host, but its sync point answers False forever (there is no client to carry the notice).
+  from jax.experimental import multihost_utils
+  synced_at = 3
+  asked = []
+  monkeypatch.setattr(jax, "process_count", lambda: 4)
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: client)
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                      lambda step: asked.append(step) or (client and step == synced_at))
+  watcher = watcher_factory()
+  with caplog.at_level("INFO"):
+    watcher.connect(1)
+  errors = [r for r in caplog.records if r.levelname == "ERROR"]
+  assert bool(errors) == (not client)
+  assert all("SIGTERM falls back to the local handler" in r.getMessage() for r in errors)
+  assert [watcher.reached(step) for step in range(2)] == [False, False]
+  if client:
+    assert [watcher.reached(step) for step in (2, 3)] == [False, True] and asked == [0, 1, 2, 3]
+  else:
+    os.kill(os.getpid(), signal.SIGTERM)
+    deadline = time.time() + 5
+    while not watcher.signalled and time.time() < deadline:
+      time.sleep(0.01)
+    assert watcher.reached(2) and asked == []  # its own signal decides; the sync point is unused
