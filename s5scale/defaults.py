@@ -106,7 +106,7 @@ EVAL = dict(
     seq_len=f(0, NonNegative),                        # 0: data.seq_len; longer gives more context
     step_rescale=f(1.0, Real(gt=0)),                # another sample rate, no retraining
     compressor_baselines=f(True, Bool()),           # LM: also xz -9e / gzip -9 on held-out bytes
-    recompute_batch_stats=f(0, Optional0),          # N > 0 (norm="batch"): BatchNorm statistics
+    recompute_batch_stats=f(0, NonNegative),          # N > 0 (norm="batch"): BatchNorm statistics
                                                     # from N training batches first; 0: as saved
     lowpass_hz=f(0.0, Real(ge=0)),                  # classify: band-limit held-out clips; 0: off
 )
