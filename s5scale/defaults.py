@@ -44,6 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
       kind="text",                  # "text" or "audio"
       source="",                    # "" = embedded default corpus; else dir, glob or *.array_record
       tokenizer="bytes",            # text: "bytes" or a path to a SentencePiece .model
+      text_extensions="",           # text dir: "" = every non-hidden file; else ".py,.md,..."
+      jsonl_field="text",           # text: the JSON key of each .jsonl line's document
       batch_size=8,                 # global, across all processes
       seq_len=256,
       seed=0,

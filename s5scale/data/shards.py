@@ -74,14 +74,14 @@ def audio_record(source, index: int, sample_rate: int):
     return bad_data.marker("bad_files", source.name(index), str(error))
 
 
-def text_record(source, index: int):
+def text_record(source, index: int, jsonl_field: str = "text"):
   """Item -> the document's UTF-8 bytes (tokenized later: the tokenizer may change), or a marker."""
   try:
     payload = source.read(index)
   except OSError as error:
     return bad_data.marker("bad_files", source.name(index), f"unreadable: {error}")
   document = text.parse_document(payload, source.name(index),
-                                 isinstance(source, sources.JsonlSource))
+                                 sources.is_json_line(source, index), jsonl_field)
   return document if bad_data.is_marker(document) else document.encode("utf-8")
 
 

@@ -35,16 +35,16 @@ class TextLoader:
   """Item index -> {"tokens": [BOS] ids [EOS]} or a marker."""
   is_random = False
 
-  def __init__(self, source, tokenizer):
-    self._source, self._tokenizer = source, tokenizer
-    self._is_jsonl = isinstance(source, sources.JsonlSource)
+  def __init__(self, source, tokenizer, jsonl_field: str):
+    self._source, self._tokenizer, self._jsonl_field = source, tokenizer, jsonl_field
 
   def __call__(self, index):
     index = int(index)
     payload, failure = _read(self._source, index)
     if failure:
       return failure
-    document = text.parse_document(payload, self._source.name(index), self._is_jsonl)
+    document = text.parse_document(payload, self._source.name(index),
+                                   sources.is_json_line(self._source, index), self._jsonl_field)
     if bad_data.is_marker(document):
       return document
     return text.document_tokens(self._tokenizer, document)
@@ -128,7 +128,7 @@ class Spec:
 
   def loader(self, train: bool):
     if self.kind == "text":
-      return TextLoader(self.source, self.tokenizer)
+      return TextLoader(self.source, self.tokenizer, self.data_config.jsonl_field)
     if self.task == "classify":
       mode = "classify_crop" if train else "classify_head"
     else:
@@ -183,6 +183,7 @@ def validate(data_config) -> None:
       (data_config.sample_rate >= 1, "sample_rate", "positive"),
       (data_config.num_workers >= 0, "num_workers", ">= 0"),
       (data_config.read_threads >= 1, "read_threads", ">= 1"),
+      (bool(data_config.jsonl_field), "jsonl_field", "a non-empty JSON key"),
   ]
   for ok, key, expected in checks:
     if not ok:
@@ -191,7 +192,8 @@ def validate(data_config) -> None:
 
 def make_spec(data_config) -> Spec:
   validate(data_config)
-  source = sources.open_source(data_config.kind, data_config.source, data_config.sample_rate)
+  source = sources.open_source(data_config.kind, data_config.source, data_config.sample_rate,
+                               data_config.text_extensions)
   usable = np.arange(len(source))
   label_names = []
   if data_config.kind == "audio":
