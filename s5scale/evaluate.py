@@ -105,6 +105,8 @@ def summarize(totals: dict, config, num_batches: int, seconds: float) -> dict:
   elif config.data.kind == "text":
     results["bits_per_byte"] = float(totals["nll_sum"]) / math.log(2) / max(
         float(totals["byte_sum"]), 1.0)
+    # The UTF-8 bytes scored: equal for two tokenizers means their bits per byte compare.
+    results["num_bytes"] = int(totals["byte_sum"])
   else:
     results["bits_per_sample"] = results["loss"] / math.log(2)
   results.update(num_predictions=weight, num_batches=num_batches, eval_seconds=seconds)

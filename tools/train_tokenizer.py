@@ -18,11 +18,13 @@ Exit 2: bad flags, or a source with no usable documents.
 
 import os
 import sys
+import tempfile
 import time
 
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -105,11 +107,13 @@ def main(argv):
   logging.info("training a %s tokenizer of %d pieces on %d documents of %s", _MODEL_TYPE.value,
                _VOCAB_SIZE.value, indices.size, source.description)
   import sentencepiece  # pylint: disable=g-import-not-at-top
-  os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+  # SentencePiece writes local files only: train into a scratch directory, then copy (gs:// too).
+  scratch = tempfile.mkdtemp(prefix="train_tokenizer_")
+  local_prefix = os.path.join(scratch, "tokenizer")
   try:
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=training_lines(sample_documents(source, indices, _JSONL_FIELD.value)),
-        model_prefix=_OUTPUT.value, vocab_size=_VOCAB_SIZE.value,
+        model_prefix=local_prefix, vocab_size=_VOCAB_SIZE.value,
         model_type=_MODEL_TYPE.value, character_coverage=_CHARACTER_COVERAGE.value,
         # Lossless: decode(encode(text)) == text, byte for byte.
         normalization_rule_name="identity", remove_extra_whitespaces=False,
@@ -121,6 +125,9 @@ def main(argv):
   except RuntimeError as error:   # e.g. a vocabulary larger than the sample supports
     logging.error("SentencePiece training failed: %s", error)
     sys.exit(2)
+  epath.Path(_OUTPUT.value).parent.mkdir(parents=True, exist_ok=True)
+  for suffix in (".model", ".vocab"):
+    epath.Path(local_prefix + suffix).copy(epath.Path(_OUTPUT.value + suffix), overwrite=True)
   print(f"wrote {_OUTPUT.value}.model ({_VOCAB_SIZE.value} pieces); train with "
         f"--config.data.tokenizer={_OUTPUT.value}.model "
         f"--config.model.vocab_size={_VOCAB_SIZE.value}")
