@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       kind="text",                  # "text" or "audio"
       source="",                    # "" = embedded default corpus; else dir, glob or *.array_record
+      mixture="",                   # "" = data.source alone; else "[name=]src:weight,..." (>=2)
       tokenizer="bytes",            # text: "bytes" or a path to a SentencePiece .model
       text_extensions="",           # text dir: "" = every non-hidden file; else ".py,.md,..."
       jsonl_field="text",           # text: the JSON key of each .jsonl line's document

@@ -52,11 +52,12 @@ class Evaluator:
 
     self.eval_step = jax.jit(eval_step_on_mesh)
 
-  def evaluate(self, params, batch_stats) -> dict:
+  def evaluate(self, params, batch_stats, split: str = SPLIT) -> dict:
+    """split: "heldout", or "heldout/<name>" for one source of data.mixture."""
     data_config = self.config.data.copy_and_resolve_references().unlock()
     data_config.batch_size = self.config.eval.batch_size or data_config.batch_size
     data_config.seq_len = self.config.eval.seq_len or data_config.seq_len
-    batches = data.make_iterator(data_config, SPLIT, process_index=jax.process_index(),
+    batches = data.make_iterator(data_config, split, process_index=jax.process_index(),
                                  process_count=jax.process_count(), num_epochs=1)
     totals, num_batches, start, scored = None, 0, time.time(), []
     for local_batch in batches:
@@ -86,14 +87,20 @@ class Evaluator:
     return {f"{name}_bits_per_sample": value for name, value in bits.items()}
 
   def run(self, workdir: str, step: int, params, batch_stats) -> dict:
-    results = self.evaluate(params, batch_stats)
+    """Evaluates every held-out split (a mixture's, then each source's); returns the first's.
+    The mixture's record is written last, so a step with it recorded is complete."""
+    all_results = {}
+    for split in data.heldout_splits(self.config.data):
+      name = self.split + split[len(SPLIT):]      # e.g. heldout_step_rescale2/books
+      all_results[name] = self.evaluate(params, batch_stats, split)
     writer = metrics.MetricsWriter(os.path.join(workdir, "eval", "metrics.jsonl"),
                                    os.path.join(workdir, "tb", "eval"))
-    writer.write(step, {f"{self.split}/{k}": v for k, v in results.items()}, split=self.split)
+    for name, results in reversed(all_results.items()):
+      writer.write(step, {f"{name}/{k}": v for k, v in results.items()}, split=name)
+      logging.info("eval step %d %s: %s", step, name,
+                   "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
     writer.close()
-    logging.info("eval step %d %s: %s", step, self.split,
-                 "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
-    return results
+    return all_results[self.split]
 
 
 def summarize(totals: dict, config, num_batches: int, seconds: float) -> dict:

@@ -17,6 +17,7 @@ import numpy as np
 
 from s5scale.data import audio
 from s5scale.data import bad_data
+from s5scale.data import mixture
 from s5scale.data import sources
 from s5scale.data import text
 
@@ -188,6 +189,9 @@ def validate(data_config) -> None:
   for ok, key, expected in checks:
     if not ok:
       raise ValueError(f"data.{key} must be {expected}, got {data_config[key]!r}")
+  if mixture.parse(data_config.mixture) and data_config.source:
+    raise ValueError(f"data.source={data_config.source!r} and data.mixture are both set; "
+                     "set data.source='' when mixing")
 
 
 def make_spec(data_config) -> Spec:
