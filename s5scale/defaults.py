@@ -54,6 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
       sample_rate=16000,            # audio
       quantization="mulaw",         # audio: "mulaw" or "linear"
       bits=8,                       # audio quantization bits
+      long_audio_seconds=30.0,      # audio files this long or longer: train crops seek (not
+                                    # decoded whole, not peak-normalized); 0 = never seek
       num_workers=0,                # grain worker processes (0: in-process)
       task="lm",                    # "lm" (next token) or "classify" (audio, labels = folder names)
       read_threads=4,               # threads per process (or worker) reading/decoding items

@@ -65,6 +65,10 @@ class FileSource:
   def read(self, index: int):
     return epath.Path(self.root, self.relpaths[index]).read_bytes()
 
+  def open(self, index: int):
+    """A seekable binary file object (long audio is cropped by seeking, not read whole)."""
+    return epath.Path(self.root, self.relpaths[index]).open("rb")
+
   def name(self, index: int) -> str:
     return os.fspath(epath.Path(self.root, self.relpaths[index]))
 
