@@ -1,9 +1,16 @@
-"""Long audio files: train crops are seeked out of the file, not decoded whole.
+"""Long audio files: train crops are seeked out of the file, not decoded whole; prepare_audio
+cuts long files into chunked records.
 
 Oracle: soundfile's full decode of the same file, sliced at the same offsets (the crop
 function), or searched for each pipeline crop (the pipeline draws its own offsets).
 """
 
+import io
+import json
+import subprocess
+import sys
+
+import grain
 import numpy as np
 import pytest
 import soundfile
@@ -11,6 +18,8 @@ import soundfile
 from s5scale import data
 from s5scale import defaults
 from s5scale.data import audio
+from s5scale.data import split
+from tests import runs
 
 RATE = 16000
 MINUTES = 10
@@ -94,3 +103,32 @@ def test_a_long_file_cut_short_is_skipped_and_counted(long_flac, tmp_path, caplo
       next(iterator)
   assert data.bad_data_counts()["bad_files"] - before == 1
   assert sum("cut.flac" in record.getMessage() for record in caplog.records) == 1
+
+
+def test_prepare_audio_chunks_long_files_and_keeps_each_file_in_one_split(tmp_path):
+  rng = np.random.default_rng(3)
+  raw = tmp_path / "raw"
+  raw.mkdir()
+  originals = {}
+  for name, seconds in (("a.flac", 7.3), ("b.flac", 2.0), ("c.wav", 0.5)):
+    originals[name] = (0.5 * rng.standard_normal(int(seconds * RATE))).clip(-1, 1)
+    soundfile.write(raw / name, originals[name], RATE, subtype="PCM_16")
+  out = tmp_path / "shards"
+  result = subprocess.run(
+      [sys.executable, f"{runs.REPO}/tools/prepare_audio.py", f"--source={raw}",
+       f"--output={out}", "--sample_rate=16000", "--chunk_seconds=2", "--num_shards=1",
+       "--num_workers=1"], capture_output=True, text=True, timeout=300, env=runs.env_for())
+  assert result.returncode == 0, result.stderr[-3000:]
+  (sidecar,) = [json.loads(path.read_text()) for path in out.glob("*.json")]
+  # 7.3 s -> 2 + 2 + 2 + 1.3 (kept: over a quarter chunk); 2.0 s and 0.5 s stay whole.
+  assert sidecar["ids"] == ["a.flac#00000", "a.flac#00001", "a.flac#00002", "a.flac#00003",
+                            "b.flac", "c.wav"]
+  records = grain.sources.ArrayRecordDataSource([str(p) for p in out.glob("*.array_record")])
+  decoded = np.concatenate([soundfile.read(io.BytesIO(records[i]),
+                                           dtype="float32")[0] for i in range(4)])
+  # The file is normalized once, then cut: the chunks are the normalized file, in order.
+  stored = soundfile.read(raw / "a.flac", dtype="float32")[0]
+  assert decoded.size == stored.size == originals["a.flac"].size
+  np.testing.assert_allclose(decoded, stored / np.abs(stored).max(), atol=1e-4)
+  assert len({split.is_heldout(i, 0.5) for i in sidecar["ids"][:4]}) == 1
+  assert split.is_heldout(sidecar["ids"][0], 0.5) == split.is_heldout("a.flac", 0.5)
