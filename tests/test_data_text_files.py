@@ -103,3 +103,15 @@ def test_a_directory_of_code_and_prose_trains(tmp_path):
   assert [r["step"] for r in records][-1] == 3
   assert all(math.isfinite(r["loss"]) for r in records)
   assert records[-1]["data/bad_documents"] == 1
+
+
+def test_parquet_rows_are_documents_from_the_jsonl_field(tmp_path):
+  pyarrow_parquet = pytest.importorskip("pyarrow.parquet")
+  import pyarrow  # pylint: disable=import-outside-toplevel
+  bodies = [f"parquet document {i} " + "é" * i for i in range(12)]
+  table = pyarrow.table({"id": list(range(12)), "body": bodies, "text": ["decoy"] * 12})
+  pyarrow_parquet.write_table(table, tmp_path / "part.parquet", row_group_size=5)
+  (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+  before = data.bad_data_counts()["bad_files"]
+  assert _documents_read(_config(tmp_path, jsonl_field="body")) == set(bodies)
+  assert data.bad_data_counts()["bad_files"] - before == 1
