@@ -31,8 +31,11 @@ def _orbax_params(workdir, step: int) -> dict:
 
 
 def _inspect(*args):
+  env = runs.env_for()
+  # Keep this interpreter's extra paths (where an optional safetensors may be installed).
+  env["PYTHONPATH"] = os.pathsep.join([runs.REPO, os.environ.get("PYTHONPATH", "")])
   return subprocess.run([sys.executable, TOOL, *map(str, args)], capture_output=True, text=True,
-                        timeout=300, env=runs.env_for(), cwd=runs.REPO)
+                        timeout=300, env=env, cwd=runs.REPO)
 
 
 @pytest.fixture(scope="module")
