@@ -220,6 +220,9 @@ def validate(data_config) -> None:
   if mixture.parse(data_config.mixture) and data_config.source:
     raise ValueError(f"data.source={data_config.source!r} and data.mixture are both set; "
                      "set data.source='' when mixing")
+  if mixture.parse(data_config.mixture) and data_config.task != "lm":
+    # Label ids come from one source's folders; across a mixture they would disagree.
+    raise ValueError(f"data.mixture needs data.task='lm', got {data_config.task!r}")
 
 
 def make_spec(data_config) -> Spec:
