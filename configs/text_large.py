@@ -5,6 +5,8 @@ v5p-128 (64 chips, 95 GiB; topology v5p:4x4x4) as it is.
 
   # once: shard the corpus and train a tokenizer, then point data.source/data.tokenizer at them
   python tools/prepare_text.py --source=/data/corpus --output=gs://YOUR_BUCKET/text_ar
+  python tools/train_tokenizer.py --source=gs://YOUR_BUCKET/text_ar --vocab_size=32000 \
+      --output=gs://YOUR_BUCKET/tokenizer/text32k     # writes text32k.model
   # prove it fits before paying for the slice (no TPU needed; prints memory, FLOPs, MFU)
   python tools/aot_compile.py --config=configs/text_large.py --topology=v4:4x4x4
   # train
@@ -49,7 +51,7 @@ def get_config():
   # Placeholders: run tools/prepare_text.py on your corpus (and train a SentencePiece model on
   # it, e.g. 32k pieces) and point these at the results.
   c.data.source = "gs://YOUR_BUCKET/text_ar"
-  c.data.tokenizer = "gs://YOUR_BUCKET/spm32k.model"
+  c.data.tokenizer = "gs://YOUR_BUCKET/tokenizer/text32k.model"  # tools/train_tokenizer.py
   c.data.seq_len = 8192
   c.data.batch_size = 128           # global: two packed rows per v4 chip
   c.data.num_workers = 4

@@ -53,6 +53,9 @@ MODEL = dict(
 DATA = dict(
     kind=f("text", OneOf("text", "audio")),
     source=f("", Text()),                           # "" = embedded corpus; dir, glob, *.array_record
+    mixture=f("", Text()),                          # "" = data.source alone; "[name=]src:w,..."
+    text_extensions=f("", Text()),                  # text dir: "" = every non-hidden file; ".py,.md"
+    jsonl_field=f("text", Text(nonempty=True)),     # .jsonl key (Parquet column) of each document
     tokenizer=f("bytes", Text(nonempty=True)),      # text: "bytes" or a SentencePiece .model path
     batch_size=f(8, Count),                         # global, across all processes
     seq_len=f(256, Count),
@@ -61,6 +64,7 @@ DATA = dict(
     sample_rate=f(16000, Count),                    # audio
     quantization=f("mulaw", OneOf("mulaw", "linear")),  # audio
     bits=f(8, Int(ge=1, le=16)),                    # audio quantization bits (vocab 2**bits)
+    long_audio_seconds=f(30.0, Real(ge=0)),         # files this long: crops seek; 0 = never
     num_workers=f(0, NonNegative),                    # grain worker processes (0: in-process)
     task=f("lm", OneOf("lm", "classify")),          # classify: labels are folder names
     read_threads=f(4, Count),                       # per process (or worker), reading/decoding
@@ -142,7 +146,27 @@ def data_vocab(kind: str, tokenizer: str, bits: int) -> int:
   return 260 if tokenizer == "bytes" else 0  # 256 bytes + PAD, BOS, EOS, one reserved
 
 
+def mixture_error(mixture: str) -> str:
+  """Why data.mixture cannot be parsed ("" when it can). Imports the data package only when a
+  mixture is set, so validating an ordinary config stays light."""
+  if not mixture:
+    return ""
+  from s5scale.data import mixture as mixture_lib  # pylint: disable=g-import-not-at-top
+  try:
+    mixture_lib.parse(mixture)
+  except ValueError as error:
+    return str(error)
+  return ""
+
+
 RULES = [
+    Rule(("data.mixture",), lambda mixture: not mixture_error(mixture),
+         "[name=]source:weight entries, at least two, positive weights, distinct names"),
+    Rule(("data.mixture", "data.source", "data.task"),
+         lambda mixture, source, task: not mixture or (not source and task == "lm"),
+         "data.source='' and data.task='lm' when data.mixture is set"),
+    Rule(("data.kind", "data.task"), lambda kind, task: task == "lm" or kind == "audio",
+         "data.task='lm' for text (classification needs audio folders)"),
     Rule(("model.dt_min", "model.dt_max"), lambda lo, hi: lo < hi,
          "model.dt_min < model.dt_max"),
     Rule(("model.ssm_size", "model.blocks"), lambda p, j: p % j == 0,

@@ -93,11 +93,12 @@ class Evaluator:
                                   self.config.eval.lowpass_hz, axis=1)
     return {**local_batch, "inputs": inputs * local_batch["mask"][..., None]}
 
-  def evaluate(self, params, batch_stats) -> dict:
+  def evaluate(self, params, batch_stats, split: str = SPLIT) -> dict:
+    """split: "heldout", or "heldout/<name>" for one source of data.mixture."""
     data_config = self.config.data.copy_and_resolve_references().unlock()
     data_config.batch_size = self.config.eval.batch_size or data_config.batch_size
     data_config.seq_len = self.config.eval.seq_len or data_config.seq_len
-    batches = data.make_iterator(data_config, SPLIT, process_index=jax.process_index(),
+    batches = data.make_iterator(data_config, split, process_index=jax.process_index(),
                                  process_count=jax.process_count(), num_epochs=1)
     totals, num_batches, start, scored = None, 0, time.time(), []
     batch_stats = self.recomputed_batch_stats(params, batch_stats)
@@ -129,14 +130,20 @@ class Evaluator:
     return {f"{name}_bits_per_sample": value for name, value in bits.items()}
 
   def run(self, workdir: str, step: int, params, batch_stats) -> dict:
-    results = self.evaluate(params, batch_stats)
+    """Evaluates every held-out split (a mixture's, then each source's); returns the first's.
+    The mixture's record is written last, so a step with it recorded is complete."""
+    all_results = {}
+    for split in data.heldout_splits(self.config.data):
+      name = self.split + split[len(SPLIT):]      # e.g. heldout_step_rescale2/books
+      all_results[name] = self.evaluate(params, batch_stats, split)
     writer = metrics.MetricsWriter(os.path.join(workdir, "eval", "metrics.jsonl"),
                                    os.path.join(workdir, "tb", "eval"))
-    writer.write(step, {f"{self.split}/{k}": v for k, v in results.items()}, split=self.split)
+    for name, results in reversed(all_results.items()):
+      writer.write(step, {f"{name}/{k}": v for k, v in results.items()}, split=name)
+      logging.info("eval step %d %s: %s", step, name,
+                   "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
     writer.close()
-    logging.info("eval step %d %s: %s", step, self.split,
-                 "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
-    return results
+    return all_results[self.split]
 
 
 def summarize(totals: dict, config, num_batches: int, seconds: float) -> dict:
@@ -148,6 +155,8 @@ def summarize(totals: dict, config, num_batches: int, seconds: float) -> dict:
   elif config.data.kind == "text":
     results["bits_per_byte"] = float(totals["nll_sum"]) / math.log(2) / max(
         float(totals["byte_sum"]), 1.0)
+    # The UTF-8 bytes scored: equal for two tokenizers means their bits per byte compare.
+    results["num_bytes"] = int(totals["byte_sum"])
   else:
     results["bits_per_sample"] = results["loss"] / math.log(2)
   results.update(num_predictions=weight, num_batches=num_batches, eval_seconds=seconds)

@@ -119,7 +119,8 @@ def train(config, workdir: str, preemption) -> int:
       scalars = dict(step_metrics, step_time_s=step_time, elapsed_s=time.time() - started,
                      tokens_per_s=tokens_per_step / step_time,
                      mfu=flops_per_step / step_time / peak_flops if flops_per_step else 0.0,
-                     **{f"data/{k}": v for k, v in data.bad_data_counts().items()})
+                     **{f"data/{k}": v for k, v in data.bad_data_counts().items()},
+                     **{f"data/{k}": v for k, v in data.source_counts().items()})
       writer.write(step, scalars)
       logging.info("step %d/%d  loss %.4f  %.0f tokens/s  ETA %s", step, config.train.num_steps,
                    step_metrics["loss"], scalars["tokens_per_s"],

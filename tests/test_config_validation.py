@@ -48,6 +48,10 @@ BAD_VALUES = {
     "data.kind": ["video", ""],
     "data.source": [3],
     "data.tokenizer": ["", None],
+    "data.mixture": ["a:1", "a:0,b:1", 5],
+    "data.text_extensions": [None],
+    "data.jsonl_field": [""],
+    "data.long_audio_seconds": [-1.0],
     "data.batch_size": [0, -8],
     "data.seq_len": [0, -1],
     "data.seed": [-1, 0.5],
@@ -114,7 +118,9 @@ CROSS_KEY = [
     ({"model.d_model": 12, "mesh.model": 8}, "model.d_model"),
     ({"model.d_model": 16, "mesh.dcn_fsdp": 3}, "model.d_model"),
     ({"model.ssm_size": 24, "mesh.model": 8}, "model.ssm_size"),  # 12 complex states
-    ({"eval.lowpass_hz": 4000.0}, "eval.lowpass_hz"),               # an LM has no clips to filter
+    ({"eval.lowpass_hz": 4000.0}, "eval.lowpass_hz"),
+    ({"data.mixture": "a=x:1,b=y:1", "data.source": "z"}, "data.source"),
+    ({"data.kind": "text", "data.task": "classify"}, "data.kind"),               # an LM has no clips to filter
 ]
 
 # Edge values that must pass: the validator does not refuse everything.

@@ -106,9 +106,11 @@ def test_bad_jsonl_lines_are_skipped(tmp_path, caplog):
 def test_an_empty_source_is_a_data_error_naming_it(tmp_path):
   with pytest.raises(data.DataError, match=str(tmp_path)):
     data.make_iterator(_config(tmp_path), "train")
-  (tmp_path / "readme.md").write_text("no audio here")
   with pytest.raises(data.DataError, match=str(tmp_path)):
     data.make_iterator(_config(tmp_path, kind="text"), "train")
+  (tmp_path / "readme.md").write_text("no audio here")
+  with pytest.raises(data.DataError, match=str(tmp_path)):
+    data.make_iterator(_config(tmp_path), "train")
   with pytest.raises(data.DataError, match="does-not-exist"):
     data.make_iterator(_config(tmp_path / "does-not-exist"), "train")
 

@@ -99,8 +99,54 @@ def bench_data(args) -> dict:
                      "train_examples_per_s": consumed_examples_s,
                      "headroom": pipeline_examples_s / consumed_examples_s,
                      "target_headroom>=10": pipeline_examples_s / consumed_examples_s >= 10}
+  if args.long_minutes > 0:
+    results["long_audio"] = _long_audio_crops(args.long_minutes, args.seconds)
   emit(results)
   return results
+
+
+def _long_audio_crops(minutes: float, seconds: float) -> dict:
+  """Train crops/s from 64 `minutes`-long FLACs (seeked) vs from 64 one-second FLACs (decoded
+  whole), one read thread each, measured in alternating rounds.
+
+  The 64 long files are hard links to one FLAC (writing 64 ten-minute files would take minutes).
+  Both sets have 64 items because grain's per-epoch shuffle costs tens of ms, which a set of
+  two files would pay on every other crop: that would be measured instead of the decoding."""
+  import soundfile  # pylint: disable=g-import-not-at-top
+  from s5scale import defaults  # pylint: disable=g-import-not-at-top
+  rate, rng = 16000, np.random.default_rng(0)
+
+  def write(path, num_seconds):
+    time_s = np.arange(int(num_seconds * rate)) / rate
+    tone = 0.3 * np.sin(2 * np.pi * (220 + 30 * np.sin(0.1 * time_s)) * time_s)
+    soundfile.write(path, tone + 0.05 * rng.standard_normal(time_s.size), rate, format="FLAC")
+
+  with tempfile.TemporaryDirectory() as root:
+    for kind, length_s in (("long", 60 * minutes), ("short", 1.0)):
+      os.makedirs(os.path.join(root, kind))
+      for i in range(64):
+        if kind == "short" or i == 0:
+          write(os.path.join(root, kind, f"{i}.flac"), length_s)
+        else:
+          os.link(os.path.join(root, kind, "0.flac"), os.path.join(root, kind, f"{i}.flac"))
+    iterators = {}
+    for kind in ("long", "short"):
+      config = defaults.base_config().data
+      config.update(kind="audio", source=os.path.join(root, kind), batch_size=8, seq_len=4000,
+                    heldout_fraction=0.0, num_workers=0, read_threads=1)
+      iterators[kind] = data.make_iterator(config, "train")
+      next(iterators[kind])
+    crops, elapsed = {"long": 0, "short": 0}, {"long": 0.0, "short": 0.0}
+    for _ in range(3):
+      for kind, iterator in iterators.items():
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+          crops[kind] += len(next(iterator)["inputs"])
+        elapsed[kind] += time.perf_counter() - start
+  rates = {kind: crops[kind] / elapsed[kind] for kind in crops}
+  return {f"crops_per_s_{minutes:g}min_files": rates["long"], "crops_per_s_1s_files":
+          rates["short"], "ratio_short/long": rates["short"] / rates["long"],
+          "target_ratio<=2": rates["short"] / rates["long"] <= 2}
 
 
 # ----------------------------------------------------------------------------- checkpoint
@@ -191,6 +237,8 @@ def add_flags(parser, name: str) -> None:
   elif name == "data":
     parser.add_argument("--configs", nargs="+", default=["audio_small", "text_small"])
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--long-minutes", type=float, default=10.0,
+                        help="also: crops/s from files this long vs 1 s files (0: skip)")
   elif name == "generate":
     parser.add_argument("--config", default="audio_small")
     parser.add_argument("--length", type=int, default=2000, help="samples drawn per timing")

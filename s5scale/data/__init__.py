@@ -9,6 +9,8 @@
   vocab_size(data_config) -> int
   num_classes(data_config) -> int                  (audio classification: label folders)
   bad_data_counts() -> {"bad_files": n, "bad_documents": m}   seen so far in this process
+  source_counts() -> {"examples/<name>": n}   examples read per data.mixture source so far
+  heldout_splits(data_config) -> ["heldout"] + ["heldout/<name>" per data.mixture source]
   decode_tokens(data_config, tokens) -> str (text) or float32 waveform in [-1, 1] (audio)
   encode_prompt(data_config, prompt) -> int32 tokens (text prefix, or an audio file path)
   DataError: a source with no usable examples (a ValueError; the trainer exits 2).
@@ -26,13 +28,16 @@ import numpy as np
 
 from s5scale.data import audio
 from s5scale.data import bad_data
+from s5scale.data import mixture
 from s5scale.data import text
 from s5scale.data import transforms
 from s5scale.data.bad_data import DataError
+from s5scale.data.pipeline import heldout_splits
 from s5scale.data.pipeline import make_iterator
 
 __all__ = ["DataError", "make_iterator", "vocab_size", "num_classes", "label_names",
-           "bad_data_counts", "decode_tokens", "encode_prompt", "example_batch"]
+           "bad_data_counts", "source_counts", "heldout_splits", "decode_tokens",
+           "encode_prompt", "example_batch"]
 
 
 def vocab_size(data_config) -> int:
@@ -77,6 +82,10 @@ def example_batch(data_config, batch_size: int) -> dict:
 
 def bad_data_counts() -> dict[str, int]:
   return bad_data.counts()
+
+
+def source_counts() -> dict[str, int]:
+  return mixture.counts()
 
 
 def decode_tokens(data_config, tokens):

@@ -112,6 +112,50 @@ def load_waveform(payload: bytes, target_rate: int) -> np.ndarray:
   return peak_normalize(resample(to_mono(waveform), sample_rate, target_rate))
 
 
+def open_sound(stream) -> soundfile.SoundFile:
+  """A seekable file object (or bytes) -> an open soundfile reader; UnreadableAudio if it isn't
+  audio. Only the header is read: frames and samplerate are known without decoding."""
+  try:
+    return soundfile.SoundFile(io.BytesIO(stream) if isinstance(stream, bytes) else stream)
+  except (soundfile.SoundFileError, RuntimeError, EOFError) as error:
+    raise UnreadableAudio(f"not decodable audio: {error}") from None
+
+
+def num_samples_at(sound: soundfile.SoundFile, target_rate: int) -> int:
+  """How many samples the whole file has once resampled to target_rate."""
+  return sound.frames * target_rate // sound.samplerate
+
+
+def read_crop(sound: soundfile.SoundFile, start: int, length: int, target_rate: int,
+              margin: int = 64) -> np.ndarray:
+  """Samples [start, start + length) of the file at target_rate, mono float32, not normalized.
+
+  Seeks to the crop and decodes only it (plus `margin` frames each side for the resampling
+  filter), so a crop of an hour-long FLAC costs what a crop of a short one does. At the file's
+  own rate it equals the same slice of a full decode exactly; at another rate it matches a
+  full-file resample up to the filter's edge and a sub-sample phase.
+  """
+  rate = sound.samplerate
+  if rate == target_rate:
+    begin, end, offset = start, start + length, 0
+  else:
+    begin = max(0, start * rate // target_rate - margin)
+    end = min(sound.frames, -(-(start + length) * rate // target_rate) + margin)
+    offset = start - begin * target_rate // rate
+  try:
+    sound.seek(begin)
+    frames = sound.read(end - begin, dtype="float32", always_2d=True)
+  except (soundfile.SoundFileError, RuntimeError, EOFError) as error:
+    raise UnreadableAudio(f"cannot read samples {begin}..{end}: {error}") from None
+  if frames.shape[0] < end - begin:
+    raise UnreadableAudio(f"file ends at frame {begin + frames.shape[0]}, header says "
+                          f"{sound.frames}")
+  waveform = resample(to_mono(frames), rate, target_rate)[offset:offset + length]
+  if not np.all(np.isfinite(waveform)):
+    raise UnreadableAudio(f"non-finite samples in {begin}..{end}")
+  return waveform
+
+
 def mulaw_encode(waveform: np.ndarray, bits: int = 8) -> np.ndarray:
   """float (...,) in [-1, 1] -> int32 (...,) codes in [0, 2**bits − 1], μ = 2**bits − 1."""
   mu = 2**bits - 1

@@ -2,6 +2,8 @@
 
   items of the split in id order (split.py)                              MapDataset, random access
     → shuffle(data.seed) per epoch (train) → repeat(num_epochs)
+    → [data.mixture] tag each source's items, mix them by weight (train) or concatenate
+      (held-out) with grain (mixture.py)
     → [train, unpacked] keep global index ≡ process_index (mod process_count)
     → read + decode (+ random crop) in data.num_workers grain processes  (bad item → marker)
   main process:
@@ -20,10 +22,13 @@ Evaluation reads the whole held-out split in every process (it is small) so that
 know the total row count and stop after the same number of batches without talking to each other.
 """
 
+from typing import NamedTuple
+
 import grain
 import numpy as np
 
 from s5scale.data import bad_data
+from s5scale.data import mixture
 from s5scale.data import split as split_lib
 from s5scale.data import transforms
 from s5scale.data.packing import PackRowsIterDataset, ShardRowsIterDataset
@@ -36,9 +41,33 @@ def local_batch_size(data_config, process_count: int) -> int:
   return data_config.batch_size // process_count
 
 
-def _rows(data_config, split, spec, process_index, process_count, num_epochs):
-  """IterDataset of rows (packing.py format, or classify rows) for this process."""
-  train = split == "train"
+class Component(NamedTuple):
+  name: str          # "" for a lone data.source
+  spec: transforms.Spec
+  weight: float
+
+
+def components(data_config) -> list[Component]:
+  """The sources read: data.source alone, or each entry of data.mixture (mixture.py)."""
+  entries = mixture.parse(data_config.mixture)
+  if not entries:
+    return [Component("", transforms.make_spec(data_config), 1.0)]
+  transforms.validate(data_config)
+  parts = []
+  for entry in entries:
+    source_config = data_config.copy_and_resolve_references().unlock()
+    source_config.source, source_config.mixture = entry.source, ""
+    parts.append(Component(entry.name, transforms.make_spec(source_config), entry.weight))
+  return parts
+
+
+def heldout_splits(data_config) -> list[str]:
+  """"heldout", then "heldout/<name>" for each source of a mixture."""
+  return ["heldout"] + [f"heldout/{entry.name}" for entry in mixture.parse(data_config.mixture)]
+
+
+def _items(data_config, split, number, spec, num_epochs):
+  """MapDataset of (source number, item index) over one source's split, shuffled for train."""
   listed = spec.source.listed_split
   indices = split_lib.split_indices(spec.source.ids, split, data_config.heldout_fraction, listed)
   indices = indices[np.isin(indices, spec.usable_indices)]
@@ -48,10 +77,26 @@ def _rows(data_config, split, spec, process_index, process_count, num_epochs):
     raise bad_data.DataError(f"the {split} split of {spec.source.description} is empty ({rule}, "
                              f"{len(spec.source)} items)")
   items = grain.MapDataset.source(indices)
-  if train:
-    items = items.shuffle(seed=data_config.seed)   # grain reshuffles each epoch (seed + epoch)
-  items = items.repeat(num_epochs)
-  loader = spec.loader(train)
+  if split == "train":
+    # grain reshuffles each epoch (seed + epoch); each source of a mixture has its own order.
+    items = items.shuffle(seed=data_config.seed + number)
+  return items.repeat(num_epochs).map(mixture.TagIndex(number)), indices.size
+
+
+def _rows(data_config, split, parts, process_index, process_count, num_epochs):
+  """IterDataset of rows (packing.py format, or classify rows) for this process."""
+  train = split == "train"
+  spec = parts[0].spec        # the sources of a mixture differ only in data.source
+  tagged = [_items(data_config, split, number, part.spec, num_epochs)
+            for number, part in enumerate(parts)]
+  num_items = sum(size for _, size in tagged)
+  if len(parts) == 1:
+    items = tagged[0][0]
+  elif train:
+    items = grain.MapDataset.mix([items for items, _ in tagged], [p.weight for p in parts])
+  else:
+    items = grain.MapDataset.concatenate([items for items, _ in tagged])
+  loader = mixture.TaggedLoader([part.spec.loader(train) for part in parts])
   if loader.is_random:
     items = items.random_map(loader, seed=data_config.seed)
   else:
@@ -65,7 +110,9 @@ def _rows(data_config, split, spec, process_index, process_count, num_epochs):
     _ensure_absl_flags_parsed()
     stream = stream.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=data_config.num_workers, per_worker_buffer_size=4))
-  stream = stream.filter(bad_data.MarkerFilter(len(indices), spec.source.description))
+  description = " + ".join(part.spec.source.description for part in parts)
+  stream = stream.filter(bad_data.MarkerFilter(num_items, description))
+  stream = stream.map(mixture.CountSources([part.name for part in parts if part.name]))
   packing = spec.packing(train)
   if packing is not None:
     stream = PackRowsIterDataset(stream, data_config.seq_len + 1, spec.pad_id,
@@ -82,9 +129,16 @@ def make_iterator(data_config, split, *, process_index=0, process_count=1, num_e
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   batch_size = local_batch_size(data_config, process_count)
-  spec = transforms.make_spec(data_config)
-  stream = _rows(data_config, split, spec, process_index, process_count, num_epochs)
-  description = f"the {split} split of {spec.source.description}"
+  parts = components(data_config)
+  split, _, source_name = split.partition("/")     # "heldout/<name>": one mixture source
+  if source_name:
+    parts = [part for part in parts if part.name == source_name]
+    if not parts or split != "heldout":
+      raise ValueError(f"split {split}/{source_name}: not a held-out split of data.mixture="
+                       f"{data_config.mixture!r}")
+  spec = parts[0].spec
+  stream = _rows(data_config, split, parts, process_index, process_count, num_epochs)
+  description = f"the {split} split of " + " + ".join(p.spec.source.description for p in parts)
   if split == "heldout" or spec.packing(split == "train") is not None:
     # Packed rows depend on every document before them, so each process packs the same global
     # stream and keeps every process_count-th row: again layout-independent global batches.

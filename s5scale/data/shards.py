@@ -63,25 +63,40 @@ def _format_seconds(seconds: float) -> str:
   return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
 
 
-def audio_record(source, index: int, sample_rate: int):
-  """Item -> 16-bit WAV bytes, mono, resampled to sample_rate and peak-normalized; or a marker."""
+CHUNK_MARK = "#"   # chunk k of item "a/b.flac" has id "a/b.flac#0000k" (split.py keys it by file)
+
+
+def audio_record(source, index: int, sample_rate: int, chunk_seconds: float = 0.0):
+  """Item -> 16-bit WAV bytes, mono, resampled to sample_rate and peak-normalized; or a marker.
+
+  chunk_seconds > 0 cuts a longer file into a list of consecutive chunks of that length (the
+  whole file normalized once, so chunks keep their relative level); a final piece shorter
+  than a quarter chunk is dropped.
+  """
   try:
     payload = source.read(index)
-    if not isinstance(payload, bytes):      # the procedural corpus yields waveforms
-      return audio.encode_wav_bytes(payload, sample_rate)
-    return audio.encode_wav_bytes(audio.load_waveform(payload, sample_rate), sample_rate)
+    if isinstance(payload, bytes):
+      waveform = audio.load_waveform(payload, sample_rate)
+    else:                                    # the procedural corpus yields waveforms
+      waveform = payload
   except (OSError, audio.UnreadableAudio) as error:
     return bad_data.marker("bad_files", source.name(index), str(error))
+  chunk = int(chunk_seconds * sample_rate)
+  if chunk <= 0 or waveform.size <= chunk:
+    return audio.encode_wav_bytes(waveform, sample_rate)
+  starts = [start for start in range(0, waveform.size, chunk)
+            if waveform.size - start >= min(chunk, max(1, chunk // 4))]
+  return [audio.encode_wav_bytes(waveform[start:start + chunk], sample_rate) for start in starts]
 
 
-def text_record(source, index: int):
+def text_record(source, index: int, jsonl_field: str = "text"):
   """Item -> the document's UTF-8 bytes (tokenized later: the tokenizer may change), or a marker."""
   try:
     payload = source.read(index)
   except OSError as error:
     return bad_data.marker("bad_files", source.name(index), f"unreadable: {error}")
   document = text.parse_document(payload, source.name(index),
-                                 isinstance(source, sources.JsonlSource))
+                                 sources.is_json_line(source, index), jsonl_field)
   return document if bad_data.is_marker(document) else document.encode("utf-8")
 
 
@@ -99,7 +114,8 @@ def _encode_in_worker(index):
 
 
 def write_shards(source, encode, output: str, num_shards: int, num_workers: int) -> dict:
-  """Encodes every item of `source` with `encode(source, index) -> bytes | marker` into shards.
+  """Encodes every item of `source` with `encode(source, index) -> bytes | [bytes] | marker`
+  into shards (a list: one record per chunk, ids suffixed #00000, #00001, ...).
 
   `encode` must be picklable (a module-level function or functools.partial of one): it runs in
   `num_workers` processes, which receive the source once, at start-up.
@@ -131,6 +147,11 @@ def write_shards(source, encode, output: str, num_shards: int, num_workers: int)
         if bad_data.is_marker(record):
           bad_data.record(record)
           skipped.append(record[bad_data.BAD_KEY][1])
+        elif isinstance(record, list):        # chunks of one long item
+          for number, chunk in enumerate(record):
+            writer.write(chunk)
+            ids.append(f"{source.ids[index]}{CHUNK_MARK}{number:05d}")
+            labels.append(source.labels[index])
         else:
           writer.write(record)
           ids.append(source.ids[index])

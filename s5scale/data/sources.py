@@ -2,8 +2,11 @@
 
 data.source may be
   ""                      the embedded default corpus (Python stdlib .py files / procedural audio);
-  a directory             searched recursively for audio (.wav .flac .ogg) or text (.txt .jsonl);
-                          if it holds *.array_record shards, those are read instead;
+  a directory             searched recursively for audio (.wav .flac .ogg) or text (every
+                          non-hidden file, or those ending in data.text_extensions; a .jsonl
+                          file gives one document per line, a .parquet file one per row);
+                          if it holds *.array_record
+                          shards, those are read instead;
   a glob                  e.g. "/data/**/*.flac", "gs://bucket/text/*.jsonl", "out/*.array_record".
 Paths go through etils.epath, so gs:// and other cloud paths work where their filesystem package
 is installed. Listing happens once in the main process; reading happens in grain workers, so a
@@ -28,9 +31,10 @@ import numpy as np
 
 from s5scale.data import procedural_audio
 from s5scale.data.bad_data import DataError
+from s5scale.data.text_files import index_text
+from s5scale.data.text_files import is_json_line  # pylint: disable=unused-import  # re-exported
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
-TEXT_EXTENSIONS = (".txt", ".jsonl")
 ARRAY_RECORD_EXTENSION = ".array_record"
 SIDECAR_SUFFIX = ".json"  # shard.array_record.json: {"ids": [...], "labels": [...]}
 TESTING_LIST, VALIDATION_LIST = "testing_list.txt", "validation_list.txt"
@@ -63,30 +67,12 @@ class FileSource:
   def read(self, index: int):
     return epath.Path(self.root, self.relpaths[index]).read_bytes()
 
+  def open(self, index: int):
+    """A seekable binary file object (long audio is cropped by seeking, not read whole)."""
+    return epath.Path(self.root, self.relpaths[index]).open("rb")
+
   def name(self, index: int) -> str:
     return os.fspath(epath.Path(self.root, self.relpaths[index]))
-
-
-class JsonlSource:
-  """One item per line of .jsonl files; payload = the line's bytes (parsed by the text pipeline)."""
-
-  def __init__(self, root: str, relpaths: list[str], file_index, offsets, line_numbers,
-               description: str):
-    self.root, self.relpaths, self.description = root, relpaths, description
-    self.file_index, self.offsets = file_index, offsets
-    self.ids = [f"{relpaths[f]}:{n}" for f, n in zip(file_index, line_numbers)]
-    self.labels = [""] * len(self.ids)
-
-  def __len__(self):
-    return len(self.ids)
-
-  def read(self, index: int):
-    with epath.Path(self.root, self.relpaths[self.file_index[index]]).open("rb") as stream:
-      stream.seek(int(self.offsets[index]))
-      return stream.readline()
-
-  def name(self, index: int) -> str:
-    return os.fspath(epath.Path(self.root, self.ids[index]))
 
 
 class ArrayRecordSource:
@@ -155,22 +141,33 @@ def _is_cloud(path: str) -> bool:
   return "://" in path
 
 
-def _walk(root: str):
-  """Every file under root, recursively (os.walk locally; epath listing for cloud paths)."""
+def _walk(root: str, skip_hidden: bool):
+  """Every file under root, recursively (os.walk locally; epath listing for cloud paths).
+
+  skip_hidden leaves out names starting with "." (.git, .DS_Store, editor swap files): when a
+  directory means "every file", those are tool state, not the corpus.
+  """
+  def visible(name):
+    return not (skip_hidden and name.startswith("."))
   if not _is_cloud(root):
     for directory, subdirectories, files in os.walk(root):
-      subdirectories.sort()
-      yield from (os.path.join(directory, name) for name in files)
+      subdirectories[:] = sorted(d for d in subdirectories if visible(d))
+      yield from (os.path.join(directory, name) for name in files if visible(name))
     return
   for path in epath.Path(root).iterdir():
+    if not visible(path.name):
+      continue
     if path.is_dir():
-      yield from _walk(os.fspath(path))
+      yield from _walk(os.fspath(path), skip_hidden)
     else:
       yield os.fspath(path)
 
 
 def _list_files(source: str, extensions) -> tuple[str, list[str]]:
-  """(root, sorted paths relative to root) for a directory (by extension) or a glob (all matches).
+  """(root, sorted paths relative to root) for a directory or a glob (all matches).
+
+  A directory keeps the files whose lower-cased extension is in `extensions`, or every
+  non-hidden regular file when `extensions` is None.
 
   Globs may use ** locally; cloud globs are single-level (etils.epath refuses ** there, since it
   would mean one request per folder).
@@ -185,7 +182,8 @@ def _list_files(source: str, extensions) -> tuple[str, list[str]]:
     root = source
     if not epath.Path(root).is_dir():
       raise DataError(f"data.source {source!r} is not a directory, glob or .array_record file")
-    matches = [path for path in _walk(root) if os.path.splitext(path)[1].lower() in extensions]
+    matches = [path for path in _walk(root, skip_hidden=extensions is None)
+               if extensions is None or os.path.splitext(path)[1].lower() in extensions]
   prefix = root.rstrip("/") + "/"
   relpaths = sorted(os.path.relpath(path, root).replace(os.sep, "/") if not _is_cloud(root)
                     else path[len(prefix):] for path in matches)
@@ -223,21 +221,6 @@ def _open_array_records(paths: list[str], description: str) -> ArrayRecordSource
       ids += [f"{os.path.basename(path)}:{i}" for i in range(num_records)]
       labels += [""] * num_records
   return ArrayRecordSource(paths, shard_sizes, ids, labels, description)
-
-
-def _index_jsonl(root: str, relpaths: list[str], description: str) -> JsonlSource:
-  """Byte offset of every non-blank line, so workers can seek straight to a document."""
-  file_index, offsets, line_numbers = [], [], []
-  for number, relpath in enumerate(relpaths):
-    offset = 0
-    for line_number, line in enumerate(epath.Path(root, relpath).read_bytes().split(b"\n")):
-      if line.strip():
-        file_index.append(number)
-        offsets.append(offset)
-        line_numbers.append(line_number + 1)
-      offset += len(line) + 1
-  return JsonlSource(root, relpaths, np.asarray(file_index, np.int32),
-                     np.asarray(offsets, np.int64), line_numbers, description)
 
 
 def _read_listed_split(root: str, ids: list[str], description: str) -> ListedSplit | None:
@@ -281,9 +264,29 @@ def _stdlib_source() -> FileSource:
   return FileSource(root, sorted(relpaths), f"the Python standard library at {root}")
 
 
+def parse_extensions(text_extensions: str):
+  """data.text_extensions ("" or ".py,.md,txt") -> None (every file) or a tuple (".py", ...)."""
+  names = [name.strip().lower() for name in text_extensions.split(",") if name.strip()]
+  return tuple(name if name.startswith(".") else "." + name for name in names) or None
+
+
+def _no_files_message(kind: str, source: str, extensions) -> str:
+  looked_for = ("every non-hidden file" if extensions is None
+                else "files ending " + ", ".join(extensions))
+  example = "**/*" + (extensions[0] if extensions else ".txt")
+  hint = (f"; to read other files, pass a glob such as data.source="
+          f"'{source.rstrip('/')}/{example}'")
+  if kind == "text" and extensions is not None:
+    hint += " or set data.text_extensions='' (every file)"
+  return f"data.source {source!r} has no {kind} files (looked for {looked_for}){hint}"
+
+
 @functools.lru_cache(maxsize=8)
-def open_source(kind: str, source: str, sample_rate: int):
-  """The item list for data.kind / data.source. Raises DataError when nothing matches."""
+def open_source(kind: str, source: str, sample_rate: int, text_extensions: str = ""):
+  """The item list for data.kind / data.source. Raises DataError when nothing matches.
+
+  text_extensions: data.text_extensions; "" lets a text directory take every regular file.
+  """
   if kind not in ("text", "audio"):
     raise ValueError(f"data.kind must be 'text' or 'audio', got {kind!r}")
   if not source:
@@ -293,15 +296,13 @@ def open_source(kind: str, source: str, sample_rate: int):
       raise DataError(f"data.source {source!r}: no ArrayRecord shards match")
     opened = _open_array_records(shards, f"data.source {source!r}")
   else:
-    extensions = AUDIO_EXTENSIONS if kind == "audio" else TEXT_EXTENSIONS
+    extensions = AUDIO_EXTENSIONS if kind == "audio" else parse_extensions(text_extensions)
     root, relpaths = _list_files(source, extensions)
     description = f"data.source {source!r}"
     if not relpaths:
-      raise DataError(f"{description} has no {kind} files (looked for {', '.join(extensions)})")
-    if kind == "text" and relpaths and all(p.endswith(".jsonl") for p in relpaths):
-      opened = _index_jsonl(root, relpaths, description)
-    elif kind == "text" and any(p.endswith(".jsonl") for p in relpaths):
-      raise DataError(f"{description} mixes .jsonl with other files; point it at one kind")
+      raise DataError(_no_files_message(kind, source, extensions))
+    if kind == "text":
+      opened = index_text(root, relpaths, description)
     else:
       opened = FileSource(root, relpaths, description)
   if len(opened) == 0:

@@ -18,16 +18,27 @@ import numpy as np
 from s5scale.data.sources import AUDIO_EXTENSIONS
 
 SPLITS = ("train", "heldout")
+CHUNK_MARK = "#"          # shards.CHUNK_MARK (not imported: shards imports the writers)
 SPEAKER_MARK = "_nohash_"
 
 
 def split_key(item_id: str) -> str:
-  """The string hashed: the speaker of "<word>/<speaker>_nohash_<n>.wav", else the id itself."""
+  """The string hashed: the speaker of "<word>/<speaker>_nohash_<n>.wav", else the id itself.
+
+  Chunks that tools/prepare_audio.py cut from one long file ("book.flac#00012") are keyed by
+  the file, so a file's chunks share its split, the one the raw file has.
+  """
+  item_id = _without_chunk(item_id)
   basename = item_id.rsplit("/", 1)[-1]
   speaker, mark, _ = basename.partition(SPEAKER_MARK)
   if mark and speaker and basename.lower().endswith(AUDIO_EXTENSIONS):
     return speaker
   return item_id
+
+
+def _without_chunk(item_id: str) -> str:
+  stem, mark, number = item_id.rpartition(CHUNK_MARK)
+  return stem if mark and number.isdigit() and stem.lower().endswith(AUDIO_EXTENSIONS) else item_id
 
 
 def heldout_score(key: str) -> float:

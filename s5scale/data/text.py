@@ -99,8 +99,12 @@ def make_tokenizer(tokenizer: str):
   return SentencePieceTokenizer(tokenizer)
 
 
-def parse_document(payload: bytes, item_id: str, is_jsonl: bool):
-  """Raw item bytes -> document text, or a bad-data marker (undecodable UTF-8, bad JSON, empty)."""
+def parse_document(payload: bytes, item_id: str, is_jsonl: bool, jsonl_field: str = "text"):
+  """Raw item bytes -> document text, or a bad-data marker (undecodable UTF-8, bad JSON, empty).
+
+  A JSON line's text is its `jsonl_field` (data.jsonl_field); a line that is a bare JSON string
+  is the text itself.
+  """
   try:
     text = payload.decode("utf-8")
   except UnicodeDecodeError as error:
@@ -111,9 +115,9 @@ def parse_document(payload: bytes, item_id: str, is_jsonl: bool):
       record = json.loads(text)
     except json.JSONDecodeError as error:
       return bad_data.marker("bad_documents", item_id, f"not a JSON line: {error}")
-    text = record.get("text") if isinstance(record, dict) else record
+    text = record.get(jsonl_field) if isinstance(record, dict) else record
     if not isinstance(text, str):
-      return bad_data.marker("bad_documents", item_id, 'no string "text" field')
+      return bad_data.marker("bad_documents", item_id, f"no string {jsonl_field!r} field")
   if not text.strip():
     return bad_data.marker("bad_documents", item_id, "empty document")
   return text

@@ -1,7 +1,9 @@
 """What one example is, per data.kind / data.task: the worker-side loaders and the batch layout.
 
   text  lm        document -> [BOS] tokens [EOS]; packed into rows by packing.py
-  audio lm        clip -> mu-law/linear codes; train: one random crop of seq_len + 1 per visit,
+  audio lm        clip -> mu-law/linear codes; train: one random crop of seq_len + 1 per visit
+                  (files of data.long_audio_seconds or more: seeked and decoded crop only,
+                  at the file's own level: peak normalization would need the whole file),
                   heldout: the whole clip cut into consecutive windows (covers it exactly once)
   audio classify  clip -> raw waveform of seq_len samples (train: random crop, heldout: the
                   start), zero-padded with mask 0, and the label id of its folder name
@@ -17,6 +19,7 @@ import numpy as np
 
 from s5scale.data import audio
 from s5scale.data import bad_data
+from s5scale.data import mixture
 from s5scale.data import sources
 from s5scale.data import text
 
@@ -35,16 +38,16 @@ class TextLoader:
   """Item index -> {"tokens": [BOS] ids [EOS]} or a marker."""
   is_random = False
 
-  def __init__(self, source, tokenizer):
-    self._source, self._tokenizer = source, tokenizer
-    self._is_jsonl = isinstance(source, sources.JsonlSource)
+  def __init__(self, source, tokenizer, jsonl_field: str):
+    self._source, self._tokenizer, self._jsonl_field = source, tokenizer, jsonl_field
 
   def __call__(self, index):
     index = int(index)
     payload, failure = _read(self._source, index)
     if failure:
       return failure
-    document = text.parse_document(payload, self._source.name(index), self._is_jsonl)
+    document = text.parse_document(payload, self._source.name(index),
+                                   sources.is_json_line(self._source, index), self._jsonl_field)
     if bad_data.is_marker(document):
       return document
     return text.document_tokens(self._tokenizer, document)
@@ -57,6 +60,7 @@ class AudioLoader:
     self._source, self._mode, self._label_ids = source, mode, label_ids
     self._sample_rate, self._seq_len = data_config.sample_rate, data_config.seq_len
     self._quantization, self._bits = data_config.quantization, data_config.bits
+    self._long_audio_seconds = data_config.long_audio_seconds
     self.is_random = mode in ("lm_crop", "classify_crop")
 
   def _waveform(self, index):
@@ -70,19 +74,43 @@ class AudioLoader:
     except audio.UnreadableAudio as error:
       return None, bad_data.marker("bad_files", self._source.name(index), str(error))
 
+  def _long_crop(self, index, length, rng):
+    """(crop, None) seeked out of a file of data.long_audio_seconds or more, (None, marker),
+    or (None, None) for a short file, which is decoded whole instead."""
+    if not (self.is_random and self._long_audio_seconds > 0 and hasattr(self._source, "open")):
+      return None, None
+    try:
+      with self._source.open(index) as stream:
+        try:
+          sound = audio.open_sound(stream)
+        except audio.UnreadableAudio:
+          return None, None       # the whole-file path names what is wrong with it
+        with sound:
+          total = audio.num_samples_at(sound, self._sample_rate)
+          if sound.frames < self._long_audio_seconds * sound.samplerate or total <= length:
+            return None, None
+          start = int(rng.integers(0, total - length + 1))
+          return audio.read_crop(sound, start, length, self._sample_rate), None
+    except (OSError, audio.UnreadableAudio) as error:
+      return None, bad_data.marker("bad_files", self._source.name(index), str(error))
+
   def __call__(self, index, rng=None):
     index = int(index)
-    waveform, failure = self._waveform(index)
+    length = self._seq_len + 1 if self._mode == "lm_crop" else self._seq_len
+    crop, failure = self._long_crop(index, length, rng)
     if failure:
       return failure
-    if self._mode == "lm_clip":
-      tokens = audio.quantize(waveform, self._quantization, self._bits)
-      return {"tokens": tokens, "token_bytes": np.ones_like(tokens)}
-    length = self._seq_len + 1 if self._mode == "lm_crop" else self._seq_len
-    start = 0
-    if self.is_random and waveform.size > length:
-      start = int(rng.integers(0, waveform.size - length + 1))
-    crop = waveform[start:start + length]
+    if crop is None:
+      waveform, failure = self._waveform(index)
+      if failure:
+        return failure
+      if self._mode == "lm_clip":
+        tokens = audio.quantize(waveform, self._quantization, self._bits)
+        return {"tokens": tokens, "token_bytes": np.ones_like(tokens)}
+      start = 0
+      if self.is_random and waveform.size > length:
+        start = int(rng.integers(0, waveform.size - length + 1))
+      crop = waveform[start:start + length]
     valid = np.zeros(length, bool)
     valid[:crop.size] = True
     if self._mode == "lm_crop":
@@ -128,7 +156,7 @@ class Spec:
 
   def loader(self, train: bool):
     if self.kind == "text":
-      return TextLoader(self.source, self.tokenizer)
+      return TextLoader(self.source, self.tokenizer, self.data_config.jsonl_field)
     if self.task == "classify":
       mode = "classify_crop" if train else "classify_head"
     else:
@@ -183,15 +211,24 @@ def validate(data_config) -> None:
       (data_config.sample_rate >= 1, "sample_rate", "positive"),
       (data_config.num_workers >= 0, "num_workers", ">= 0"),
       (data_config.read_threads >= 1, "read_threads", ">= 1"),
+      (bool(data_config.jsonl_field), "jsonl_field", "a non-empty JSON key"),
+      (data_config.long_audio_seconds >= 0, "long_audio_seconds", ">= 0"),
   ]
   for ok, key, expected in checks:
     if not ok:
       raise ValueError(f"data.{key} must be {expected}, got {data_config[key]!r}")
+  if mixture.parse(data_config.mixture) and data_config.source:
+    raise ValueError(f"data.source={data_config.source!r} and data.mixture are both set; "
+                     "set data.source='' when mixing")
+  if mixture.parse(data_config.mixture) and data_config.task != "lm":
+    # Label ids come from one source's folders; across a mixture they would disagree.
+    raise ValueError(f"data.mixture needs data.task='lm', got {data_config.task!r}")
 
 
 def make_spec(data_config) -> Spec:
   validate(data_config)
-  source = sources.open_source(data_config.kind, data_config.source, data_config.sample_rate)
+  source = sources.open_source(data_config.kind, data_config.source, data_config.sample_rate,
+                               data_config.text_extensions)
   usable = np.arange(len(source))
   label_names = []
   if data_config.kind == "audio":
