@@ -12,7 +12,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from s5scale import parallel, ssm
-from s5scale.nn.blocks import ACTIVATIONS, NORMS
+from s5scale.nn.blocks import ACTIVATIONS, LAYERS, NORMS
 from s5scale.nn.model import REMAT_POLICIES
 
 EXIT_BAD_INPUT = 2
@@ -80,6 +80,7 @@ def check_config(config, devices, process_count: int) -> None:
   """Everything that can be checked before compiling; raises ConfigError naming the key."""
   model, data, mesh_config = config.model, config.data, config.mesh
   choice(config, "model.task", ("lm", "classify"))
+  choice(config, "model.layer", tuple(LAYERS))
   choice(config, "model.input_kind", ("tokens", "continuous"))
   choice(config, "model.activation", ACTIVATIONS)
   choice(config, "model.norm", NORMS)
@@ -96,9 +97,12 @@ def check_config(config, devices, process_count: int) -> None:
   try:
     ssm.validate_ssm_args(discretization=model.discretization, c_init=model.c_init,
                           dt_min=model.dt_min, dt_max=model.dt_max)
-    ssm.validate_state_sizes(model.ssm_size, model.blocks, model.conj_sym)
+    if model.layer == "s5":
+      ssm.validate_state_sizes(model.ssm_size, model.blocks, model.conj_sym)
   except ValueError as error:
     raise ConfigError(f"model: {error}") from None
+  if model.layer == "s4d":
+    check_s4d(config)
   if data.task != model.task:
     raise ConfigError(f"data.task={data.task!r} must equal model.task={model.task!r}")
   try:
@@ -111,7 +115,7 @@ def check_config(config, devices, process_count: int) -> None:
   num_states = model.ssm_size // 2 if model.conj_sym else model.ssm_size
   if model.d_model % model_ways:
     raise ConfigError(f"model.d_model={model.d_model} is not divisible by mesh.model={model_ways}")
-  if num_states % model_ways:
+  if model.layer == "s5" and num_states % model_ways:
     raise ConfigError(f"model.ssm_size={model.ssm_size} ({num_states} complex states) is not "
                       f"divisible by mesh.model={model_ways}")
   if model.d_model % fsdp_ways:
@@ -122,6 +126,17 @@ def check_config(config, devices, process_count: int) -> None:
         f"data.batch_size={data.batch_size} must be divisible by mesh data*fsdp ({data_ways}) × "
         f"optim.grad_accum_steps ({config.optim.grad_accum_steps}) and by the process count "
         f"({process_count})")
+
+
+def check_s4d(config) -> None:
+  """S4D's own keys; ssm_size, blocks, c_init and scan_impl are S5's and ignored."""
+  model = config.model
+  choice(config, "model.s4d_init", ssm.S4D_INITS)
+  if model.s4d_state_size <= 0 or model.s4d_state_size % 2:
+    raise ConfigError(f"model.s4d_state_size={model.s4d_state_size} must be a positive even number "
+                      "(N/2 conjugate pairs are kept once)")
+  if model.discretization != "zoh":
+    raise ConfigError(f"model.discretization={model.discretization!r}: S4D is defined with ZOH only")
 
 
 def fill_num_classes(config) -> None:
@@ -139,15 +154,26 @@ def fill_num_classes(config) -> None:
                       f"{data.label_names(config.data)}")
 
 
+# model.layer -> {SSM module field: config.model key}
+SSM_KEYS = {
+    "s5": {k: k for k in ("ssm_size", "blocks", "conj_sym", "bidirectional", "discretization",
+                          "c_init", "dt_min", "dt_max", "clip_eigs", "step_rescale", "scan_impl")},
+    "s4d": {"state_size": "s4d_state_size", "lambda_init": "s4d_init",
+            **{k: k for k in ("bidirectional", "dt_min", "dt_max", "clip_eigs", "step_rescale")}},
+}
+
+
 def model_kwargs(model_config) -> dict:
-  """S5Model fields from config.model (the S5 layer's own fields grouped in ssm_kwargs)."""
+  """S5Model fields from config.model (the SSM layer's own fields grouped in ssm_kwargs)."""
   import jax.numpy as jnp
-  ssm_keys = ("ssm_size", "blocks", "conj_sym", "bidirectional", "discretization", "c_init",
-              "dt_min", "dt_max", "clip_eigs", "step_rescale", "scan_impl")
+  if model_config.layer not in SSM_KEYS:
+    raise ConfigError(f"model.layer={model_config.layer!r} is not one of {tuple(SSM_KEYS)}")
   model_keys = ("task", "input_kind", "vocab_size", "num_classes", "num_layers", "d_model", "norm",
-                "prenorm", "activation", "mlp_ratio", "dropout", "pooling", "scan_layers", "remat")
+                "prenorm", "activation", "mlp_ratio", "dropout", "pooling", "scan_layers", "remat",
+                "layer")
   kwargs = {k: model_config[k] for k in model_keys}
-  kwargs["ssm_kwargs"] = {k: model_config[k] for k in ssm_keys}
+  kwargs["ssm_kwargs"] = {field: model_config[key]
+                          for field, key in SSM_KEYS[model_config.layer].items()}
   kwargs["compute_dtype"] = jnp.dtype(model_config.compute_dtype)
   return kwargs
 

@@ -13,22 +13,25 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       task="lm",                    # "lm" (next-token) or "classify"
+      layer="s5",                   # "s5" (MIMO, P states) or "s4d" (H SISO SSMs, N states each)
+      s4d_state_size=64,            # S4D: N per channel (even; N/2 complex states), S4 papers' 64
+      s4d_init="legs",              # S4D: "legs" (HiPPO-N eigenvalues, as S5) or "lin"
       input_kind="tokens",          # "tokens" (embedding) or "continuous" (linear encoder)
       vocab_size=256,               # tokens; at least data.vocab_size (bytes: 260 with specials)
       num_classes=0,                # classify: 0 = the number of label folders in data.source
       num_layers=4,
       d_model=128,                  # H
-      ssm_size=128,                 # P (P/2 complex states with conj_sym)
-      blocks=4,                     # J
+      ssm_size=128,                 # P (P/2 complex states with conj_sym); S5 only
+      blocks=4,                     # J; S5 only
       conj_sym=True,
       bidirectional=False,
-      discretization="zoh",         # "zoh" or "bilinear"
-      c_init="trunc_standard_normal",  # or "lecun_normal", "complex_normal"
+      discretization="zoh",         # "zoh" or "bilinear"; S4D: "zoh" only
+      c_init="trunc_standard_normal",  # or "lecun_normal", "complex_normal"; S4D: complex normal
       dt_min=1e-3,
       dt_max=1e-1,
       clip_eigs=False,
       step_rescale=1.0,
-      scan_impl="default",          # "default" (fast) or "reference" (associative_scan)
+      scan_impl="default",          # "default" (fast) or "reference" (associative_scan); S5 only
       norm="layer",                 # "layer", "rms" or "batch"
       prenorm=True,
       activation="half_glu1",       # "full_glu", "half_glu1", "half_glu2", "gelu"
