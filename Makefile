@@ -11,7 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,tpu]" || $(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-.PHONY: venv train test bench clean results results-text results-audio results-classify curves
+.PHONY: venv train test bench clean results results-text results-audio results-classify curves \
+	results-s4d-classify results-s4d-text
 venv: $(VENV)/.installed
 
 # Train a byte-level LM on the embedded default corpus, then evaluate it (README "Results").
@@ -43,6 +44,30 @@ results-classify: venv $(DIGITS)/.complete
 	$(PY) -m s5scale.evaluate --config=configs/speech_commands.py --workdir=$(CLASSIFY_WORKDIR) --all
 	$(PY) -m s5scale.evaluate --config=configs/speech_commands.py --workdir=$(CLASSIFY_WORKDIR) \
 	  --all --config.data.sample_rate=8000 --config.data.seq_len=8000 --config.eval.step_rescale=2
+
+# S4D against S5 (README "S4D against S5"): the same configs, data and steps, at equal parameters
+# (S4D's N = S5's P). The S5 side of the classifier is results-classify.
+S4D_CLASSIFY_WORKDIR := workdirs/speech_commands_s4d
+S4D_CLASSIFY_FLAGS := --config.model.layer=s4d --config.model.s4d_state_size=64
+results-s4d-classify: venv $(DIGITS)/.complete
+	$(PY) -m s5scale.train --config=configs/speech_commands.py --workdir=$(S4D_CLASSIFY_WORKDIR) \
+	  $(S4D_CLASSIFY_FLAGS)
+	$(PY) -m s5scale.evaluate --config=configs/speech_commands.py --workdir=$(S4D_CLASSIFY_WORKDIR) \
+	  --all $(S4D_CLASSIFY_FLAGS)
+	$(PY) -m s5scale.evaluate --config=configs/speech_commands.py --workdir=$(S4D_CLASSIFY_WORKDIR) \
+	  --all $(S4D_CLASSIFY_FLAGS) --config.data.sample_rate=8000 --config.data.seq_len=8000 \
+	  --config.eval.step_rescale=2
+
+# text_small, both layers, COMPARE_STEPS steps each (schedule and evals at that budget).
+COMPARE_STEPS ?= 1000
+results-s4d-text: venv
+	for layer in "s5" "s4d --config.model.s4d_state_size=256"; do \
+	  dir=workdirs/text_small_$${layer%% *}_$(COMPARE_STEPS); \
+	  flags="--config.model.layer=$$layer --config.train.num_steps=$(COMPARE_STEPS) \
+	    --config.eval.every_steps=$(COMPARE_STEPS) --config.checkpoint.every_steps=$(COMPARE_STEPS)"; \
+	  $(PY) -m s5scale.train --config=configs/text_small.py --workdir=$$dir $$flags || exit 1; \
+	  $(PY) -m s5scale.evaluate --config=configs/text_small.py --workdir=$$dir --all $$flags || exit 1; \
+	done
 
 curves: venv
 	$(PY) tools/plot_metrics.py --output docs/learning_curves.png --workdirs \
