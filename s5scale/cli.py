@@ -136,7 +136,8 @@ def check_s4d(config) -> None:
     raise ConfigError(f"model.s4d_state_size={model.s4d_state_size} must be a positive even number "
                       "(N/2 conjugate pairs are kept once)")
   if model.discretization != "zoh":
-    raise ConfigError(f"model.discretization={model.discretization!r}: S4D is defined with ZOH only")
+    raise ConfigError(f"model.discretization={model.discretization!r}: S4D is defined with ZOH "
+                      "only")
 
 
 def fill_num_classes(config) -> None:

@@ -5,10 +5,14 @@ import jax
 import numpy as np
 import pytest
 
+import re
+
 from s5scale import cli, parallel
+from s5scale import train as train_lib
 from s5scale.nn.model import S5Model
 from tests import runs
-from tests.test_mesh import build_state, tiny_config, train_in_process
+from tests.test_mesh import (COLLECTIVES, build_state, hlo_computations, reachable, tiny_config,
+                             train_in_process)
 
 S4D = dict(model__layer="s4d", model__s4d_state_size=8)
 
@@ -37,6 +41,44 @@ def test_model_parallel_shards_channels():
     assert params[name].shape == shape
     sharded = (shape[0], shape[1] // 4) + shape[2:]   # H over the 4 `model` devices
     assert {s.data.shape for s in params[name].addressable_shards} == {sharded}, name
+
+
+def test_sharded_fft_path_equals_one_device():
+  """Tokens without resets take the FFT path; H split over 8 devices gives the same logits."""
+  config = tiny_config(mesh__data=1, mesh__fsdp=1, mesh__model=8, **S4D)
+  mesh = parallel.make_mesh(config.mesh)
+  params = build_state(config, mesh).params
+  model = S5Model(**cli.model_kwargs(config.model))
+  tokens = np.random.default_rng(1).integers(0, 256, (8, 32)).astype(np.int32)
+
+  def logits(variables, inputs):
+    with parallel.logical_constraints(mesh):
+      return model.apply({"params": variables}, inputs)
+
+  sharded = jax.jit(logits)(params, tokens)
+  single = model.apply({"params": jax.device_get(params)}, tokens)
+  np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-5)
+
+
+def test_no_collective_inside_the_time_recurrence():
+  config = tiny_config(mesh__data=2, mesh__fsdp=2, mesh__model=2, **S4D)
+  mesh = parallel.make_mesh(config.mesh)
+  sample = {"inputs": np.zeros((8, 32), np.int32), "targets": np.zeros((8, 32), np.int32),
+            "mask": np.ones((8, 32), np.float32), "reset": np.zeros((8, 32), bool),
+            "target_bytes": np.ones((8, 32), np.int32)}
+  model, optimizer, schedule, abstract_state, shardings = train_lib.build_model_and_state(
+      config, mesh, sample)
+  compiled = train_lib.jit_train_step(config, mesh, model, optimizer, schedule, shardings).lower(
+      abstract_state, train_lib.abstract_batch(sample, mesh)).compile()
+  computations = hlo_computations(compiled.as_text())
+  loop_bodies = re.findall(r"while\(.*body=%?([\w.\-]+)", "\n".join(computations.values()))
+  innermost = [b for b in loop_bodies
+               if not any("while(" in computations[c] for c in reachable(computations, b))]
+  assert innermost, "expected the recurrence (resets in the batch) to compile to a loop"
+  for body in innermost:
+    text = "\n".join(computations[c] for c in reachable(computations, body))
+    found = [op for op in COLLECTIVES if re.search(rf"\b{op}(-start)?\(", text)]
+    assert not found, f"collective {found} inside loop {body}"
 
 
 def test_recurrent_logits_match_parallel_model():

@@ -1,4 +1,5 @@
-"""Residual SSM block: norm → S5 or S4D → activation (GLU variants as in the S5 paper) → optional MLP.
+"""Residual SSM block: norm → S5 or S4D → activation (GLU variants as in the S5 paper) → MLP
+(optional).
 
 Runs in parallel mode over (batch, L, H), or one recurrent step over (batch, H) when given the
 SSM state, so training and generation share the same parameters and code.

@@ -57,7 +57,8 @@ class S4D(nn.Module):
 
   def _check_causal(self):
     if self.bidirectional:
-      raise ValueError("bidirectional=True has no recurrent mode: the backward scan needs the future")
+      raise ValueError("bidirectional=True has no recurrent mode: the backward kernel needs the "
+                       "future")
 
   def __call__(self, u, reset=None, intervals=None):
     """Parallel mode: FFT convolution, or the recurrence when resets or intervals vary the system

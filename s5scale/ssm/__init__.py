@@ -14,9 +14,9 @@ from s5scale.ssm.s4d import (bidirectional_conv, causal_conv, s4d_conv, s4d_kern
 from s5scale.ssm.scan import apply_ssm, project_input, project_output, scan_states, step
 
 __all__ = [
-    "S4D_INITS", "apply_ssm", "bidirectional_conv", "causal_conv", "clip_real_part",
-    "discretization_factors", "discretize_bilinear", "discretize_zoh", "make_block_hippo", "make_dplr_hippo", "make_hippo_legs", "make_s4d_lambda",
-    "project_input", "project_output", "s4d_conv", "s4d_kernel", "s4d_recurrence", "s4d_states",
-    "s4d_step", "scan_states", "step", "validate_s4d_args", "validate_ssm_args",
-    "validate_state_sizes",
+    "apply_ssm", "bidirectional_conv", "causal_conv", "clip_real_part",
+    "discretization_factors", "discretize_bilinear", "discretize_zoh", "make_block_hippo",
+    "make_dplr_hippo", "make_hippo_legs", "make_s4d_lambda", "project_input", "project_output",
+    "s4d_conv", "S4D_INITS", "s4d_kernel", "s4d_recurrence", "s4d_states", "s4d_step",
+    "scan_states", "step", "validate_s4d_args", "validate_ssm_args", "validate_state_sizes",
 ]
