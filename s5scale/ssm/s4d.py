@@ -120,6 +120,7 @@ def bidirectional_conv(u, K_forward, K_backward, D=None):
   y_k = Σ_{j ≤ k} K_forward[k − j] u_j + Σ_{j ≥ k} K_backward[j − k] u_j (+ D u_k).
 
   One FFT pair: the two kernels form one two-sided kernel of length 2L (K_backward[m] at lag −m).
+  Lag 0 gets both kernels' first taps, as S5's reverse scan reads u_k into the backward state at k.
 
   Args:
     u: (..., L, H) real; K_forward, K_backward: (H, L) real; D: (H,) real or None.
