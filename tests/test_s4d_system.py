@@ -7,7 +7,7 @@ import pytest
 
 import re
 
-from s5scale import cli, parallel
+from s5scale import checkpoint, cli, parallel
 from s5scale import train as train_lib
 from s5scale.nn.model import S5Model
 from tests import runs
@@ -122,3 +122,15 @@ def test_bad_layer_config_exits_2(tmp_path, bad, named):
   result = runs.run("train", "text_small.py", tmp_path, runs.overrides() + bad)
   assert result.returncode == 2, result.stderr[-2000:]
   assert named in result.stderr
+
+
+def test_checkpoints_from_before_model_layer_still_restore():
+  """A config saved before model.layer existed means S5; switching to S4D is a mismatch."""
+  current = tiny_config().to_dict()
+  saved = {"model": {k: v for k, v in current["model"].items()
+                     if k not in ("layer", "s4d_state_size", "s4d_init")}}
+  assert checkpoint.architecture_mismatch(saved, current) == []
+  s4d = tiny_config(**S4D).to_dict()
+  assert checkpoint.architecture_mismatch(saved, s4d) == [
+      "model.layer: checkpoint='s5' config='s4d'",
+      "model.s4d_state_size: checkpoint=64 config=8"]
