@@ -12,7 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 .PHONY: venv train test bench clean results results-text results-audio results-classify curves \
-	results-samples results-zero-shot results-context
+	results-samples results-zero-shot results-context \
+	results-s4d-classify results-s4d-text
 venv: $(VENV)/.installed
 
 # Train a byte-level LM on the embedded default corpus, then evaluate it (README "Results").
@@ -73,6 +74,30 @@ results-zero-shot: venv $(DIGITS)/.complete
 results-context: venv $(DIGITS)/.complete
 	$(PY) tools/context_curve.py --config=configs/spoken_digits_lm.py --workdir=$(AUDIO_WORKDIR) \
 	  --seq_lens=256,1024,4096,16000 --output=docs/context_curve.png
+
+# S4D against S5 (README "S4D against S5"): the same configs, data and steps, at equal parameters
+# (S4D's N = S5's P). The S5 side of the classifier is results-classify.
+S4D_CLASSIFY_WORKDIR := workdirs/speech_commands_s4d
+S4D_CLASSIFY_FLAGS := --config.model.layer=s4d --config.model.s4d_state_size=64
+results-s4d-classify: venv $(DIGITS)/.complete
+	$(PY) -m s5scale.train --config=configs/speech_commands.py --workdir=$(S4D_CLASSIFY_WORKDIR) \
+	  $(S4D_CLASSIFY_FLAGS)
+	$(PY) -m s5scale.evaluate --config=configs/speech_commands.py --workdir=$(S4D_CLASSIFY_WORKDIR) \
+	  --all $(S4D_CLASSIFY_FLAGS)
+	$(PY) -m s5scale.evaluate --config=configs/speech_commands.py --workdir=$(S4D_CLASSIFY_WORKDIR) \
+	  --all $(S4D_CLASSIFY_FLAGS) --config.data.sample_rate=8000 --config.data.seq_len=8000 \
+	  --config.eval.step_rescale=2
+
+# text_small, both layers, COMPARE_STEPS steps each (schedule and evals at that budget).
+COMPARE_STEPS ?= 1000
+results-s4d-text: venv
+	for layer in "s5" "s4d --config.model.s4d_state_size=256"; do \
+	  dir=workdirs/text_small_$${layer%% *}_$(COMPARE_STEPS); \
+	  flags="--config.model.layer=$$layer --config.train.num_steps=$(COMPARE_STEPS) \
+	    --config.eval.every_steps=$(COMPARE_STEPS) --config.checkpoint.every_steps=$(COMPARE_STEPS)"; \
+	  $(PY) -m s5scale.train --config=configs/text_small.py --workdir=$$dir $$flags || exit 1; \
+	  $(PY) -m s5scale.evaluate --config=configs/text_small.py --workdir=$$dir --all $$flags || exit 1; \
+	done
 
 curves: venv
 	$(PY) tools/plot_metrics.py --output docs/learning_curves.png --workdirs \

@@ -27,6 +27,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 import s5scale
+from s5scale import defaults
 
 
 class CheckpointError(ValueError):
@@ -181,8 +182,13 @@ def saved_config(manager, step: int) -> dict:
 
 
 def architecture_mismatch(saved: dict, current: dict) -> list[str]:
-  """model.* keys whose values differ (they change parameter shapes or meaning)."""
-  saved_model, current_model = saved.get("model", {}), current.get("model", {})
+  """model.* keys whose values differ (they change parameter shapes or meaning).
+
+  A key the checkpoint's config lacks was added to s5scale after it was written (model.layer,
+  say): the checkpoint was trained with that key's default.
+  """
+  saved_model = {**defaults.base_config().model.to_dict(), **saved.get("model", {})}
+  current_model = current.get("model", {})
   keys = sorted(set(saved_model) | set(current_model))
   return [f"model.{k}: checkpoint={saved_model.get(k)!r} config={current_model.get(k)!r}"
           for k in keys if saved_model.get(k) != current_model.get(k)]

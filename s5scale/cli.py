@@ -86,15 +86,24 @@ def fill_num_classes(config) -> None:
                       f"{data.label_names(config.data)}")
 
 
+# model.layer -> {SSM module field: config.model key}
+SSM_KEYS = {
+    "s5": {k: k for k in ("ssm_size", "blocks", "conj_sym", "bidirectional", "discretization",
+                          "c_init", "dt_min", "dt_max", "clip_eigs", "step_rescale", "scan_impl")},
+    "s4d": {"state_size": "s4d_state_size", "lambda_init": "s4d_init",
+            **{k: k for k in ("bidirectional", "dt_min", "dt_max", "clip_eigs", "step_rescale")}},
+}
+
+
 def model_kwargs(model_config) -> dict:
-  """S5Model fields from config.model (the S5 layer's own fields grouped in ssm_kwargs)."""
+  """S5Model fields from config.model (the SSM layer's own fields grouped in ssm_kwargs)."""
   import jax.numpy as jnp
-  ssm_keys = ("ssm_size", "blocks", "conj_sym", "bidirectional", "discretization", "c_init",
-              "dt_min", "dt_max", "clip_eigs", "step_rescale", "scan_impl")
   model_keys = ("task", "input_kind", "vocab_size", "num_classes", "num_layers", "d_model", "norm",
-                "prenorm", "activation", "mlp_ratio", "dropout", "pooling", "scan_layers", "remat")
+                "prenorm", "activation", "mlp_ratio", "dropout", "pooling", "scan_layers", "remat",
+                "layer")
   kwargs = {k: model_config[k] for k in model_keys}
-  kwargs["ssm_kwargs"] = {k: model_config[k] for k in ssm_keys}
+  kwargs["ssm_kwargs"] = {field: model_config[key]
+                          for field, key in SSM_KEYS[model_config.layer].items()}
   kwargs["compute_dtype"] = jnp.dtype(model_config.compute_dtype)
   return kwargs
 

@@ -22,13 +22,16 @@ Seed = Int(ge=0)
 
 MODEL = dict(
     task=f("lm", OneOf("lm", "classify")),          # next-token or classification
+    layer=f("s5", OneOf("s5", "s4d")),              # MIMO S5 (P states) or S4D (H SISO SSMs)
+    s4d_state_size=f(64, Int(ge=2)),                # S4D: N per channel (even), the S4 papers' 64
+    s4d_init=f("legs", OneOf("legs", "lin")),       # S4D: HiPPO-N eigenvalues (as S5) or S4D-Lin
     input_kind=f("tokens", OneOf("tokens", "continuous")),  # embedding or linear encoder
     vocab_size=f(260, Count),                       # tokens; at least the data's (bytes: 260)
     num_classes=f(0, NonNegative),                    # classify: 0 = the label folders in data.source
     num_layers=f(4, Count),
     d_model=f(128, Count),                          # H
-    ssm_size=f(128, Count),                         # P (P/2 complex states with conj_sym)
-    blocks=f(4, Count),                             # J
+    ssm_size=f(128, Count),                         # P (P/2 complex states with conj_sym); S5
+    blocks=f(4, Count),                             # J; S5
     conj_sym=f(True, Bool()),
     bidirectional=f(False, Bool()),
     discretization=f("zoh", OneOf("zoh", "bilinear")),
@@ -169,11 +172,17 @@ RULES = [
          "data.task='lm' for text (classification needs audio folders)"),
     Rule(("model.dt_min", "model.dt_max"), lambda lo, hi: lo < hi,
          "model.dt_min < model.dt_max"),
-    Rule(("model.ssm_size", "model.blocks"), lambda p, j: p % j == 0,
-         "model.ssm_size divisible by model.blocks"),
-    Rule(("model.ssm_size", "model.blocks", "model.conj_sym"),
-         lambda p, j, conj: not conj or (p // j) % 2 == 0,
-         "model.ssm_size / model.blocks even with model.conj_sym (conjugate pairs per block)"),
+    Rule(("model.layer", "model.ssm_size", "model.blocks"),
+         lambda layer, p, j: layer != "s5" or p % j == 0,
+         "model.ssm_size divisible by model.blocks (S5)"),
+    Rule(("model.layer", "model.ssm_size", "model.blocks", "model.conj_sym"),
+         lambda layer, p, j, conj: layer != "s5" or not conj or (p // j) % 2 == 0,
+         "model.ssm_size / model.blocks even with model.conj_sym (S5: conjugate pairs per block)"),
+    Rule(("model.layer", "model.s4d_state_size"), lambda layer, n: layer != "s4d" or n % 2 == 0,
+         "model.s4d_state_size even (S4D keeps N/2 conjugate pairs once)"),
+    Rule(("model.layer", "model.discretization"),
+         lambda layer, method: layer != "s4d" or method == "zoh",
+         "model.discretization='zoh' with model.layer='s4d' (S4D is defined with ZOH)"),
     Rule(("data.task", "model.task"), lambda d, m: d == m, "data.task == model.task"),
     Rule(("model.input_kind", "model.vocab_size", "data.kind", "data.tokenizer", "data.bits"),
          lambda kind, vocab, data_kind, tokenizer, bits:
@@ -194,8 +203,9 @@ RULES = [
     Rule(("model.d_model", "mesh.fsdp", "mesh.dcn_fsdp"),
          lambda h, *axes: h % mesh_ways(*axes) == 0,
          "model.d_model divisible by mesh.fsdp (ICI x DCN)"),
-    Rule(("model.ssm_size", "model.conj_sym", "mesh.model", "mesh.dcn_model"),
-         lambda p, conj, *axes: (p // 2 if conj else p) % mesh_ways(*axes) == 0,
+    Rule(("model.layer", "model.ssm_size", "model.conj_sym", "mesh.model", "mesh.dcn_model"),
+         lambda layer, p, conj, *axes:
+         layer != "s5" or (p // 2 if conj else p) % mesh_ways(*axes) == 0,
          "model.ssm_size's complex states (P/2 with conj_sym) divisible by mesh.model"),
     Rule(("eval.lowpass_hz", "data.sample_rate", "model.task"),
          lambda cutoff, rate, task: cutoff == 0 or (task == "classify" and 2 * cutoff < rate),

@@ -1,6 +1,7 @@
 """optax optimiser with the S5 paper's parameter groups, schedules and gradient accumulation.
 
-Groups (as in the paper's reference training code):
+Groups (as in the paper's reference training code; S4D's Λ and log Δ carry the same names, and
+its C is in `decay` as in the state-spaces repository):
   ssm:      Λ (Lambda_re, Lambda_im), log Δ (log_step) and B — own learning rate, no weight decay;
   no_decay: norms, biases and D — base learning rate, no weight decay;
   decay:    everything else (C, dense kernels, embeddings) — base rate, AdamW weight decay.

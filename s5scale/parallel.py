@@ -17,6 +17,7 @@ LOGICAL_AXIS_RULES = (
     ("batch", ("data", "fsdp")),
     ("length", None),
     ("state", "model"),      # P'
+    ("channel", "model"),    # S4D's H: independent SISO channels, each whole on one device
     ("mlp", "model"),        # MLP / GLU width
     ("embed", "fsdp"),       # the other dimension of large parameters
     ("act_embed", None),     # activations keep H whole between blocks

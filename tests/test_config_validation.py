@@ -20,6 +20,9 @@ TEXT_SMALL = os.path.join(runs.REPO, "configs", "text_small.py")
 # added to defaults.py without a row here.
 BAD_VALUES = {
     "model.task": ["regress", 1],
+    "model.layer": ["s4", "mamba"],
+    "model.s4d_state_size": [0, -64, 1.5],
+    "model.s4d_init": ["inv"],
     "model.input_kind": ["pixels"],
     "model.vocab_size": [0, -1, 2.5],
     "model.num_classes": [-1, "ten"],
@@ -119,6 +122,8 @@ CROSS_KEY = [
     ({"model.d_model": 16, "mesh.dcn_fsdp": 3}, "model.d_model"),
     ({"model.ssm_size": 24, "mesh.model": 8}, "model.ssm_size"),  # 12 complex states
     ({"eval.lowpass_hz": 4000.0}, "eval.lowpass_hz"),
+    ({"model.layer": "s4d", "model.s4d_state_size": 63}, "model.s4d_state_size"),
+    ({"model.layer": "s4d", "model.discretization": "bilinear"}, "model.discretization"),
     ({"data.mixture": "a=x:1,b=y:1", "data.source": "z"}, "data.source"),
     ({"data.kind": "text", "data.task": "classify"}, "data.kind"),               # an LM has no clips to filter
 ]
@@ -129,6 +134,7 @@ GOOD_EDGES = [
     {"eval.every_steps": 0}, {"generate.top_p": 1.0}, {"generate.temperature": 0.0},
     {"model.dropout": 0.0}, {"data.heldout_fraction": 0.0}, {"checkpoint.every_steps": 200, "checkpoint.keep_every": 400},
     {"model.ssm_size": 24, "model.blocks": 3}, {"optim.warmup_steps": 8000},
+    {"model.layer": "s4d", "model.ssm_size": 24, "model.blocks": 5},  # S5's keys: not S4D's
 ]
 
 
@@ -174,7 +180,8 @@ def test_choices_match_what_the_code_implements():
   from s5scale.nn.blocks import ACTIVATIONS, NORMS
   from s5scale.nn.model import REMAT_POLICIES
   from s5scale.ssm.discretize import DISCRETIZATIONS
-  from s5scale.ssm.init import C_INITS
+  from s5scale.ssm.init import C_INITS, S4D_INITS
+  from s5scale.nn.blocks import LAYERS
   c = defaults.CONSTRAINTS
   assert set(c["model.activation"].choices) == set(ACTIVATIONS)
   assert set(c["model.norm"].choices) == set(NORMS)
@@ -182,6 +189,8 @@ def test_choices_match_what_the_code_implements():
   assert set(c["model.discretization"].choices) == set(DISCRETIZATIONS)
   assert set(c["model.c_init"].choices) == set(C_INITS)
   assert set(c["data.quantization"].choices) == set(QUANTIZATIONS)
+  assert set(c["model.layer"].choices) == set(LAYERS) == set(cli.SSM_KEYS)
+  assert set(c["model.s4d_init"].choices) == set(S4D_INITS)
 
 
 @pytest.mark.parametrize("key", sorted(BAD_VALUES))

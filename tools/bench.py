@@ -1,6 +1,7 @@
 """Benchmarks that measure what they compare within one run, and print JSON lines.
 
   python tools/bench.py layer       # S5 layer fwd+bwd: default vs reference vs roofline
+  python tools/bench.py s4d         # S5 vs S4D (FFT conv, and recurrence) fwd+bwd over lengths
   python tools/bench.py train       # training-step MFU vs a GEMM peak measured alongside
                                     # (also: compile, data, checkpoint, generate)
 
@@ -17,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+import bench_s4d
 import bench_system  # also puts the repository on sys.path, through benchlib
 from benchlib import emit, interleaved_times, summary, temp_bytes
 from s5scale.nn import s5  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -153,6 +155,8 @@ def add_layer_flags(parser):
 # name -> (function(args), function adding its flags to a parser, one-line help)
 SUBCOMMANDS = {
     "layer": (bench_layer, add_layer_flags, "S5 layer fwd+bwd: default vs reference vs roofline"),
+    "s4d": (bench_s4d.bench_s4d, bench_s4d.add_s4d_flags,
+            "S5 vs S4D (FFT conv, and recurrence) fwd+bwd time and memory over lengths"),
     **{name: (fn, lambda parser, name=name: bench_system.add_flags(parser, name), help_text)
        for name, (fn, help_text) in bench_system.SYSTEM_SUBCOMMANDS.items()},
 }

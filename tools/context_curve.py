@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt
 from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from s5scale import checkpoint, cli, data, evaluate, parallel
+from s5scale import checkpoint, cli, data, evaluate, parallel, validate
 from s5scale.nn.model import S5Model
 
 FLAGS = flags.FLAGS
@@ -37,7 +37,7 @@ def context_curve(config, workdir: str, step: int | None, seq_lens: list[int]) -
   """[{seq_len, step, bits_per_sample, <compressor>_bits_per_sample, ...}] for one checkpoint."""
   if config.model.task != "lm" or config.data.kind != "audio":
     raise cli.ConfigError("--config must be an audio LM (model.task='lm', data.kind='audio')")
-  cli.check_config(config, jax.devices(), jax.process_count())
+  validate.check_on_devices(config, jax.devices(), jax.process_count())
   mesh = parallel.make_mesh(config.mesh)
   model = S5Model(**cli.model_kwargs(config.model))
   manager = checkpoint.open_readonly(workdir)

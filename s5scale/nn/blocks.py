@@ -1,4 +1,5 @@
-"""Residual S5 block: norm → S5 → activation (GLU variants as in the S5 paper) → optional MLP.
+"""Residual SSM block: norm → S5 or S4D → activation (GLU variants as in the S5 paper) → MLP
+(optional).
 
 Runs in parallel mode over (batch, L, H), or one recurrent step over (batch, H) when given the
 SSM state, so training and generation share the same parameters and code.
@@ -8,12 +9,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from s5scale.nn.s4d import S4D
 from s5scale.nn.s5 import S5
 
 ACTIVATIONS = ("full_glu", "half_glu1", "half_glu2", "gelu")
 NORMS = ("layer", "rms", "batch")
 # Running statistics <- momentum * running + (1 - momentum) * batch's (see Norm).
 BATCH_NORM_MOMENTUM = 0.9
+LAYERS = {"s5": S5, "s4d": S4D}   # model.layer -> the SSM module
 
 
 def logical_dense(features, names, dtype, name):
@@ -41,9 +44,10 @@ class Norm(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-  """One residual S5 block; `ssm_kwargs` are the S5 layer's fields other than d_model."""
+  """One residual block; `ssm_kwargs` are the `layer` module's fields other than d_model."""
   d_model: int
   ssm_kwargs: dict
+  layer: str = "s5"                # "s5" or "s4d" (LAYERS)
   norm: str = "layer"
   prenorm: bool = True
   activation: str = "half_glu1"
@@ -55,7 +59,9 @@ class ResidualBlock(nn.Module):
 
   def setup(self):
     self.norm_layer = Norm(self.norm, self.train)
-    self.ssm = S5(d_model=self.d_model, **self.ssm_kwargs)
+    if self.layer not in LAYERS:
+      raise ValueError(f"layer must be one of {tuple(LAYERS)}, got {self.layer!r}")
+    self.ssm = LAYERS[self.layer](d_model=self.d_model, **self.ssm_kwargs)
     self.drop = nn.Dropout(self.dropout, deterministic=not self.train)
     h = self.d_model
     if self.activation == "full_glu":
@@ -72,7 +78,8 @@ class ResidualBlock(nn.Module):
     """Parallel: x (batch, L, H), reset (batch, L) bool or None, state None -> (x, None), or
     (x, final state (batch, P')) with prefill.
 
-    Recurrent: x (batch, H), state (batch, P') complex -> (x, state).
+    Recurrent: x (batch, H), state (batch, P') complex -> (x, state). (S4D's state is
+    (batch, H, N/2) wherever S5's is (batch, P').)
     """
     skip = x
     if self.prenorm:

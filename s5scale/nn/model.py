@@ -25,7 +25,8 @@ class S5Model(nn.Module):
   num_classes: int = 0
   num_layers: int = 4
   d_model: int = 128
-  ssm_kwargs: dict = None           # S5 layer fields other than d_model
+  ssm_kwargs: dict = None           # SSM layer fields other than d_model
+  layer: str = "s5"                 # "s5" or "s4d"
   norm: str = "layer"
   prenorm: bool = True
   activation: str = "half_glu1"
@@ -40,7 +41,8 @@ class S5Model(nn.Module):
     block = ResidualBlock
     if self.remat != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
-    kwargs = dict(d_model=self.d_model, ssm_kwargs=self.ssm_kwargs or {}, norm=self.norm,
+    kwargs = dict(d_model=self.d_model, ssm_kwargs=self.ssm_kwargs or {}, layer=self.layer,
+                  norm=self.norm,
                   prenorm=self.prenorm, activation=self.activation, mlp_ratio=self.mlp_ratio,
                   dropout=self.dropout, compute_dtype=self.compute_dtype, train=train,
                   prefill=prefill)

@@ -1,4 +1,4 @@
-"""Pure S5 math: HiPPO-N init, discretisation, parallel and recurrent scans.
+"""Pure S5 and S4D math: HiPPO-N init, discretisation, parallel and recurrent scans, S4D kernels.
 
 Imports nothing from the rest of s5scale (DESIGN.md §2).
 """
@@ -7,11 +7,16 @@ from s5scale.ssm.discretize import (clip_real_part, discretization_factors, disc
                                     discretize_zoh)
 from s5scale.ssm.hippo import (make_block_hippo, make_dplr_hippo, make_hippo_legs,
                                validate_state_sizes)
-from s5scale.ssm.init import validate_ssm_args
+from s5scale.ssm.init import (S4D_INITS, make_s4d_lambda, validate_s4d_args,
+                             validate_ssm_args)
+from s5scale.ssm.s4d import (bidirectional_conv, causal_conv, s4d_conv, s4d_kernel,
+                             s4d_recurrence, s4d_states, s4d_step)
 from s5scale.ssm.scan import apply_ssm, project_input, project_output, scan_states, step
 
 __all__ = [
-    "apply_ssm", "clip_real_part", "discretization_factors", "discretize_bilinear",
-    "discretize_zoh", "make_block_hippo", "make_dplr_hippo", "make_hippo_legs", "project_input",
-    "project_output", "scan_states", "step", "validate_ssm_args", "validate_state_sizes",
+    "apply_ssm", "bidirectional_conv", "causal_conv", "clip_real_part",
+    "discretization_factors", "discretize_bilinear", "discretize_zoh", "make_block_hippo",
+    "make_dplr_hippo", "make_hippo_legs", "make_s4d_lambda", "project_input", "project_output",
+    "s4d_conv", "S4D_INITS", "s4d_kernel", "s4d_recurrence", "s4d_states", "s4d_step",
+    "scan_states", "step", "validate_s4d_args", "validate_ssm_args", "validate_state_sizes",
 ]

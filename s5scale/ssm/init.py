@@ -1,4 +1,5 @@
-"""Initialisers for B̃, C̃ and log Δ, and argument validation (S5 paper, App. B).
+"""Initialisers for B̃, C̃ and log Δ, and argument validation (S5 paper, App. B); S4D's Λ, C and
+log Δ (DESIGN.md §1b).
 
 Complex parameters are stored as a trailing (real, imaginary) axis of size 2, as in the paper's
 reference code, so optimisers and checkpoints only ever see real arrays.
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from s5scale.ssm.discretize import DISCRETIZATIONS
+from s5scale.ssm.hippo import make_dplr_hippo
 
 C_INITS = ("trunc_standard_normal", "lecun_normal", "complex_normal")
 
@@ -78,3 +80,46 @@ def init_c(key, c_init: str, v: np.ndarray, d_model: int, bidirectional: bool, d
 def init_log_step(key, num_states: int, dt_min: float, dt_max: float, dtype=jnp.float32):
   """log Δ ~ U[log dt_min, log dt_max] per state. Returns (P', 1) real."""
   return jax.random.uniform(key, (num_states, 1), dtype, np.log(dt_min), np.log(dt_max))
+
+
+# ----------------------------------------------------------------------------- S4D (DESIGN.md §1b)
+
+S4D_INITS = ("legs", "lin")
+
+
+def validate_s4d_args(*, state_size: int, init: str, dt_min: float, dt_max: float) -> None:
+  """ValueError naming the argument: N must be even (conjugate pairs are kept once)."""
+  if state_size <= 0 or state_size % 2:
+    raise ValueError(f"state_size must be a positive even number (N/2 conjugate pairs are kept "
+                     f"once), got {state_size}")
+  if init not in S4D_INITS:
+    raise ValueError(f"init must be one of {S4D_INITS}, got {init!r}")
+  if not dt_min > 0:
+    raise ValueError(f"dt_min must be > 0, got {dt_min}")
+  if dt_min > dt_max:
+    raise ValueError(f"dt_min={dt_min} must be <= dt_max={dt_max}")
+
+
+def make_s4d_lambda(state_size: int, init: str) -> np.ndarray:
+  """One channel's S4D eigenvalues, (N/2,) complex128.
+
+  "lin" (S4D-Lin): Λ_n = −1/2 + iπn. "legs" (S4D-LegS): the eigenvalues of HiPPO-N, S5's own,
+  keeping the first of each conjugate pair in `eigh` order, as make_block_hippo does.
+  """
+  if state_size <= 0 or state_size % 2:
+    raise ValueError(f"state_size must be a positive even number, got {state_size}")
+  if init == "lin":
+    return -0.5 + 1j * np.pi * np.arange(state_size // 2)
+  if init == "legs":
+    return make_dplr_hippo(state_size)[0][:state_size // 2]
+  raise ValueError(f"init must be one of {S4D_INITS}, got {init!r}")
+
+
+def init_s4d_c(key, shape, dtype=jnp.float32):
+  """Complex-normal C, std sqrt(1/2) per part. shape (..., H, N/2) -> (..., H, N/2, 2) real."""
+  return jax.random.normal(key, tuple(shape) + (2,), dtype) * np.sqrt(0.5)
+
+
+def init_s4d_log_step(key, d_model: int, dt_min: float, dt_max: float, dtype=jnp.float32):
+  """log Δ ~ U[log dt_min, log dt_max] per channel. Returns (H,) real."""
+  return jax.random.uniform(key, (d_model,), dtype, np.log(dt_min), np.log(dt_max))

@@ -1,0 +1,228 @@
+"""S4D (Gu, Gupta, Goel, Ré 2022), DESIGN.md §1b: H independent single-input single-output
+diagonal SSMs, N/2 complex states per channel (conjugate pairs kept once), B folded into C.
+
+Per channel h, with Δ_h = step_rescale · exp(log Δ_h) and Λ̄ = exp(Δ_h Λ_h) (ZOH):
+  x_k = Λ̄ x_{k−1} + (Λ̄ − 1)/Λ · u_k,   y_k = 2·Re(C_h x_k) + D_h u_k,
+which is the causal convolution y = K * u + D u with
+  K_h[l] = 2·Re Σ_n C_hn (Λ̄_hn − 1)/Λ_hn · Λ̄_hn^l.
+
+Two ways to compute the same numbers:
+- convolution (`s4d_kernel` + `causal_conv`): FFTs of length 2L, O(L log L), no state is built;
+- recurrence (`s4d_recurrence`): the project's linear recurrence over H·N/2 states. Resets (packed
+  documents) and per-step intervals change the system along time, which no single kernel can
+  express, so they take this path; so does recurrent generation (`s4d_step`).
+
+Shapes: Lambda, C (H, N/2) complex (C (2, H, N/2) when bidirectional: forward, backward);
+log_step (H,) real; u (..., L, H) real, y (..., L, H) real.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from s5scale.ssm import fast_scan, fast_ssm
+from s5scale.ssm.discretize import zoh_factors
+
+# The kernel's GEMM must not drop to bfloat16 passes on TPU: K feeds every output of the layer.
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def run_recurrence(multipliers, inputs, keep, reverse: bool):
+  """The one call through which S4D runs the linear recurrence x_k = a_k keep_k x_{k∓1} + b_k.
+
+  Planar shapes as fast_scan.linear_recurrence_planar: multipliers (2, P) or (..., L, 2, P),
+  inputs (..., L, 2, P), keep (..., L) or None. Returns (..., L, 2, P) states.
+  """
+  return fast_scan.linear_recurrence_planar(multipliers, inputs, keep, reverse)
+
+
+def channel_steps(log_step, step_rescale=1.0, intervals=None):
+  """Δ per channel: (H,), or intervals.shape + (H,) when per-step intervals multiply it."""
+  delta = step_rescale * jnp.exp(log_step)
+  return delta if intervals is None else delta * intervals[..., None]
+
+
+# ----------------------------------------------------------------------------- convolution
+
+def s4d_kernel(Lambda, C, log_step, length: int, *, step_rescale=1.0):
+  """The ZOH convolution kernel K_h[l], l = 0..L−1.
+
+  Λ̄^l is evaluated as exp(ΔΛ·(aT)) · exp(ΔΛ·t) for l = aT + t with T ≈ sqrt(L): the Vandermonde
+  product then is one real GEMM of (H, L/T, N) by (H, N, T), and the (H, N/2, L) matrix of powers
+  is never built (2 GB at H = 128, N = 64, L = 65,536).
+
+  Args:
+    Lambda: (H, N/2) complex.
+    C: (..., H, N/2) complex (e.g. (2, H, N/2) for both directions).
+    log_step: (H,) real.
+    length: L >= 1.
+  Returns:
+    K: (..., H, L) real, log_step's dtype.
+  """
+  if length < 1:
+    raise ValueError(f"length must be >= 1, got {length}")
+  delta = channel_steps(log_step, step_rescale)[:, None]
+  _, input_factor = zoh_factors(Lambda, delta)
+  weights = C * input_factor                                     # (..., H, N/2)
+  exponent = Lambda * delta                                      # (H, N/2): log Λ̄
+  inner_length = math.isqrt(length - 1) + 1                      # T, with T² ≥ L
+  outer_length = -(-length // inner_length)                      # ceil(L / T)
+  real_dtype = jnp.real(weights).dtype
+  outer_steps = jnp.arange(outer_length, dtype=real_dtype) * inner_length
+  inner_steps = jnp.arange(inner_length, dtype=real_dtype)
+  outer = weights[..., None, :] * jnp.exp(exponent[:, None, :] * outer_steps[:, None])
+  inner = jnp.exp(exponent[..., None] * inner_steps)             # (H, N/2, T)
+  # 2·Re(a·b) = 2(Re a Re b − Im a Im b): one real GEMM contracting 2·(N/2) terms.
+  outer_planar = jnp.concatenate([outer.real, -outer.imag], axis=-1)   # (..., H, A, N)
+  inner_planar = jnp.concatenate([inner.real, inner.imag], axis=-2)    # (H, N, T)
+  kernel = 2 * jnp.einsum("...han,hnt->...hat", outer_planar, inner_planar, precision=_HIGHEST)
+  kernel = kernel.reshape(kernel.shape[:-2] + (outer_length * inner_length,))
+  return kernel[..., :length]
+
+
+def _fft_conv(u, two_sided_kernel):
+  """y[k] = Σ_j kernel[(k − j) mod 2L] u[j] by FFTs of length 2L: no wrap-around for |k − j| < L.
+
+  u: (..., L, H); two_sided_kernel: (H, 2L). Returns (..., L, H), u's dtype.
+  """
+  length = u.shape[-2]
+  u_spectrum = jnp.fft.rfft(u, n=2 * length, axis=-2)                 # (..., L+1, H)
+  kernel_spectrum = jnp.fft.rfft(two_sided_kernel, axis=-1).T          # (L+1, H)
+  y = jnp.fft.irfft(u_spectrum * kernel_spectrum, n=2 * length, axis=-2)
+  return y[..., :length, :].astype(u.dtype)
+
+
+def _check_kernel(u, K, name):
+  if K.shape != (u.shape[-1], u.shape[-2]):
+    raise ValueError(f"{name} must be (H, L) = {(u.shape[-1], u.shape[-2])} for u {u.shape}, got "
+                     f"{K.shape}")
+
+
+def causal_conv(u, K, D=None):
+  """y_k = Σ_{j ≤ k} K[k − j] u_j (+ D u_k), per channel, by FFTs of length 2L.
+
+  Args:
+    u: (..., L, H) real.
+    K: (H, L) real.
+    D: (H,) real or None.
+  Returns:
+    y: (..., L, H) real.
+  """
+  _check_kernel(u, K, "K")
+  padding = jnp.zeros(K.shape, K.dtype)
+  y = _fft_conv(u, jnp.concatenate([K, padding], axis=-1))
+  return y if D is None else y + D * u
+
+
+def bidirectional_conv(u, K_forward, K_backward, D=None):
+  """causal_conv(u, K_forward) plus K_backward applied to the time-reversed input:
+  y_k = Σ_{j ≤ k} K_forward[k − j] u_j + Σ_{j ≥ k} K_backward[j − k] u_j (+ D u_k).
+
+  One FFT pair: the two kernels form one two-sided kernel of length 2L (K_backward[m] at lag −m).
+  Lag 0 gets both kernels' first taps, as S5's reverse scan reads u_k into the backward state at k.
+
+  Args:
+    u: (..., L, H) real; K_forward, K_backward: (H, L) real; D: (H,) real or None.
+  Returns:
+    y: (..., L, H) real.
+  """
+  _check_kernel(u, K_forward, "K_forward")
+  _check_kernel(u, K_backward, "K_backward")
+  lag_zero = K_forward[:, :1] + K_backward[:, :1]
+  gap = jnp.zeros_like(lag_zero)                      # lag ±L never occurs
+  two_sided = jnp.concatenate(
+      [lag_zero, K_forward[:, 1:], gap, jnp.flip(K_backward[:, 1:], axis=-1)], axis=-1)
+  y = _fft_conv(u, two_sided)
+  return y if D is None else y + D * u
+
+
+def s4d_conv(Lambda, C, log_step, u, *, bidirectional: bool, D=None, step_rescale=1.0):
+  """The S4D layer's SSM over a whole sequence by convolution.
+
+  Args:
+    Lambda: (H, N/2) complex; C: (H, N/2) complex, or (2, H, N/2) when bidirectional.
+    log_step: (H,) real; u: (..., L, H) real; D: (H,) real or None.
+  Returns:
+    y: (..., L, H) real.
+  """
+  kernel = s4d_kernel(Lambda, C, log_step, u.shape[-2], step_rescale=step_rescale)
+  if bidirectional:
+    return bidirectional_conv(u, kernel[0], kernel[1], D)
+  return causal_conv(u, kernel, D)
+
+
+# ----------------------------------------------------------------------------- recurrence
+
+def _planar_inputs(input_factor, u):
+  """(Λ̄ − 1)/Λ · u as planar (..., L, 2, H·N/2), without a complex (..., L, H, N/2) tensor.
+
+  input_factor: (H, N/2) or (..., L, H, N/2) complex; u: (..., L, H) real.
+  """
+  factor = jnp.stack([input_factor.real, input_factor.imag], axis=-3)   # (..., 2, H, N/2)
+  inputs = factor * u[..., None, :, None]
+  return inputs.reshape(inputs.shape[:-2] + (-1,))
+
+
+def s4d_states(Lambda, log_step, u, *, reset=None, intervals=None, step_rescale=1.0,
+               reverse: bool = False):
+  """Every state x_k of one direction's recurrence.
+
+  Args:
+    Lambda: (H, N/2) complex; log_step: (H,) real; u: (..., L, H) real.
+    reset: (..., L) bool or None; forward, True at k drops the state carried into k; reverse, the
+      state carried from k+1 into k is dropped where reset[k+1] (the next document starts there).
+    intervals: (..., L) positive real or None; step k uses Δ·intervals[k].
+  Returns:
+    (..., L, 2, H, N/2) planar states [Re x; Im x], u's dtype.
+  """
+  delta = channel_steps(log_step, step_rescale, intervals)[..., None]   # (H, 1) or (..., L, H, 1)
+  lambda_bar, input_factor = zoh_factors(Lambda, delta)
+  inputs = _planar_inputs(input_factor, u).astype(u.dtype)
+  multipliers = fast_scan.to_planar(lambda_bar.reshape(lambda_bar.shape[:-2] + (-1,)))
+  keep = fast_ssm.keep_masks(reset, bidirectional=True)[int(reverse)]
+  states = run_recurrence(multipliers, inputs, keep, reverse)
+  return states.reshape(states.shape[:-1] + Lambda.shape)
+
+
+def readout(C, planar_states):
+  """2·Re(C x) per channel: C (H, N/2) complex, states (..., L, 2, H, N/2) -> (..., L, H)."""
+  c_planar = jnp.stack([C.real, -C.imag]).astype(planar_states.dtype)  # (2, H, N/2)
+  return 2 * jnp.einsum("...chn,chn->...h", planar_states, c_planar)
+
+
+def s4d_recurrence(Lambda, C, log_step, u, *, bidirectional: bool, D=None, reset=None,
+                   intervals=None, step_rescale=1.0):
+  """The same SSM as s4d_conv, by the linear recurrence; also with resets and per-step intervals.
+
+  Args:
+    as s4d_conv, plus reset (..., L) bool and intervals (..., L) positive real, each or None.
+  Returns:
+    y: (..., L, H) real.
+  """
+  directions = [False, True] if bidirectional else [False]
+  readouts = C if bidirectional else C[None]
+  y = 0
+  for reverse, c_direction in zip(directions, readouts):
+    states = s4d_states(Lambda, log_step, u, reset=reset, intervals=intervals,
+                        step_rescale=step_rescale, reverse=reverse)
+    y = y + readout(c_direction, states)
+  return y if D is None else y + D * u
+
+
+def s4d_step(Lambda, C, log_step, state, u_t, *, D=None, interval=None, step_rescale=1.0):
+  """One recurrent step, O(1) in the context length.
+
+  Args:
+    Lambda, C: (H, N/2) complex; log_step: (H,) real.
+    state: (..., H, N/2) complex, x_{k−1}.
+    u_t: (..., H) real.
+    interval: (...,) positive real or None.
+  Returns:
+    (state x_k (..., H, N/2) complex, y_k (..., H) real).
+  """
+  delta = channel_steps(log_step, step_rescale, interval)[..., None]
+  lambda_bar, input_factor = zoh_factors(Lambda, delta)
+  state = lambda_bar * state + input_factor * u_t[..., None]
+  y = 2 * jnp.sum((C * state).real, axis=-1)
+  return state, (y if D is None else y + D * u_t)
