@@ -191,7 +191,7 @@ def _scan(multipliers, inputs, keep, reverse: bool, num_chunks: int | None, corr
   return states, jnp.sum(correlation, axis=(0, 1, 2))
 
 
-def _shift_toward_start(array, reverse: bool):
+def shift_toward_start(array, reverse: bool):
   """Step k takes the value of step k+1 (k-1 when reverse) along axis 1; the vacated end is 0."""
   pad = jnp.zeros(array.shape[:1] + (1,) + array.shape[2:], array.dtype)
   if reverse:
@@ -215,8 +215,8 @@ def _recurrence_backward(reverse, num_chunks, residuals, states_cotangent):
   adjoint_multipliers = conjugate(multipliers)
   varying = multipliers.ndim > 2
   if varying:
-    adjoint_multipliers = _shift_toward_start(adjoint_multipliers, reverse)
-  adjoint_keep = None if keep is None else _shift_toward_start(keep, reverse)
+    adjoint_multipliers = shift_toward_start(adjoint_multipliers, reverse)
+  adjoint_keep = None if keep is None else shift_toward_start(keep, reverse)
   if not varying:
     # Each adjoint step's carried-in keep_{k+1} G_{k+1} (k-1 when reverse), times conj(x_k), is
     # one term of dL/da, so the loop sums them as it goes.
@@ -225,7 +225,7 @@ def _recurrence_backward(reverse, num_chunks, residuals, states_cotangent):
   else:
     adjoint = _scan(adjoint_multipliers, states_cotangent, adjoint_keep, not reverse, num_chunks)
     # Per step, dL/da_k = keep_k G_k conj(x_prev(k)), with x_prev = 0 at the sequence's start.
-    previous_states = _shift_toward_start(states, not reverse)
+    previous_states = shift_toward_start(states, not reverse)
     multipliers_cotangent = complex_multiply(conjugate(previous_states), adjoint)
     if keep is not None:
       multipliers_cotangent = multipliers_cotangent * keep[..., None, None]
