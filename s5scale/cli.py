@@ -85,7 +85,10 @@ def check_config(config, devices, process_count: int) -> None:
   choice(config, "model.norm", NORMS)
   choice(config, "model.remat", tuple(REMAT_POLICIES))
   choice(config, "model.pooling", ("mean", "last"))
-  choice(config, "model.scan_impl", ("default", "reference"))
+  choice(config, "model.scan_impl", ssm.IMPLS)
+  if model.scan_impl == "pallas" and devices[0].platform != "tpu":
+    raise ConfigError(f"model.scan_impl='pallas' is a TPU kernel, but the devices are "
+                      f"{devices[0].platform}; use 'auto' (Pallas on TPU, chunked elsewhere)")
   choice(config, "model.compute_dtype", ("float32", "bfloat16"))
   for key, value in (("model.num_layers", model.num_layers), ("model.d_model", model.d_model),
                      ("data.batch_size", data.batch_size), ("data.seq_len", data.seq_len),

@@ -28,7 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
       dt_max=1e-1,
       clip_eigs=False,
       step_rescale=1.0,
-      scan_impl="default",          # "default" (fast) or "reference" (associative_scan)
+      scan_impl="auto",             # "auto" (Pallas kernel on TPU, chunked XLA scan elsewhere),
+                                    # "chunked", "pallas" (TPU only) or "reference"
       norm="layer",                 # "layer", "rms" or "batch"
       prenorm=True,
       activation="half_glu1",       # "full_glu", "half_glu1", "half_glu2", "gelu"

@@ -178,14 +178,18 @@ def _pallas_scan_arrays(multipliers, inputs, states=None, *, mode: str, reverse:
     out_specs.append(pl.BlockSpec((1, 2, state_tile), lambda m, p, s: (m, 0, p)))
 
   # What the kernel really moves between HBM and VMEM: every sequence array once (read: b, a when
-  # it varies, x when correlating; written: the output), plus a's (2, P) tile and the correlation
-  # block once per (row, P tile).
+  # it varies, x when correlating; written: the output); a constant a's block is fetched again
+  # only when its index changes (once in all with one P tile, else once per row and P tile);
+  # the correlation block is written once per row and P tile.
   itemsize = inputs.dtype.itemsize
   sequence_bytes = batch * length * 2 * num_states * itemsize
-  row_bytes = batch * 2 * num_states * itemsize
+  row_bytes = 2 * num_states * itemsize
   sequence_reads = 1 + (1 if varying else 0) + (1 if mode == "correlate" else 0)
   bytes_accessed = (sequence_reads + 1) * sequence_bytes
-  bytes_accessed += (0 if varying else row_bytes) + (row_bytes if mode == "correlate" else 0)
+  if not varying:
+    bytes_accessed += row_bytes * (1 if grid[1] == 1 else batch)
+  if mode == "correlate":
+    bytes_accessed += row_bytes * batch
   # A complex multiply-add is 8 real flops per state and step; the correlation is another.
   flops = batch * length * num_states * 8 * (2 if mode == "correlate" else 1)
   outputs = pl.pallas_call(
