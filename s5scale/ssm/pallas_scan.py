@@ -201,6 +201,9 @@ def _pallas_scan_arrays(multipliers, inputs, states=None, *, mode: str, reverse:
       scratch_shapes=[pltpu.VMEM((2, state_tile), inputs.dtype)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
+      # The output takes b's (or g's) buffer, as the chunked scan writes its states over its
+      # inputs: nothing else reads b after the forward pass (or g after the adjoint).
+      input_output_aliases={1: 0},
       cost_estimate=pl.CostEstimate(flops=int(flops), transcendentals=0,
                                     bytes_accessed=int(bytes_accessed)),
       interpret=interpret,
