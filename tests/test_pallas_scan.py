@@ -206,3 +206,13 @@ def test_gradient_compiles_both_kernels_for_tpu():
     grad = jax.jit(jax.grad(functools.partial(loss, reverse=reverse), argnums=(0, 1)))
     hlo = grad.lower(multipliers, inputs, keep).compile().as_text()
     assert hlo.count('custom_call_target="tpu_custom_call"') == 2  # forward, adjoint
+
+
+def test_config_asking_for_the_kernel_off_tpu_is_rejected_by_name():
+  from s5scale import cli, defaults  # pylint: disable=g-import-not-at-top
+  config = defaults.base_config()
+  config.model.scan_impl = "pallas"
+  with pytest.raises(cli.ConfigError, match="model.scan_impl"):
+    cli.check_config(config, jax.devices()[:1], 1)
+  config.model.scan_impl = "auto"
+  cli.check_config(config, jax.devices()[:1], 1)
