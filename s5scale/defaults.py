@@ -41,7 +41,7 @@ MODEL = dict(
     dt_max=f(1e-1, Real(gt=0)),
     clip_eigs=f(False, Bool()),
     step_rescale=f(1.0, Real(gt=0)),
-    scan_impl=f("default", OneOf("default", "reference")),  # fast, or associative_scan
+    scan_impl=f("auto", OneOf("auto", "chunked", "pallas", "reference")),  # auto: Pallas on TPU
     norm=f("layer", OneOf("layer", "rms", "batch")),
     prenorm=f(True, Bool()),
     activation=f("half_glu1", OneOf("full_glu", "half_glu1", "half_glu2", "gelu")),

@@ -35,6 +35,9 @@ def check_on_devices(config, devices, process_count: int) -> None:
   if config.data.batch_size % process_count:
     found.append(f"data.batch_size={config.data.batch_size}: need it divisible by the process "
                  f"count ({process_count})")
+  if config.model.scan_impl == "pallas" and devices[0].platform != "tpu":
+    found.append(f"model.scan_impl='pallas': a TPU kernel, but the devices are "
+                 f"{devices[0].platform}; use 'auto' (Pallas on TPU, chunked elsewhere)")
   if found:
     raise ConfigError(f"invalid config on {len(devices)} devices (mesh sizes of -1 filled in: "
                       f"ICI {dict(zip(parallel.MESH_AXES, ici))}, DCN "

@@ -181,6 +181,7 @@ def test_choices_match_what_the_code_implements():
   from s5scale.nn.model import REMAT_POLICIES
   from s5scale.ssm.discretize import DISCRETIZATIONS
   from s5scale.ssm.init import C_INITS, S4D_INITS
+  from s5scale.ssm.recurrence import IMPLS
   from s5scale.nn.blocks import LAYERS
   c = defaults.CONSTRAINTS
   assert set(c["model.activation"].choices) == set(ACTIVATIONS)
@@ -191,6 +192,7 @@ def test_choices_match_what_the_code_implements():
   assert set(c["data.quantization"].choices) == set(QUANTIZATIONS)
   assert set(c["model.layer"].choices) == set(LAYERS) == set(cli.SSM_KEYS)
   assert set(c["model.s4d_init"].choices) == set(S4D_INITS)
+  assert set(c["model.scan_impl"].choices) == set(IMPLS)
 
 
 @pytest.mark.parametrize("key", sorted(BAD_VALUES))

@@ -7,13 +7,18 @@ gradients in float64 against central differences of the loop, so the custom back
 reverse scan with its own dL/da) is checked against nothing but the forward equation.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from s5scale.ssm import fast_scan
+from s5scale.ssm import recurrence
 from s5scale.ssm import scan
+
+chunked_recurrence = functools.partial(recurrence.linear_recurrence_planar, impl="chunked")
 
 
 # ----------------------------------------------------------------------------- float64 oracle
@@ -59,7 +64,7 @@ def random_problem(rng, leading, length, num_states, *, varying, with_keep):
 
 def fast_states(a, b, keep, reverse, num_chunks, dtype):
   """The code under test, complex in and out, computed in dtype."""
-  states = fast_scan.linear_recurrence_planar(
+  states = chunked_recurrence(
       jnp.asarray(planar(a), dtype), jnp.asarray(planar(b), dtype),
       None if keep is None else jnp.asarray(keep, dtype), reverse=reverse, num_chunks=num_chunks)
   assert states.dtype == dtype
@@ -113,7 +118,7 @@ def test_complex_interface_matches_loop():
   rng = np.random.default_rng(5)
   a, b, _ = random_problem(rng, (2,), 24, 3, varying=False, with_keep=False)
   for reverse in (False, True):
-    states = fast_scan.linear_recurrence(jnp.asarray(a, jnp.complex64),
+    states = recurrence.linear_recurrence(jnp.asarray(a, jnp.complex64),
                                          jnp.asarray(b, jnp.complex64), reverse=reverse)
     assert states.dtype == jnp.complex64
     expected = loop_recurrence(a, b, reverse=reverse)
@@ -122,14 +127,14 @@ def test_complex_interface_matches_loop():
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_scan_states_default_follows_reset_convention(bidirectional):
+def test_scan_states_chunked_follows_reset_convention(bidirectional):
   """Forward: reset[k] drops the state carried into k. Backward: reset[k+1] drops k+1 -> k."""
   rng = np.random.default_rng(9)
   a, b, _ = random_problem(rng, (2,), 30, 3, varying=False, with_keep=False)
   reset = rng.random((2, 30)) < 0.2
   reset[:, 11] = True
   states = scan.scan_states(jnp.asarray(a, jnp.complex64), jnp.asarray(b, jnp.complex64),
-                            bidirectional=bidirectional, reset=jnp.asarray(reset), impl="default")
+                            bidirectional=bidirectional, reset=jnp.asarray(reset), impl="chunked")
   keep = 1.0 - reset
   expected = loop_recurrence(a, b, keep)
   if bidirectional:
@@ -167,7 +172,7 @@ def test_float64_gradients_match_finite_differences(reverse, varying, with_keep,
     keep_jax = None if keep is None else jnp.asarray(keep)
 
     def loss(a_planar, b_planar):
-      states = fast_scan.linear_recurrence_planar(a_planar, b_planar, keep_jax, reverse=reverse,
+      states = chunked_recurrence(a_planar, b_planar, keep_jax, reverse=reverse,
                                                   num_chunks=num_chunks)
       return jnp.sum(states * weights)
 
@@ -200,7 +205,7 @@ def test_complex_gradients_follow_jax_convention():
 
   with jax.enable_x64(True):
     def loss(a, b):
-      return jnp.sum((weights * fast_scan.linear_recurrence(a, b)).real)
+      return jnp.sum((weights * recurrence.linear_recurrence(a, b)).real)
 
     grad_a, grad_b = jax.grad(loss, argnums=(0, 1))(jnp.asarray(a), jnp.asarray(b))
   eps = 1e-6
@@ -223,14 +228,14 @@ def test_complex_gradients_follow_jax_convention():
 def test_bad_num_chunks_is_rejected_by_name():
   b = jnp.zeros((2, 12, 2, 4))
   with pytest.raises(ValueError, match="num_chunks"):
-    fast_scan.linear_recurrence_planar(jnp.zeros((2, 4)), b, num_chunks=5)
+    chunked_recurrence(jnp.zeros((2, 4)), b, num_chunks=5)
 
 
 def test_mismatched_shapes_are_rejected():
   with pytest.raises(ValueError, match="multipliers"):
-    fast_scan.linear_recurrence_planar(jnp.zeros((2, 3)), jnp.zeros((2, 12, 2, 4)))
+    chunked_recurrence(jnp.zeros((2, 3)), jnp.zeros((2, 12, 2, 4)))
   with pytest.raises(ValueError, match="planar"):
-    fast_scan.linear_recurrence_planar(jnp.zeros((2, 4)), jnp.zeros((2, 12, 8)))
+    chunked_recurrence(jnp.zeros((2, 4)), jnp.zeros((2, 12, 8)))
 
 
 @pytest.mark.parametrize("length", [1, 7, 12, 1000, 16384, 16382])
@@ -260,7 +265,7 @@ def test_states_sharded_over_model_scan_without_collectives():
 
   def loss(lambda_bar, b_bar, c_tilde, u, reset):
     return jnp.sum(scan.apply_ssm(lambda_bar, b_bar, c_tilde, u, conj_sym=True,
-                                  bidirectional=False, reset=reset, impl="default") ** 2)
+                                  bidirectional=False, reset=reset, impl="chunked") ** 2)
 
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(*args).compile().as_text()
   computations = {block.split(" ", 1)[0].lstrip("%"): block for block in hlo.split("\n\n")}
@@ -284,7 +289,7 @@ def test_states_are_written_in_place():
 
   def loss(multipliers, inputs, weights):
     # inputs * 2 makes B̄u an intermediate, as in the layer, rather than a caller's argument
-    states = fast_scan.linear_recurrence_planar(multipliers, inputs * 2, keep)
+    states = chunked_recurrence(multipliers, inputs * 2, keep)
     return jnp.sum(states * weights)
 
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(multipliers, inputs, inputs).compile()

@@ -18,7 +18,7 @@ from tests import ssm_oracle as oracle
 from tests.ssm_oracle import assert_close
 
 H, P, BATCH, LENGTH = 8, 16, 2, 64
-SCAN_IMPLS = ["default", "reference"]
+SCAN_IMPLS = ["auto", "reference"]
 C_INITS = ["trunc_standard_normal", "lecun_normal", "complex_normal"]
 
 
@@ -79,7 +79,7 @@ def forward_combos():
   for i, (conj_sym, bidirectional, discretization) in enumerate(
       itertools.product([True, False], [False, True], ["zoh", "bilinear"])):
     combos.append((conj_sym, bidirectional, discretization, C_INITS[i % 3], i % 2 == 0,
-                   [1, 4][i // 2 % 2], "default"))
+                   [1, 4][i // 2 % 2], "auto"))
   return combos
 
 
@@ -120,10 +120,10 @@ def test_layer_matches_oracle(conj_sym, bidirectional, discretization, c_init, c
 RESET_COMBOS = [combo + (extra, "reference") for combo, extra in itertools.product(
     itertools.product([True, False], [False, True], ["zoh", "bilinear"]),
     ["reset", "intervals", "both"])]
-RESET_COMBOS += [(True, False, "zoh", "both", "default"),
-                 (True, True, "bilinear", "both", "default"),
-                 (False, False, "bilinear", "both", "default"),
-                 (False, True, "zoh", "both", "default")]
+RESET_COMBOS += [(True, False, "zoh", "both", "auto"),
+                 (True, True, "bilinear", "both", "auto"),
+                 (False, False, "bilinear", "both", "auto"),
+                 (False, True, "zoh", "both", "auto")]
 
 
 @pytest.mark.parametrize("conj_sym,bidirectional,discretization,extra,scan_impl", RESET_COMBOS)
@@ -145,7 +145,7 @@ def test_layer_with_resets_and_intervals(conj_sym, bidirectional, discretization
   assert np.max(np.abs(plain - expected)) > 1e-3 * np.max(np.abs(expected))
 
 
-@pytest.mark.parametrize("discretization,scan_impl", [("zoh", "default"),
+@pytest.mark.parametrize("discretization,scan_impl", [("zoh", "auto"),
                                                       ("bilinear", "reference")])
 def test_interval_two_equals_step_rescale_two(discretization, scan_impl):
   u, _, _ = random_inputs(4)
@@ -181,7 +181,7 @@ def run_steps(layer, variables, u, intervals=None):
 
 
 @pytest.mark.parametrize("conj_sym,discretization,scan_impl",
-                         [(True, "zoh", "default"), (False, "bilinear", "reference")])
+                         [(True, "zoh", "auto"), (False, "bilinear", "reference")])
 def test_recurrent_2000_steps_match_parallel(conj_sym, discretization, scan_impl):
   layer = S5(d_model=H, ssm_size=P, blocks=2, conj_sym=conj_sym, discretization=discretization,
              scan_impl=scan_impl)
@@ -278,7 +278,7 @@ def test_gradients_are_finite():
 
 # One tiny case (a float64 compile costs seconds): the fast scan, which may define its own backward
 # pass, with every feature on. The reference scan's gradient is that of JAX's associative_scan.
-GRADIENT_CASES = [(True, True, "zoh", "default")]
+GRADIENT_CASES = [(True, True, "zoh", "auto")]
 
 
 @pytest.mark.parametrize("conj_sym,bidirectional,discretization,scan_impl", GRADIENT_CASES)

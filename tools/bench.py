@@ -62,7 +62,8 @@ class InPlaceStream:
 # ----------------------------------------------------------------------------- layer
 
 def bench_layer(args) -> dict:
-  """S5 layer forward+backward: default vs reference, against a roofline measured alongside.
+  """S5 layer forward+backward: the default scan_impl ("auto") vs reference, against a roofline
+  measured alongside.
 
   Roofline = the layer's projection GEMMs alone (u @ B̄ and x @ C̃ as real GEMMs, forward and
   backward: 3x the forward GEMM FLOPs), plus one read and one write of the (batch, L, P'') complex64
@@ -98,7 +99,7 @@ def bench_layer(args) -> dict:
 
   state_bytes = rows * state_width * jnp.dtype(jnp.complex64).itemsize
 
-  items = {"default": layer_grad("default"), "reference": layer_grad("reference"),
+  items = {"default": layer_grad("auto"), "reference": layer_grad("reference"),
            "gemm": (gemm_grad, (w_in, w_out, u)), "stream": (InPlaceStream(state_bytes), ())}
   memory = {name: temp_bytes(fn, *fn_args) for name, (fn, fn_args) in items.items()
             if name in ("default", "reference")}

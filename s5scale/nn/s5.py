@@ -4,7 +4,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from s5scale import ssm
-from s5scale.ssm import fast_ssm
 from s5scale.ssm import init as ssm_init
 
 
@@ -26,7 +25,7 @@ class S5(nn.Module):
   dt_max: float = 1e-1
   clip_eigs: bool = False
   step_rescale: float = 1.0
-  scan_impl: str = "default"
+  scan_impl: str = "auto"           # ssm.IMPLS: "auto", "chunked", "pallas", "reference"
   param_dtype: jnp.dtype = jnp.float32
 
   def setup(self):
@@ -77,19 +76,20 @@ class S5(nn.Module):
       (batch, L, H) real.
     """
     lambda_bar, input_factor, b_tilde, c_tilde = self._discretized(intervals)
-    if self.scan_impl == "default":
-      # A time-invariant factor folds into B̄ (P', H); a per-step one scales B̃u instead of
-      # building an (L, P', H) B̄.
-      varying = intervals is not None
-      return fast_ssm.apply_ssm_planar(
-          lambda_bar, b_tilde if varying else input_factor[:, None] * b_tilde, c_tilde, u,
-          conj_sym=self.conj_sym, bidirectional=self.bidirectional, D=self.D, reset=reset,
-          input_scale=input_factor if varying else None)
-    # Scale B̃u by the per-state factor rather than building a time-varying (L, P', H) B̄.
-    bu = ssm.project_input(b_tilde, u) * input_factor
-    states = ssm.scan_states(lambda_bar, bu, bidirectional=self.bidirectional, reset=reset,
-                             impl=self.scan_impl)
-    return ssm.project_output(c_tilde, states, self.conj_sym) + self.D * u
+    # A time-invariant factor folds into B̄ (P', H); a per-step one scales B̃u instead of building
+    # an (L, P', H) B̄.
+    varying = intervals is not None
+    return ssm.apply_ssm(
+        lambda_bar, b_tilde if varying else input_factor[:, None] * b_tilde, c_tilde, u,
+        conj_sym=self.conj_sym, bidirectional=self.bidirectional, D=self.D, reset=reset,
+        input_scale=input_factor if varying else None, impl=self.scan_impl,
+        sharding=self._state_sharding())
+
+  @staticmethod
+  def _state_sharding():
+    """Mesh axes of the planar states (batch, L, 2, P') under the logical rules in context
+    (parallel.py's table; all None outside it), for kernels that run per device."""
+    return nn.logical_to_mesh_axes(("batch", "length", None, "state"))
 
   def final_state(self, u, reset=None):
     """The state after a whole sequence, computed with the parallel scan (prompt prefill).

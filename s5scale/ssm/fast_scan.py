@@ -1,4 +1,6 @@
-"""Fast linear recurrence x_k = a_k ⊙ x_{k∓1} + b_k, in planar real arithmetic, with its own VJP.
+"""The chunked XLA linear recurrence x_k = a_k ⊙ x_{k∓1} + b_k in planar real arithmetic, and its VJP.
+
+The differentiable entry point and the choice among implementations are in recurrence.py.
 
 Planar: a complex (..., P) array is held as a real (..., 2, P) array, [real parts; imaginary
 parts]. The S5 projections then are real GEMMs, the recurrence runs on contiguous real lanes, and
@@ -18,9 +20,6 @@ is constant. Only the states x are kept from the forward pass (the readout's own
 them anyway), where autodiff of an associative scan keeps every level of its tree.
 """
 
-import functools
-
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -95,8 +94,9 @@ def num_chunks_for(length: int) -> int:
   return min(small + [length // c for c in small], key=loop_steps)
 
 
-def _scan(multipliers, inputs, keep, reverse: bool, num_chunks: int | None, correlate=None):
-  """The recurrence, no autodiff.
+def chunked_states(multipliers, inputs, keep, reverse: bool, num_chunks: int | None,
+                   correlate=None):
+  """The recurrence, no autodiff (recurrence.py gives it its VJP, chunked_backward).
 
   Args:
     multipliers: (2, P) or (M, L, 2, P) planar a_k.
@@ -191,7 +191,7 @@ def _scan(multipliers, inputs, keep, reverse: bool, num_chunks: int | None, corr
   return states, jnp.sum(correlation, axis=(0, 1, 2))
 
 
-def _shift_toward_start(array, reverse: bool):
+def shift_toward_start(array, reverse: bool):
   """Step k takes the value of step k+1 (k-1 when reverse) along axis 1; the vacated end is 0."""
   pad = jnp.zeros(array.shape[:1] + (1,) + array.shape[2:], array.dtype)
   if reverse:
@@ -199,82 +199,27 @@ def _shift_toward_start(array, reverse: bool):
   return jnp.concatenate([array[:, 1:], pad], axis=1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _recurrence(multipliers, inputs, keep, reverse, num_chunks):
-  return _scan(multipliers, inputs, keep, reverse, num_chunks)
-
-
-def _recurrence_forward(multipliers, inputs, keep, reverse, num_chunks):
-  states = _scan(multipliers, inputs, keep, reverse, num_chunks)
-  return states, (multipliers, keep, states)
-
-
-def _recurrence_backward(reverse, num_chunks, residuals, states_cotangent):
+def chunked_backward(reverse: bool, num_chunks: int | None, residuals, states_cotangent):
+  """(dL/da, dL/db, dL/dkeep = 0) from residuals (multipliers, keep, states) and dL/dx; shapes as
+  chunked_states."""
   multipliers, keep, states = residuals
   # G_k = g_k + conj(a_{k+1} keep_{k+1}) G_{k+1}, run against the primal direction.
   adjoint_multipliers = conjugate(multipliers)
   varying = multipliers.ndim > 2
   if varying:
-    adjoint_multipliers = _shift_toward_start(adjoint_multipliers, reverse)
-  adjoint_keep = None if keep is None else _shift_toward_start(keep, reverse)
+    adjoint_multipliers = shift_toward_start(adjoint_multipliers, reverse)
+  adjoint_keep = None if keep is None else shift_toward_start(keep, reverse)
   if not varying:
     # Each adjoint step's carried-in keep_{k+1} G_{k+1} (k-1 when reverse), times conj(x_k), is
     # one term of dL/da, so the loop sums them as it goes.
-    adjoint, multipliers_cotangent = _scan(adjoint_multipliers, states_cotangent, adjoint_keep,
+    adjoint, multipliers_cotangent = chunked_states(adjoint_multipliers, states_cotangent, adjoint_keep,
                                            not reverse, num_chunks, correlate=states)
   else:
-    adjoint = _scan(adjoint_multipliers, states_cotangent, adjoint_keep, not reverse, num_chunks)
+    adjoint = chunked_states(adjoint_multipliers, states_cotangent, adjoint_keep, not reverse, num_chunks)
     # Per step, dL/da_k = keep_k G_k conj(x_prev(k)), with x_prev = 0 at the sequence's start.
-    previous_states = _shift_toward_start(states, not reverse)
+    previous_states = shift_toward_start(states, not reverse)
     multipliers_cotangent = complex_multiply(conjugate(previous_states), adjoint)
     if keep is not None:
       multipliers_cotangent = multipliers_cotangent * keep[..., None, None]
   keep_cotangent = None if keep is None else jnp.zeros_like(keep)
   return multipliers_cotangent, adjoint, keep_cotangent
-
-
-_recurrence.defvjp(_recurrence_forward, _recurrence_backward)
-
-
-def linear_recurrence_planar(multipliers, inputs, keep=None, reverse: bool = False,
-                             num_chunks: int | None = None):
-  """States of x_k = a_k keep_k x_{k-1} + b_k (x_{k+1} when reverse), x outside [0, L) = 0.
-
-  Args:
-    multipliers: (2, P) planar a, or (..., L, 2, P) when it varies along time.
-    inputs: (..., L, 2, P) planar b, real float32 or float64.
-    keep: (..., L) real, 0 where the carried state is dropped (a reset), 1 elsewhere; or None.
-    reverse: run from the last step to the first.
-    num_chunks: C, a divisor of L (tuning and tests); None: num_chunks_for(L).
-  Returns:
-    (..., L, 2, P) planar states, inputs' dtype.
-  """
-  if inputs.ndim < 3 or inputs.shape[-2] != 2:
-    raise ValueError(f"inputs must be planar (..., L, 2, P), got shape {inputs.shape}")
-  if multipliers.shape[-2:] != inputs.shape[-2:]:
-    raise ValueError(f"multipliers' trailing (2, P) {multipliers.shape[-2:]} != inputs' "
-                     f"{inputs.shape[-2:]}")
-  length = inputs.shape[-3]
-  if num_chunks is not None and (num_chunks < 1 or length % num_chunks):
-    raise ValueError(f"num_chunks must be a positive divisor of L={length}, got {num_chunks}")
-  flat = (-1,) + inputs.shape[-3:]
-  if multipliers.ndim > 2:
-    multipliers = jnp.broadcast_to(multipliers, inputs.shape).reshape(flat)
-  multipliers = multipliers.astype(inputs.dtype)
-  if keep is not None:
-    keep = jnp.broadcast_to(keep, inputs.shape[:-2]).reshape(flat[:2]).astype(inputs.dtype)
-  states = _recurrence(multipliers, inputs.reshape(flat), keep, reverse, num_chunks)
-  return states.reshape(inputs.shape)
-
-
-def linear_recurrence(multipliers, bu, reverse: bool = False):
-  """Complex interface: x_k = a_k x_{k∓1} + b_k over axis -2.
-
-  Args:
-    multipliers: (P',) or (..., L, P') complex (zero where a reset drops the state).
-    bu: (..., L, P') complex.
-  Returns:
-    (..., L, P') complex states.
-  """
-  return from_planar(linear_recurrence_planar(to_planar(multipliers), to_planar(bu),
-                                              reverse=reverse))

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from s5scale.ssm import fast_scan
+from s5scale.ssm import recurrence
 
 
 def input_matrix(b_bar):
@@ -105,7 +106,7 @@ def keep_masks(reset, bidirectional: bool):
 
 
 def apply_ssm_planar(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirectional: bool, D=None,
-                     reset=None, input_scale=None):
+                     reset=None, input_scale=None, impl: str = "auto", sharding=None):
   """One S5 SSM over a whole sequence, as scan.apply_ssm, computed with real GEMMs.
 
   Args:
@@ -117,6 +118,7 @@ def apply_ssm_planar(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirecti
     reset: (..., L) bool; True at step k zeroes the state carried into step k.
     input_scale: (..., L, P') complex or None. If given, step k uses B̄_k = input_scale_k ⊙ b_bar:
       a time-varying B̄ without an (L, P', H) tensor.
+    impl, sharding: how the recurrence runs (recurrence.linear_recurrence_planar).
   Returns:
     y: (..., L, H), u's dtype.
   """
@@ -131,7 +133,8 @@ def apply_ssm_planar(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirecti
   directions = [False, True] if bidirectional else [False]
   y = None
   for direction, (reverse, keep) in enumerate(zip(directions, keep_masks(reset, bidirectional))):
-    states = fast_scan.linear_recurrence_planar(multipliers, bu, keep, reverse)
+    states = recurrence.linear_recurrence_planar(multipliers, bu, keep, reverse, impl=impl,
+                                                 sharding=sharding)
     readout = c_tilde[:, direction * num_states:(direction + 1) * num_states]
     direction_y = project_output_planar(readout, states, conj_sym)
     y = direction_y if y is None else y + direction_y

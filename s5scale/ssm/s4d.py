@@ -21,7 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from s5scale.ssm import fast_scan, fast_ssm
+from s5scale.ssm import fast_scan, fast_ssm, recurrence
 from s5scale.ssm.discretize import zoh_factors
 
 # The kernel's GEMM must not drop to bfloat16 passes on TPU: K feeds every output of the layer.
@@ -31,10 +31,13 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 def run_recurrence(multipliers, inputs, keep, reverse: bool):
   """The one call through which S4D runs the linear recurrence x_k = a_k keep_k x_{k∓1} + b_k.
 
-  Planar shapes as fast_scan.linear_recurrence_planar: multipliers (2, P) or (..., L, 2, P),
+  Planar shapes as recurrence.linear_recurrence_planar: multipliers (2, P) or (..., L, 2, P),
   inputs (..., L, 2, P), keep (..., L) or None. Returns (..., L, 2, P) states.
+
+  Always the chunked scan: the Pallas kernel is sharded by S5's ("batch", "length", "state")
+  layout, and S4D's flattened H·N/2 states would need their own partition spec first.
   """
-  return fast_scan.linear_recurrence_planar(multipliers, inputs, keep, reverse)
+  return recurrence.linear_recurrence_planar(multipliers, inputs, keep, reverse, impl="chunked")
 
 
 def channel_steps(log_step, step_rescale=1.0, intervals=None):

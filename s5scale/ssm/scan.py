@@ -3,11 +3,11 @@
 Shapes lead with any batch dims: u (..., L, H) real; states (..., L, P') complex.
 """
 
-import jax
 import jax.numpy as jnp
 
 from s5scale.ssm import fast_scan
 from s5scale.ssm import fast_ssm
+from s5scale.ssm import recurrence
 
 
 def project_input(b_bar, u):
@@ -37,76 +37,29 @@ def project_output(c_tilde, states, conj_sym: bool):
   return 2 * y if conj_sym else y
 
 
-def carry_multipliers(lambda_bar, bu_shape, reset, reverse: bool):
-  """Λ̄ broadcast to (..., L, P'), zeroed where a document boundary stops the carried state.
-
-  Forward, reset[k] zeroes the state carried into step k. Backward, the document ends where the
-  next step resets, so reset[k+1] zeroes the state carried from k+1 into k.
-  """
-  multipliers = jnp.broadcast_to(lambda_bar, bu_shape)
-  if reset is None:
-    return multipliers
-  if reverse:
-    reset = jnp.concatenate([reset[..., 1:], jnp.zeros_like(reset[..., :1])], axis=-1)
-  return jnp.where(reset[..., None], jnp.zeros((), multipliers.dtype), multipliers)
-
-
-def _combine(earlier, later):
-  a_earlier, b_earlier = earlier
-  a_later, b_later = later
-  return a_later * a_earlier, a_later * b_earlier + b_later
-
-
-def linear_recurrence_reference(multipliers, bu, reverse: bool = False):
-  """The paper's formulation: jax.lax.associative_scan over complex (Λ̄, B̄u) pairs.
-
-  Args:
-    multipliers: (..., L, P') complex, Λ̄_k (zero at resets).
-    bu: (..., L, P') complex.
-  Returns:
-    states (..., L, P') complex.
-  """
-  _, states = jax.lax.associative_scan(
-      _combine, (multipliers, bu), reverse=reverse, axis=bu.ndim - 2)
-  return states
-
-
-IMPLS = ("default", "reference")
-
-
-def check_impl(impl: str) -> None:
-  if impl not in IMPLS:
-    raise ValueError(f"scan_impl must be one of {IMPLS}, got {impl!r}")
-
-
-def scan_states(lambda_bar, bu, *, bidirectional: bool, reset=None, impl: str = "default"):
+def scan_states(lambda_bar, bu, *, bidirectional: bool, reset=None, impl: str = "auto"):
   """All states of the recurrence; bidirectional concatenates the reversed scan's states.
 
   Args:
     lambda_bar: (P',) or (..., L, P') complex.
     bu: (..., L, P') complex.
     reset: (..., L) bool or None.
-    impl: "default" (fast) or "reference" (associative_scan, plain autodiff).
+    impl: recurrence.IMPLS ("auto": Pallas on TPU, chunked elsewhere; "reference":
+      associative_scan with plain autodiff).
   Returns:
     (..., L, P') complex, or (..., L, 2P') when bidirectional.
   """
-  check_impl(impl)
+  recurrence.check_impl(impl)
   directions = [False, True] if bidirectional else [False]
-  if impl == "default":
-    bu_planar, multipliers = fast_scan.to_planar(bu), fast_scan.to_planar(lambda_bar)
-    keeps = fast_ssm.keep_masks(reset, bidirectional)
-    states = [fast_scan.from_planar(
-        fast_scan.linear_recurrence_planar(multipliers, bu_planar, keep, reverse))
-              for reverse, keep in zip(directions, keeps)]
-  else:
-    states = [linear_recurrence_reference(carry_multipliers(lambda_bar, bu.shape, reset, reverse),
-                                          bu, reverse)
-              for reverse in directions]
+  bu_planar, multipliers = fast_scan.to_planar(bu), fast_scan.to_planar(lambda_bar)
+  keeps = fast_ssm.keep_masks(reset, bidirectional)
+  states = [fast_scan.from_planar(recurrence.linear_recurrence_planar(
+      multipliers, bu_planar, keep, reverse, impl=impl)) for reverse, keep in zip(directions, keeps)]
   return jnp.concatenate(states, axis=-1) if bidirectional else states[0]
 
 
 def apply_ssm(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirectional: bool, D=None,
-              reset=None, impl: str = "default"):
+              reset=None, input_scale=None, impl: str = "auto", sharding=None):
   """One S5 SSM over a whole sequence (parallel mode).
 
   Args:
@@ -116,15 +69,24 @@ def apply_ssm(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirectional: b
     u: (..., L, H) real.
     D: (H,) real feedthrough, or None.
     reset: (..., L) bool; True at step k zeroes the state carried into step k.
-    impl: "default" (real GEMMs around the fast scan) or "reference" (the paper's formulation).
+    input_scale: (..., L, P') complex or None: step k then uses B̄_k = input_scale_k ⊙ b_bar (a
+      time-varying B̄ without an (L, P', H) tensor).
+    impl: recurrence.IMPLS. "reference" is the paper's formulation throughout (complex B̄u, an
+      associative scan, complex readout); the others are real GEMMs around the planar
+      recurrence (fast_ssm.py), which impl runs.
+    sharding: PartitionSpec of the planar states (batch, L, 2, P') over the tracing context's
+      mesh, for the Pallas kernel's shard_map; None: not sharded.
   Returns:
     y: (..., L, H) real.
   """
-  check_impl(impl)
-  if impl == "default":
+  recurrence.check_impl(impl)
+  if impl != "reference":
     return fast_ssm.apply_ssm_planar(lambda_bar, b_bar, c_tilde, u, conj_sym=conj_sym,
-                                     bidirectional=bidirectional, D=D, reset=reset)
+                                     bidirectional=bidirectional, D=D, reset=reset,
+                                     input_scale=input_scale, impl=impl, sharding=sharding)
   bu = project_input(b_bar, u)
+  if input_scale is not None:
+    bu = bu * input_scale
   states = scan_states(lambda_bar, bu, bidirectional=bidirectional, reset=reset, impl=impl)
   y = project_output(c_tilde, states, conj_sym)
   return y if D is None else y + D * u

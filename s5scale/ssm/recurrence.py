@@ -1,0 +1,168 @@
+"""The linear recurrence x_k = a_k ⊙ keep_k x_{k∓1} + b_k: the one place that picks how it runs.
+
+Implementations (`impl`, the config key model.scan_impl):
+  "auto"       the default: the Pallas kernel when the program is compiled for TPU, the chunked
+               XLA scan on any other platform. Chosen at lowering time from the platform the
+               program is compiled for (lax.platform_dependent), not from the host's default
+               backend, so compiling ahead of time for a TPU topology on a CPU host (tools/
+               aot_compile.py) gets the kernel, and a CPU run never traces into Mosaic.
+  "chunked"    three passes of XLA loops over chunks of time (fast_scan.py); any platform.
+  "pallas"     one pass of a Pallas TPU kernel that keeps the state in VMEM (pallas_scan.py);
+               TPU only, or interpret=True (tests) on CPU.
+  "reference"  the paper's formulation: jax.lax.associative_scan over complex (a, b) pairs, with
+               plain autodiff (every level of its tree is kept for the backward pass).
+"chunked" and "pallas" share one custom VJP (residuals: a, keep and the states): the adjoint is
+the reverse recurrence G_k = g_k + conj(a_{k+1} keep_{k+1}) G_{k+1} (see each implementation).
+
+Planar: a complex (..., P) array is held as a real (..., 2, P) array, [real parts; imaginary
+parts] (fast_scan.to_planar).
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from s5scale.ssm import fast_scan
+from s5scale.ssm import pallas_scan
+
+IMPLS = ("auto", "chunked", "pallas", "reference")
+
+
+def check_impl(impl: str) -> None:
+  if impl not in IMPLS:
+    raise ValueError(f"scan_impl must be one of {IMPLS}, got {impl!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+  impl: str
+  num_chunks: int | None       # chunked: C, a divisor of L
+  time_tile: int | None        # pallas: steps per grid step
+  interpret: Any               # pallas: False, True or pltpu.InterpretParams()
+  sharding: PartitionSpec | None  # pallas: (rows, L, 2, P) over the tracing context's mesh
+
+
+def _forward(options: _Options, multipliers, inputs, keep, reverse: bool):
+  def chunked(multipliers, inputs, keep):
+    return fast_scan.chunked_states(multipliers, inputs, keep, reverse, options.num_chunks)
+
+  def pallas(multipliers, inputs, keep):
+    return pallas_scan.forward(multipliers, inputs, keep, reverse, time_tile=options.time_tile,
+                               interpret=options.interpret, sharding=options.sharding)
+
+  return _pick(options.impl, chunked, pallas)(multipliers, inputs, keep)
+
+
+def _backward(options: _Options, reverse: bool, residuals, states_cotangent):
+  def chunked(residuals, states_cotangent):
+    return fast_scan.chunked_backward(reverse, options.num_chunks, residuals, states_cotangent)
+
+  def pallas(residuals, states_cotangent):
+    return pallas_scan.backward(reverse, residuals, states_cotangent,
+                                time_tile=options.time_tile, interpret=options.interpret,
+                                sharding=options.sharding)
+
+  return _pick(options.impl, chunked, pallas)(residuals, states_cotangent)
+
+
+def _pick(impl: str, chunked, pallas):
+  if impl == "chunked":
+    return chunked
+  if impl == "pallas":
+    return pallas
+  # "auto": both are traced; lowering keeps only the target platform's branch.
+  return lambda *args: jax.lax.platform_dependent(*args, tpu=pallas, default=chunked)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _recurrence(multipliers, inputs, keep, reverse, options):
+  return _forward(options, multipliers, inputs, keep, reverse)
+
+
+def _recurrence_forward(multipliers, inputs, keep, reverse, options):
+  states = _forward(options, multipliers, inputs, keep, reverse)
+  return states, (multipliers, keep, states)
+
+
+def _recurrence_backward(reverse, options, residuals, states_cotangent):
+  return _backward(options, reverse, residuals, states_cotangent)
+
+
+_recurrence.defvjp(_recurrence_forward, _recurrence_backward)
+
+
+def _associative_scan(multipliers, inputs, keep, reverse: bool):
+  """The reference: complex (a, b) pairs combined by jax.lax.associative_scan, plain autodiff."""
+  a = jnp.broadcast_to(fast_scan.from_planar(multipliers), inputs.shape[:-2] + inputs.shape[-1:])
+  if keep is not None:
+    a = a * keep[..., None]
+
+  def combine(earlier, later):
+    return later[0] * earlier[0], later[0] * earlier[1] + later[1]
+
+  _, states = jax.lax.associative_scan(combine, (a, fast_scan.from_planar(inputs)),
+                                       reverse=reverse, axis=1)
+  return fast_scan.to_planar(states)
+
+
+def linear_recurrence_planar(multipliers, inputs, keep=None, reverse: bool = False, *,
+                             impl: str = "auto", num_chunks: int | None = None,
+                             time_tile: int | None = None, interpret=False,
+                             sharding: PartitionSpec | None = None):
+  """States of x_k = a_k keep_k x_{k-1} + b_k (x_{k+1} when reverse), x outside [0, L) = 0.
+
+  Args:
+    multipliers: (2, P) planar a, or (..., L, 2, P) when it varies along time.
+    inputs: (..., L, 2, P) planar b, real float32 (float64 for chunked, reference, interpret).
+    keep: (..., L) real, 0 where the carried state is dropped (a reset), 1 elsewhere; or None.
+    reverse: run from the last step to the first.
+    impl: one of IMPLS (module docstring).
+    num_chunks: chunked only: C, a divisor of L; None picks fast_scan.num_chunks_for(L).
+    time_tile: pallas only: steps per grid step; None picks pallas_scan.time_tile_for.
+    interpret: pallas only: run the kernel in Pallas' interpreter (CPU tests).
+    sharding: pallas only: PartitionSpec of the (rows, L, 2, P) operands (leading dims flattened
+      to rows) over the mesh of the tracing context; each device then scans its own shard.
+  Returns:
+    (..., L, 2, P) planar states, inputs' dtype.
+  """
+  check_impl(impl)
+  if inputs.ndim < 3 or inputs.shape[-2] != 2:
+    raise ValueError(f"inputs must be planar (..., L, 2, P), got shape {inputs.shape}")
+  if multipliers.shape[-2:] != inputs.shape[-2:]:
+    raise ValueError(f"multipliers' trailing (2, P) {multipliers.shape[-2:]} != inputs' "
+                     f"{inputs.shape[-2:]}")
+  length = inputs.shape[-3]
+  if num_chunks is not None and (num_chunks < 1 or length % num_chunks):
+    raise ValueError(f"num_chunks must be a positive divisor of L={length}, got {num_chunks}")
+  if time_tile is not None and time_tile < 1:
+    raise ValueError(f"time_tile must be positive, got {time_tile}")
+  flat = (-1,) + inputs.shape[-3:]
+  if multipliers.ndim > 2:
+    multipliers = jnp.broadcast_to(multipliers, inputs.shape).reshape(flat)
+  multipliers = multipliers.astype(inputs.dtype)
+  if keep is not None:
+    keep = jnp.broadcast_to(keep, inputs.shape[:-2]).reshape(flat[:2]).astype(inputs.dtype)
+  rows = inputs.reshape(flat)
+  if impl == "reference":
+    states = _associative_scan(multipliers, rows, keep, reverse)
+  else:
+    options = _Options(impl, num_chunks, time_tile, interpret, sharding)
+    states = _recurrence(multipliers, rows, keep, reverse, options)
+  return states.reshape(inputs.shape)
+
+
+def linear_recurrence(multipliers, bu, reverse: bool = False, *, impl: str = "auto"):
+  """Complex interface: x_k = a_k x_{k∓1} + b_k over axis -2.
+
+  Args:
+    multipliers: (P',) or (..., L, P') complex (zero where a reset drops the state).
+    bu: (..., L, P') complex.
+  Returns:
+    (..., L, P') complex states.
+  """
+  return fast_scan.from_planar(linear_recurrence_planar(
+      fast_scan.to_planar(multipliers), fast_scan.to_planar(bu), reverse=reverse, impl=impl))
