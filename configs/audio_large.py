@@ -36,12 +36,13 @@ def get_config():
   c.model.input_kind = "tokens"
   c.model.vocab_size = 256          # 2**data.bits
   c.model.num_layers = 32
-  c.model.d_model = 1024
-  c.model.ssm_size = 1024
+  c.model.d_model = 2048
+  c.model.ssm_size = 2048
   c.model.blocks = 16
   c.model.activation = "full_glu"
   c.model.mlp_ratio = 2
   c.model.compute_dtype = "bfloat16"
+  c.model.residual_dtype = "bfloat16"  # halves the saved block inputs and the gathers
   c.model.scan_layers = True
   c.model.remat = "full"            # saves only each block's input for the backward pass
 
@@ -51,8 +52,8 @@ def get_config():
   c.data.sample_rate = 16000
   c.data.quantization = "mulaw"
   c.data.bits = 8
-  c.data.seq_len = 16384
-  c.data.batch_size = 512           # global: 2 windows per chip on one v5e-256, 1 on two
+  c.data.seq_len = 131072          # 8.2 s at 16 kHz, SaShiMi's context
+  c.data.batch_size = 128           # global: one window per pair of chips (mesh.model=2)
   c.data.num_workers = 4
   c.data.read_threads = 8
 
@@ -63,10 +64,11 @@ def get_config():
   c.train.num_steps = 200_000
   c.train.log_every_steps = 50
 
-  # Per slice (ICI): parameters and optimizer state sharded 16 ways, batch over all 256 chips.
+  # Per slice (ICI): H and P' split over model=2 (the residual stream too, between blocks),
+  # parameters and optimizer state over fsdp=16, and the batch over data x fsdp.
   c.mesh.data = -1
   c.mesh.fsdp = 16
-  c.mesh.model = 1
+  c.mesh.model = 2
   c.mesh.dcn_data = -1              # across slices (DCN): one data-parallel replica per slice
 
   c.checkpoint.every_steps = 1000

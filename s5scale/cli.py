@@ -87,6 +87,7 @@ def check_config(config, devices, process_count: int) -> None:
   choice(config, "model.pooling", ("mean", "last"))
   choice(config, "model.scan_impl", ("default", "reference"))
   choice(config, "model.compute_dtype", ("float32", "bfloat16"))
+  choice(config, "model.residual_dtype", ("float32", "bfloat16"))
   for key, value in (("model.num_layers", model.num_layers), ("model.d_model", model.d_model),
                      ("data.batch_size", data.batch_size), ("data.seq_len", data.seq_len),
                      ("train.num_steps", config.train.num_steps),
@@ -149,6 +150,7 @@ def model_kwargs(model_config) -> dict:
   kwargs = {k: model_config[k] for k in model_keys}
   kwargs["ssm_kwargs"] = {k: model_config[k] for k in ssm_keys}
   kwargs["compute_dtype"] = jnp.dtype(model_config.compute_dtype)
+  kwargs["residual_dtype"] = jnp.dtype(model_config.residual_dtype)
   return kwargs
 
 

@@ -36,8 +36,11 @@ def base_config() -> ml_collections.ConfigDict:
       dropout=0.0,
       pooling="mean",               # classify: "mean" or "last"
       compute_dtype="float32",      # matmul dtype; parameters stay float32
+      residual_dtype="float32",     # the residual stream between blocks: "float32" or "bfloat16"
       scan_layers=True,             # nn.scan over depth: compile time flat in num_layers
-      remat="none",                 # "none", "full", "dots" (jax.checkpoint policy per layer)
+      # jax.checkpoint policy per block: "none"; "full" saves only each block's input; "offload"
+      # keeps that input in host memory instead of HBM; "dots" also saves matmul outputs
+      remat="none",
   ))
 
   c.data = ml_collections.ConfigDict(dict(

@@ -12,7 +12,8 @@ totals multiply each computation by how often it runs:
                    in on-chip memory count too, so it bounds HBM traffic from above
   collectives      {kind: {"count", "bytes"}}: executions per step and bytes moved, where bytes
                    is the larger of operands and result (an all-gather's result is the gathered
-                   array, a reduce-scatter's operand the unscattered one)
+                   array, a reduce-scatter's operand the unscattered one); TPU's fused
+                   all-reduce-scatter counts as a reduce-scatter
   unknown_loops    loops whose trip count could not be read (counted once)
 
 A trip count is read from the loop condition `counter < constant` (how JAX lowers scan and
@@ -221,6 +222,28 @@ def _traffic(op: dict, types: dict, computations: dict) -> float:
   return total
 
 
+def _collective_kind(op: dict, computations: dict):
+  """The collective an instruction performs, or None.
+
+  TPU compiles a reduce-scatter as a custom fusion of an all-reduce and the dynamic slice that
+  each device keeps ("all-reduce-scatter"); such a fusion counts as one reduce-scatter, and any
+  other fusion around a collective as that collective.
+  """
+  kind = op["opcode"].removesuffix("-start")
+  if kind in COLLECTIVES:
+    return kind
+  if op["opcode"] != "fusion" or "calls" not in op["called"]:
+    return None
+  fused = computations.get(op["called"]["calls"], [])
+  inner = [f["opcode"].removesuffix("-start") for f in fused
+           if f["opcode"].removesuffix("-start") in COLLECTIVES]
+  if not inner:
+    return None
+  if inner == ["all-reduce"] and fused[-1]["opcode"] == "dynamic-slice":
+    return "reduce-scatter"
+  return inner[0]
+
+
 def step_totals(hlo_text: str) -> dict:
   """Per-call totals of a compiled module (see the module docstring)."""
   computations, entry = parse_module(hlo_text)
@@ -237,8 +260,8 @@ def step_totals(hlo_text: str) -> dict:
         continue
       operand_bytes = sum(shape_bytes(types.get(o, "")) for o in op["operands"])
       result_bytes = shape_bytes(op["type"])
-      kind = op["opcode"].removesuffix("-start")
-      if kind in collectives:
+      kind = _collective_kind(op, computations)
+      if kind:
         if op["opcode"].endswith("-start") and op["type"].startswith("("):
           result_bytes = max(result_bytes - operand_bytes, 0.0)  # (operands, results) tuple
         collectives[kind]["count"] += times
@@ -246,3 +269,32 @@ def step_totals(hlo_text: str) -> dict:
       hbm_bytes += times * _traffic(op, types, computations)
   return dict(matmul_flops=flops, hbm_bytes=hbm_bytes, collectives=collectives,
               unknown_loops=unknown_loops)
+
+
+def collective_calls(hlo_text: str) -> list[dict]:
+  """Each collective instruction of a compiled module, with what step_totals sums over them.
+
+  Returns dicts with kind (e.g. "all-gather"), name, computation, result and operands (HLO type
+  texts), replica_groups (the attribute's text), count (executions per call of the entry, loops
+  counted by trip count) and bytes (per execution, as in step_totals).
+  """
+  computations, entry = parse_module(hlo_text)
+  control, _, _ = _multiplicities(computations, entry)
+  calls = []
+  for name, times in control.items():
+    ops = computations.get(name, [])
+    types = {op["name"]: op["type"] for op in ops}
+    for op in ops:
+      kind = _collective_kind(op, computations)
+      if not kind:
+        continue
+      operand_types = [types.get(o, "") for o in op["operands"]]
+      operand_bytes = sum(shape_bytes(t) for t in operand_types)
+      result_bytes = shape_bytes(op["type"])
+      if op["opcode"].endswith("-start") and op["type"].startswith("("):
+        result_bytes = max(result_bytes - operand_bytes, 0.0)
+      groups = re.search(r"replica_groups=(\S+(?: \{[^}]*\})?)", op["attributes"])
+      calls.append(dict(kind=kind, name=op["name"], computation=name, result=op["type"],
+                        operands=operand_types, replica_groups=groups.group(1) if groups else "",
+                        count=times, bytes=max(operand_bytes, result_bytes)))
+  return calls

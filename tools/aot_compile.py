@@ -26,6 +26,8 @@ import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # never grab a local TPU: we only compile
+# Compile-only: no chip to guard, so several compiles (pytest workers) may load libtpu at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
@@ -67,6 +69,7 @@ MEGACORE = ("v4", "v5p")  # two TensorCores per chip, used as one device
 
 _TOPOLOGY = flags.DEFINE_string("topology", None, "libtpu topology name, e.g. v5e:16x16, v4:4x4x4.")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of that topology, joined over DCN.")
+_DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "Also write the compiled HLO text to this file.")
 
 
 class UsageError(ValueError):
@@ -223,6 +226,9 @@ def run(config, topology: str, num_slices: int, config_path: str) -> int:
           f"{chip.name} chip: {str(error).strip().splitlines()[0][:2000]}", file=sys.stderr)
     print(json.dumps(dict(base, fits=False, error=str(error)[:2000])), flush=True)
     return EXIT_OVER_HBM
+  if _DUMP_HLO.value:
+    with open(_DUMP_HLO.value, "w") as f:
+      f.write(compiled.as_text())
   memory = memory_report(compiled)
   ici, dcn = parallel.mesh_shape(config.mesh, len(devices), parallel.num_slices(devices))
   result = dict(base, mesh=dict(mesh.shape), mesh_ici=dict(zip(parallel.MESH_AXES, ici)),
