@@ -44,7 +44,7 @@ def get_config():
   c.model.compute_dtype = "bfloat16"
   c.model.residual_dtype = "bfloat16"  # halves the saved block inputs and the gathers
   c.model.scan_layers = True
-  c.model.remat = "full"            # saves only each block's input for the backward pass
+  c.model.remat = "offload"         # saves only each block's input, in host memory (TPU)
 
   c.data.kind = "audio"
   # A placeholder: run tools/prepare_audio.py on your corpus and point this at its output.

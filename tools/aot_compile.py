@@ -139,6 +139,8 @@ def memory_report(compiled) -> dict:
                 generated_code=stats.generated_code_size_in_bytes)
   report["total"] = (report["argument"] + report["output"] - report["alias"] + report["temporary"]
                      + report["generated_code"])
+  # Buffers in the host's memory (model.remat="offload"): not part of the HBM total.
+  report["host_temporary"] = getattr(stats, "host_temp_size_in_bytes", 0)
   return report
 
 
@@ -149,10 +151,13 @@ def cost_report(compiled, config, chip: Chip, num_chips: int, matmul_params: int
   totals = hlo_stats.step_totals(compiled.as_text())
   tokens_per_chip = config.data.batch_size * config.data.seq_len / num_chips
   model_flops = 6.0 * matmul_params * tokens_per_chip  # forward + backward, no recomputation
-  collective_bytes = sum(c["bytes"] for c in totals["collectives"].values())
+  # What each chip sends in ring collectives over its replica groups ((n-1)/n of the array, twice
+  # for an all-reduce); whole_arrays_s is the cruder count of every gathered or reduced array.
+  wire_bytes = sum(c["wire_bytes"] for c in totals["collectives"].values())
+  whole_array_bytes = sum(c["bytes"] for c in totals["collectives"].values())
   times = dict(compute_s=totals["matmul_flops"] / chip.peak_flops,
                memory_s=totals["hbm_bytes"] / chip.hbm_bandwidth,
-               collective_s=collective_bytes / chip.ici_bandwidth)
+               collective_s=wire_bytes / chip.ici_bandwidth)
   step_s = max(times.values())  # perfect overlap: a lower bound on the step time
   return dict(
       xla_flops=float(analysis.get("flops", 0.0)),
@@ -161,6 +166,8 @@ def cost_report(compiled, config, chip: Chip, num_chips: int, matmul_params: int
       collectives=totals["collectives"], unknown_loops=totals["unknown_loops"],
       model_flops=model_flops,
       roofline=dict(times, step_s=step_s, bound=max(times, key=times.get)[:-2],
+                    collective_share=times["collective_s"] / step_s if step_s else 0.0,
+                    whole_arrays_s=whole_array_bytes / chip.ici_bandwidth,
                     tokens_per_s_per_chip=tokens_per_chip / step_s if step_s else 0.0,
                     mfu=model_flops / (step_s * chip.peak_flops) if step_s else 0.0))
 
@@ -189,18 +196,21 @@ def print_summary(result: dict) -> None:
       f"  generated code  {_gib(memory['generated_code'])}",
       f"  total           {_gib(memory['total'])}  = {memory['total'] / chip['hbm_bytes']:.0%} "
       f"of {chip['hbm_bytes'] / GiB:.0f} GiB HBM -> {'fits' if result['fits'] else 'DOES NOT FIT'}",
+      f"  offloaded to host memory {_gib(memory['host_temporary'])}",
       "per-chip cost of one step (loops counted by trip count):",
       f"  matmul FLOPs    {cost['matmul_flops']:.3e}   (model 6*N*D: {cost['model_flops']:.3e})",
       f"  bytes accessed  {cost['bytes_accessed']:.3e}",
       f"  XLA cost_analysis (each loop body once): {cost['xla_flops']:.3e} FLOPs, "
       f"{cost['xla_bytes_accessed']:.3e} bytes",
       "collectives per step (per chip):",
-      *[f"  {kind:19s} {c['count']:6d} x  {c['bytes'] / 2**20:12.1f} MiB"
-        for kind, c in cost["collectives"].items()],
+      *[f"  {kind:19s} {c['count']:6d} x  {c['bytes'] / 2**20:12.1f} MiB arrays, "
+        f"{c['wire_bytes'] / 2**20:12.1f} MiB sent in rings" for kind, c in cost["collectives"].items()],
       f"roofline ({chip['name']}: {chip['peak_flops'] / 1e12:.0f} TFLOP/s, "
       f"{chip['hbm_bandwidth'] / 1e9:.0f} GB/s HBM, {chip['ici_bandwidth'] / 1e9:.0f} GB/s ICI):",
       f"  compute {roofline['compute_s'] * 1e3:.1f} ms, memory {roofline['memory_s'] * 1e3:.1f} ms,"
-      f" collectives {roofline['collective_s'] * 1e3:.1f} ms (all at ICI speed)",
+      f" collectives {roofline['collective_s'] * 1e3:.1f} ms = {roofline['collective_share']:.0%} of "
+      f"the step (ring bytes at ICI speed; {roofline['whole_arrays_s'] * 1e3:.1f} ms counting whole "
+      "arrays)",
       f"  step >= {roofline['step_s'] * 1e3:.1f} ms ({roofline['bound']}-bound), "
       f"{roofline['tokens_per_s_per_chip']:.0f} tokens/s/chip, MFU <= {roofline['mfu']:.1%}",
   ]
@@ -215,7 +225,8 @@ def run(config, topology: str, num_slices: int, config_path: str) -> int:
   chip = CHIPS[devices[0].device_kind]
   base = dict(config=config_path, topology=topology, num_slices=num_slices,
               num_chips=len(devices), chip=dataclasses.asdict(chip),
-              batch_size=config.data.batch_size, seq_len=config.data.seq_len)
+              batch_size=config.data.batch_size, seq_len=config.data.seq_len,
+              overrides=[a for a in sys.argv[1:] if a.startswith("--config.")])
   try:
     compiled, mesh, num_processes, sizes = compile_train_step(config, devices)
   except jax.errors.JaxRuntimeError as error:
