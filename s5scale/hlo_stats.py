@@ -45,7 +45,7 @@ _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
                "conditional", "after-all", "partition-id", "replica-id", "opt-barrier",
                "add-dependency", "async-start", "async-update", "async-done", "copy-done",
                "all-gather-done", "all-reduce-done", "collective-permute-done", "send-done",
-               "recv-done"}
+               "recv-done", "dynamic-slice-done", "dynamic-update-slice-done"}
 
 
 def shape_bytes(type_text: str) -> float:
@@ -184,13 +184,18 @@ def _traffic(op: dict, types: dict, computations: dict) -> float:
   """HBM bytes read and written by one top-level instruction.
 
   Slicing reads only the slice, and an in-place update writes only the update (the rest of the
-  buffer is aliased): the stacked layer parameters are sliced this way on every loop iteration.
+  buffer is aliased): the stacked layer parameters are sliced this way on every loop iteration,
+  and the block inputs that model.remat="offload" keeps in host memory are written and read
+  this way by asynchronous slices (counted at their start).
   """
   sizes = [shape_bytes(types.get(o, "")) for o in op["operands"]]
   if op["opcode"] == "dynamic-slice":
     return 2 * shape_bytes(op["type"])
-  if op["opcode"] == "dynamic-update-slice":
+  if op["opcode"] in ("dynamic-update-slice", "dynamic-update-slice-start"):
     return 2 * sizes[1]
+  if op["opcode"] == "dynamic-slice-start":
+    # Its type is ((operands), slice, context): the slice is what the rest leaves.
+    return 2 * max(shape_bytes(op["type"]) - sum(sizes), 0.0)
   if op["opcode"] != "fusion" or "calls" not in op["called"]:
     return sum(sizes) + shape_bytes(op["type"])
   fused = computations.get(op["called"]["calls"], [])
