@@ -1,28 +1,33 @@
-"""Large 8-bit mu-law next-sample S5 LM on raw 16 kHz audio, for a TPU v5e-256 slice.
+"""Large 8-bit mu-law next-sample S5 LM on raw 16 kHz audio: 1.08B parameters, 8.2 s windows.
 
 Target slice: v5litepod-256 (256 v5e chips, 16 GiB HBM each; libtpu topology v5e:16x16), or
-several of them over DCN (mesh.dcn_data=-1 spreads the batch over however many slices there are).
+several of them over DCN (mesh.dcn_data=-1 spreads the batch over however many slices there are;
+keep one window per pair of chips, e.g. --config.data.batch_size=256 on two slices).
 
   # once: validate and shard the corpus, then point data.source at the output
   python tools/prepare_audio.py --source=/data/wavs --output=gs://YOUR_BUCKET/audio_ar
   # prove it fits before paying for the slice (no TPU needed; prints memory, FLOPs, MFU)
   python tools/aot_compile.py --config=configs/audio_large.py --topology=v5e:16x16
-  python tools/aot_compile.py --config=configs/audio_large.py --topology=v5e:16x16 --num_slices=2
+  python tools/aot_compile.py --config=configs/audio_large.py --topology=v5e:16x16 \
+      --num_slices=2 --config.data.batch_size=256
   # train
   export TPU_NAME=audio-large ZONE=us-west4-a WORKDIR=gs://YOUR_BUCKET/runs/audio_large
   ACCELERATOR_TYPE=v5litepod-256 SPOT=1 launch/tpu_pod.sh configs/audio_large.py
   EVAL_ACCELERATOR_TYPE=v5litepod-8 launch/tpu_pod.sh --eval configs/audio_large.py \
-      --config.mesh.fsdp=8   # the eval slice has 8 chips
+      --config.mesh.fsdp=4   # the eval slice has 8 chips: fsdp=4 x model=2
 
-Model: 32 residual S5 blocks, H=1024, P=1024 (512 complex states with conj_sym) in 16 HiPPO
-blocks, full GLU and a 2x MLP per block, bfloat16 matmuls with float32 parameters and scan, and
-every block rematerialised in the backward pass (about 270M parameters). Each step sees 512
-windows of 16384 samples (1.02 s each, 8.4M samples): two windows per chip on one v5e-256, one
-on two slices.
+Model: 32 residual S5 blocks, H=2048, P=2048 (1024 complex states with conj_sym) in 16 HiPPO
+blocks, full GLU and a 2x MLP per block (1.08B parameters), bfloat16 matmuls and residual
+stream with float32 parameters, norm statistics and scan. Each step sees 128 windows of 131072
+samples (8.2 s each, SaShiMi's context; 16.8M samples): one window per pair of chips, whose
+mesh.model=2 axis splits H and P' (and the residual stream between blocks, DESIGN.md §4).
+model.remat="offload" keeps only each block's input for the backward pass, in host memory.
 
-Expected AOT figures (tools/aot_compile.py, jax 0.10.2 + libtpu 0.0.42), per chip:
-  v5e:16x16      6.5 GiB of 16 GiB; step >= ~0.85 s (memory-bound), MFU <= ~31%
-  v5e:16x16 x 2  3.9 GiB of 16 GiB; step >= ~0.51 s (memory-bound), MFU <= ~26%
+Expected AOT figures (tools/aot_sweep.py, jax 0.10.2 + libtpu 0.0.42, today's chunked XLA scan;
+the Pallas scan kernel changes the memory term), per chip:
+  v5e:16x16      11.7 GiB of 16 GiB (73%), 8.0 GiB of block inputs in host memory; step >= 4.7 s
+                 (memory-bound; compute 3.1 s, collectives 0.72 s = 15%), MFU <= 45.6%
+  v5p:8x8x4      11.2 GiB of 95 GiB; step >= 1.3 s (compute-bound), MFU <= 70.0%
 Expected training result: held-out bits per sample well below the 8 of a uniform guess within
 the first few thousand steps, falling to ~2-3 on speech.
 """
@@ -36,14 +41,15 @@ def get_config():
   c.model.input_kind = "tokens"
   c.model.vocab_size = 256          # 2**data.bits
   c.model.num_layers = 32
-  c.model.d_model = 1024
-  c.model.ssm_size = 1024
+  c.model.d_model = 2048
+  c.model.ssm_size = 2048
   c.model.blocks = 16
   c.model.activation = "full_glu"
   c.model.mlp_ratio = 2
   c.model.compute_dtype = "bfloat16"
+  c.model.residual_dtype = "bfloat16"  # halves the saved block inputs and the gathers
   c.model.scan_layers = True
-  c.model.remat = "full"            # saves only each block's input for the backward pass
+  c.model.remat = "offload"         # saves only each block's input, in host memory (TPU)
 
   c.data.kind = "audio"
   # A placeholder: run tools/prepare_audio.py on your corpus and point this at its output.
@@ -51,8 +57,8 @@ def get_config():
   c.data.sample_rate = 16000
   c.data.quantization = "mulaw"
   c.data.bits = 8
-  c.data.seq_len = 16384
-  c.data.batch_size = 512           # global: 2 windows per chip on one v5e-256, 1 on two
+  c.data.seq_len = 131072          # 8.2 s at 16 kHz, SaShiMi's context
+  c.data.batch_size = 128           # global: one window per pair of chips (mesh.model=2)
   c.data.num_workers = 4
   c.data.read_threads = 8
 
@@ -63,10 +69,11 @@ def get_config():
   c.train.num_steps = 200_000
   c.train.log_every_steps = 50
 
-  # Per slice (ICI): parameters and optimizer state sharded 16 ways, batch over all 256 chips.
+  # Per slice (ICI): H and P' split over model=2 (the residual stream too, between blocks),
+  # parameters and optimizer state over fsdp=16, and the batch over data x fsdp.
   c.mesh.data = -1
   c.mesh.fsdp = 16
-  c.mesh.model = 1
+  c.mesh.model = 2
   c.mesh.dcn_data = -1              # across slices (DCN): one data-parallel replica per slice
 
   c.checkpoint.every_steps = 1000
@@ -74,6 +81,6 @@ def get_config():
   c.checkpoint.keep_every = 20_000
   c.eval.every_steps = 0            # the eval job (launch/tpu_pod.sh --eval) scores checkpoints
   c.eval.max_batches = 64
-  c.eval.batch_size = 64            # 8 windows per chip on the v5litepod-8 eval slice
+  c.eval.batch_size = 4             # one window per pair of chips on the v5litepod-8 eval slice
   c.generate.length = 5 * 16000
   return c

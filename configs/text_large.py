@@ -23,6 +23,8 @@ packed rows of 8192 tokens (1M tokens), two rows per chip.
 Expected AOT figures (tools/aot_compile.py, jax 0.10.2 + libtpu 0.0.42), per chip:
   v4:4x4x4   14.0 GiB of 32 GiB; step >= ~1.2 s (memory-bound), MFU <= ~51%
   v5p:4x4x4  13.9 GiB of 95 GiB; step >= ~0.50 s (compute-bound), MFU <= ~71%
+  v5e:16x16 (v5litepod-256) with --config.data.batch_size=256, one row per chip:
+             7.6 GiB of 16 GiB; step >= ~0.94 s (memory-bound), MFU <= 44.4% (tools/aot_sweep.py)
 Expected training result: held-out bits per byte below ~1.0 on web text after ~50k steps
 (~50B tokens).
 """

@@ -105,6 +105,7 @@ def model_kwargs(model_config) -> dict:
   kwargs["ssm_kwargs"] = {field: model_config[key]
                           for field, key in SSM_KEYS[model_config.layer].items()}
   kwargs["compute_dtype"] = jnp.dtype(model_config.compute_dtype)
+  kwargs["residual_dtype"] = jnp.dtype(model_config.residual_dtype)
   return kwargs
 
 

@@ -50,7 +50,9 @@ MODEL = dict(
     pooling=f("mean", OneOf("mean", "last")),       # classify
     compute_dtype=f("float32", OneOf("float32", "bfloat16")),  # matmuls; parameters stay f32
     scan_layers=f(True, Bool()),                    # nn.scan over depth: compile time flat
-    remat=f("none", OneOf("none", "full", "dots")),  # jax.checkpoint policy per layer
+    remat=f("none", OneOf("none", "full", "dots", "offload")),  # per layer; offload: block
+                                                    # inputs saved in host memory (TPU)
+    residual_dtype=f("float32", OneOf("float32", "bfloat16")),  # the stream between blocks
 )
 
 DATA = dict(

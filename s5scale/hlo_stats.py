@@ -12,7 +12,10 @@ totals multiply each computation by how often it runs:
                    in on-chip memory count too, so it bounds HBM traffic from above
   collectives      {kind: {"count", "bytes"}}: executions per step and bytes moved, where bytes
                    is the larger of operands and result (an all-gather's result is the gathered
-                   array, a reduce-scatter's operand the unscattered one)
+                   array, a reduce-scatter's operand the unscattered one); TPU's fused
+                   all-reduce-scatter counts as a reduce-scatter. wire_bytes: what each device
+                   sends in a ring over its replica group of n: (n-1)/n of that, twice for
+                   an all-reduce
   unknown_loops    loops whose trip count could not be read (counted once)
 
 A trip count is read from the loop condition `counter < constant` (how JAX lowers scan and
@@ -42,7 +45,7 @@ _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
                "conditional", "after-all", "partition-id", "replica-id", "opt-barrier",
                "add-dependency", "async-start", "async-update", "async-done", "copy-done",
                "all-gather-done", "all-reduce-done", "collective-permute-done", "send-done",
-               "recv-done"}
+               "recv-done", "dynamic-slice-done", "dynamic-update-slice-done"}
 
 
 def shape_bytes(type_text: str) -> float:
@@ -181,13 +184,18 @@ def _traffic(op: dict, types: dict, computations: dict) -> float:
   """HBM bytes read and written by one top-level instruction.
 
   Slicing reads only the slice, and an in-place update writes only the update (the rest of the
-  buffer is aliased): the stacked layer parameters are sliced this way on every loop iteration.
+  buffer is aliased): the stacked layer parameters are sliced this way on every loop iteration,
+  and the block inputs that model.remat="offload" keeps in host memory are written and read
+  this way by asynchronous slices (counted at their start).
   """
   sizes = [shape_bytes(types.get(o, "")) for o in op["operands"]]
   if op["opcode"] == "dynamic-slice":
     return 2 * shape_bytes(op["type"])
-  if op["opcode"] == "dynamic-update-slice":
+  if op["opcode"] in ("dynamic-update-slice", "dynamic-update-slice-start"):
     return 2 * sizes[1]
+  if op["opcode"] == "dynamic-slice-start":
+    # Its type is ((operands), slice, context): the slice is what the rest leaves.
+    return 2 * max(shape_bytes(op["type"]) - sum(sizes), 0.0)
   if op["opcode"] != "fusion" or "calls" not in op["called"]:
     return sum(sizes) + shape_bytes(op["type"])
   fused = computations.get(op["called"]["calls"], [])
@@ -221,12 +229,72 @@ def _traffic(op: dict, types: dict, computations: dict) -> float:
   return total
 
 
+def group_size(attributes: str):
+  """Devices per replica group of a collective, from its replica_groups attribute, or None.
+
+  Three spellings: mesh['axis_0'=2,'axis_1'=4] {'axis_1'} (the named axes' product, possibly
+  with device_ids=(...) between), [groups,size]<=[devices] (iota), and {{0,1},{2,3}} (explicit).
+  """
+  named = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", attributes)
+  if named:
+    sizes = {axis: int(size) for axis, size in re.findall(r"'(\w+)'=(\d+)", named.group(1))}
+    return math.prod(sizes[axis] for axis in re.findall(r"'(\w+)'", named.group(2)))
+  iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attributes)
+  if iota:
+    return int(iota.group(2))
+  explicit = re.search(r"replica_groups=\{\{([\d,]*)\}", attributes)
+  return len(explicit.group(1).split(",")) if explicit else None
+
+
+def _wire_factor(kind: str, size) -> float:
+  """Bytes each device sends per byte of `bytes` in a ring over `size` devices: (n-1)/n of the
+  gathered (or scattered) array, twice that for an all-reduce (a reduce-scatter, then an
+  all-gather), and the whole buffer for a permute. An unknown group size counts as large."""
+  if kind == "collective-permute":
+    return 1.0
+  share = (size - 1) / size if size else 1.0
+  return 2 * share if kind == "all-reduce" else share
+
+
+def _collective(op: dict, types: dict, computations: dict):
+  """(kind, bytes, wire bytes) of one execution of a collective instruction, or None.
+
+  Bytes are the larger of the collective's operands and result; wire bytes what each device
+  sends over the interconnect in a ring algorithm (_wire_factor). TPU wraps collectives in
+  fusions: a reduce-scatter is a fusion of an all-reduce and the dynamic slice each device keeps
+  (counted as one reduce-scatter of the unscattered operand), and an all-gather may be fused with
+  the matmul that consumes it; only the collective's own operands and result count, not the
+  fusion's.
+  """
+  kind = op["opcode"].removesuffix("-start")
+  if kind in COLLECTIVES:
+    operand_bytes = sum(shape_bytes(types.get(o, "")) for o in op["operands"])
+    result_bytes = shape_bytes(op["type"])
+    if op["opcode"].endswith("-start") and op["type"].startswith("("):
+      result_bytes = max(result_bytes - operand_bytes, 0.0)  # (operands, results) tuple
+    moved = max(operand_bytes, result_bytes)
+    return kind, moved, moved * _wire_factor(kind, group_size(op["attributes"]))
+  if op["opcode"] != "fusion" or "calls" not in op["called"]:
+    return None
+  fused = computations.get(op["called"]["calls"], [])
+  fused_types = {f["name"]: f["type"] for f in fused}
+  inner = [_collective(f, fused_types, computations) for f in fused]
+  inner = [found for found in inner if found]
+  if not inner:
+    return None
+  kinds = [k for k, _, _ in inner]
+  moved, wire = sum(found[1] for found in inner), sum(found[2] for found in inner)
+  if kinds == ["all-reduce"] and fused[-1]["opcode"] == "dynamic-slice":
+    return "reduce-scatter", moved, wire / 2  # the all-gather half of the all-reduce is skipped
+  return kinds[0], moved, wire
+
+
 def step_totals(hlo_text: str) -> dict:
   """Per-call totals of a compiled module (see the module docstring)."""
   computations, entry = parse_module(hlo_text)
   control, fused, unknown_loops = _multiplicities(computations, entry)
   flops, hbm_bytes = 0.0, 0.0
-  collectives = {kind: {"count": 0, "bytes": 0.0} for kind in COLLECTIVES}
+  collectives = {kind: {"count": 0, "bytes": 0.0, "wire_bytes": 0.0} for kind in COLLECTIVES}
   for name, times in list(control.items()) + list(fused.items()):
     ops = computations.get(name, [])
     types = {op["name"]: op["type"] for op in ops}
@@ -235,14 +303,38 @@ def step_totals(hlo_text: str) -> dict:
         flops += times * _matmul_flops(op, types)
       if name not in control or op["opcode"] in _NO_TRAFFIC:
         continue
-      operand_bytes = sum(shape_bytes(types.get(o, "")) for o in op["operands"])
-      result_bytes = shape_bytes(op["type"])
-      kind = op["opcode"].removesuffix("-start")
-      if kind in collectives:
-        if op["opcode"].endswith("-start") and op["type"].startswith("("):
-          result_bytes = max(result_bytes - operand_bytes, 0.0)  # (operands, results) tuple
+      collective = _collective(op, types, computations)
+      if collective:
+        kind, moved, wire = collective
         collectives[kind]["count"] += times
-        collectives[kind]["bytes"] += times * max(operand_bytes, result_bytes)
+        collectives[kind]["bytes"] += times * moved
+        collectives[kind]["wire_bytes"] += times * wire
       hbm_bytes += times * _traffic(op, types, computations)
   return dict(matmul_flops=flops, hbm_bytes=hbm_bytes, collectives=collectives,
               unknown_loops=unknown_loops)
+
+
+def collective_calls(hlo_text: str) -> list[dict]:
+  """Each collective instruction of a compiled module, with what step_totals sums over them.
+
+  Returns dicts with kind (e.g. "all-gather"), name, computation, result and operands (HLO type
+  texts), replica_groups (the attribute's text), count (executions per call of the entry, loops
+  counted by trip count), bytes and wire_bytes (per execution, as in step_totals).
+  """
+  computations, entry = parse_module(hlo_text)
+  control, _, _ = _multiplicities(computations, entry)
+  calls = []
+  for name, times in control.items():
+    ops = computations.get(name, [])
+    types = {op["name"]: op["type"] for op in ops}
+    for op in ops:
+      collective = _collective(op, types, computations)
+      if not collective:
+        continue
+      kind, moved, wire = collective
+      operand_types = [types.get(o, "") for o in op["operands"]]
+      groups = re.search(r"replica_groups=(\S+(?: \{[^}]*\})?)", op["attributes"])
+      calls.append(dict(kind=kind, name=op["name"], computation=name, result=op["type"],
+                        operands=operand_types, replica_groups=groups.group(1) if groups else "",
+                        count=times, bytes=moved, wire_bytes=wire))
+  return calls

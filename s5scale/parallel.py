@@ -13,6 +13,9 @@ MESH_AXES = ("data", "fsdp", "model")
 
 # The one table: logical names used by nn/ -> mesh axes. Time ("length") is never sharded, so
 # every device scans whole sequences for its slice of batch and of P (no collective in the scan).
+# Between blocks the residual stream is split over H on `model` (Megatron's sequence parallelism
+# turned 90 degrees): norms, gates and residual adds run on H/model, H is all-gathered once into
+# an "act_gathered" activation before each projection group and reduce-scattered after it.
 LOGICAL_AXIS_RULES = (
     ("batch", ("data", "fsdp")),
     ("length", None),
@@ -20,7 +23,8 @@ LOGICAL_AXIS_RULES = (
     ("channel", "model"),    # S4D's H: independent SISO channels, each whole on one device
     ("mlp", "model"),        # MLP / GLU width
     ("embed", "fsdp"),       # the other dimension of large parameters
-    ("act_embed", None),     # activations keep H whole between blocks
+    ("act_embed", "model"),  # the residual stream between blocks: (batch, L, H/model)
+    ("act_gathered", None),  # a projection's input, gathered to whole H
     ("vocab", None),
     ("layers", None),
 )

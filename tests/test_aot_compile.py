@@ -104,6 +104,8 @@ def test_hlo_totals_count_collectives_inside_loops():
   totals = hlo_stats.step_totals(text)
   assert totals["collectives"]["all-reduce"]["count"] == trips
   assert totals["collectives"]["all-reduce"]["bytes"] == trips * 1000 * 4
+  # A ring all-reduce over 4 devices: each sends 2 * 3/4 of the array.
+  assert totals["collectives"]["all-reduce"]["wire_bytes"] == trips * 1000 * 4 * 2 * 3 / 4
 
 
 # ----------------------------------------------------------------------------- the tool
@@ -175,3 +177,44 @@ def test_bad_flags_or_config_exit_2(flags, message):
   process, _ = aot_compile("--config=configs/text_small.py", *flags, timeout=120)
   assert process.returncode == 2, process.stderr[-3000:]
   assert message in process.stderr
+
+
+@needs_libtpu
+def test_offload_remat_compiles_for_tpu_and_keeps_block_inputs_in_host_memory():
+  reports = {}
+  for remat in ("full", "offload"):
+    process, reports[remat] = aot_compile(*SMALL, "--topology=v5e:2x2",
+                                          f"--config.model.remat={remat}")
+    assert process.returncode == 0, process.stderr[-3000:]
+  # The block inputs, (layers, batch/chips, L, H) float32, leave HBM for the host's memory.
+  block_inputs = 4 * (8 // 4) * 256 * 128 * 4
+  assert reports["full"]["memory"]["host_temporary"] == 0
+  assert reports["offload"]["memory"]["host_temporary"] >= block_inputs
+  # At this size the HBM side has nothing to gain (XLA reports no temporaries, and offloading
+  # adds staging buffers); configs/audio_large.py's docstring gives the 8 GiB per chip it moves.
+
+
+def test_sweep_table_has_one_row_per_compiled_result(tmp_path):
+  sys.path.insert(0, os.path.join(runs.REPO, "tools"))
+  import aot_sweep  # pylint: disable=g-import-not-at-top
+  result = dict(config="configs/audio_large.py", topology="v5e:16x16", num_slices=2,
+                overrides=["--config.data.batch_size=256"], num_params=1_075_500_000, seq_len=131072,
+                num_chips=512, fits=True, chip=dict(hbm_bytes=16 * GiB),
+                memory=dict(total=12 * GiB),
+                cost=dict(roofline=dict(compute_s=2.0, memory_s=1.0, collective_s=0.5, step_s=2.0,
+                                        bound="compute", mfu=0.5, tokens_per_s_per_chip=32768.0)))
+  failed = dict(config="configs/text_large.py", topology="v5e:16x16", num_slices=1, fits=False,
+                error="RESOURCE_EXHAUSTED: 20G of 16G")
+  path = tmp_path / "results.jsonl"
+  path.write_text(json.dumps(result) + "\n" + json.dumps(failed) + "\n")
+  process = subprocess.run([sys.executable, os.path.join(runs.REPO, "tools", "aot_sweep.py"),
+                            f"--from_json={path}"], capture_output=True, text=True, timeout=60,
+                           env=runs.env_for(1))
+  assert process.returncode == 1  # a row that does not fit
+  rows = [line for line in process.stdout.splitlines() if line.startswith("| audio")
+          or line.startswith("| text")]
+  assert len(rows) == 2
+  cells = [c.strip() for c in rows[0].strip("|").split("|")]
+  assert cells == ["audio_large data.batch_size=256", "v5e:16x16 × 2", "1.08B", "131,072", "512",
+                   "12.00", "75%", "2000 ms", "1000 ms", "500 ms (25%)", "compute", "50.0%", "32,768"]
+  assert "does not compile" in rows[1] and "RESOURCE_EXHAUSTED" in rows[1]

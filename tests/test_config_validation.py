@@ -48,6 +48,7 @@ BAD_VALUES = {
     "model.compute_dtype": ["float16", "fp8"],
     "model.scan_layers": [2],
     "model.remat": ["everything"],
+    "model.residual_dtype": ["float16", 32],
     "data.kind": ["video", ""],
     "data.source": [3],
     "data.tokenizer": ["", None],

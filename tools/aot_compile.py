@@ -26,6 +26,8 @@ import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # never grab a local TPU: we only compile
+# Compile-only: no chip to guard, so several compiles (pytest workers) may load libtpu at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
@@ -67,6 +69,7 @@ MEGACORE = ("v4", "v5p")  # two TensorCores per chip, used as one device
 
 _TOPOLOGY = flags.DEFINE_string("topology", None, "libtpu topology name, e.g. v5e:16x16, v4:4x4x4.")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of that topology, joined over DCN.")
+_DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "Also write the compiled HLO text to this file.")
 
 
 class UsageError(ValueError):
@@ -134,6 +137,8 @@ def memory_report(compiled) -> dict:
                 generated_code=stats.generated_code_size_in_bytes)
   report["total"] = (report["argument"] + report["output"] - report["alias"] + report["temporary"]
                      + report["generated_code"])
+  # Buffers in the host's memory (model.remat="offload"): not part of the HBM total.
+  report["host_temporary"] = getattr(stats, "host_temp_size_in_bytes", 0)
   return report
 
 
@@ -144,10 +149,13 @@ def cost_report(compiled, config, chip: Chip, num_chips: int, matmul_params: int
   totals = hlo_stats.step_totals(compiled.as_text())
   tokens_per_chip = config.data.batch_size * config.data.seq_len / num_chips
   model_flops = 6.0 * matmul_params * tokens_per_chip  # forward + backward, no recomputation
-  collective_bytes = sum(c["bytes"] for c in totals["collectives"].values())
+  # What each chip sends in ring collectives over its replica groups ((n-1)/n of the array, twice
+  # for an all-reduce); whole_arrays_s is the cruder count of every gathered or reduced array.
+  wire_bytes = sum(c["wire_bytes"] for c in totals["collectives"].values())
+  whole_array_bytes = sum(c["bytes"] for c in totals["collectives"].values())
   times = dict(compute_s=totals["matmul_flops"] / chip.peak_flops,
                memory_s=totals["hbm_bytes"] / chip.hbm_bandwidth,
-               collective_s=collective_bytes / chip.ici_bandwidth)
+               collective_s=wire_bytes / chip.ici_bandwidth)
   step_s = max(times.values())  # perfect overlap: a lower bound on the step time
   return dict(
       xla_flops=float(analysis.get("flops", 0.0)),
@@ -156,6 +164,8 @@ def cost_report(compiled, config, chip: Chip, num_chips: int, matmul_params: int
       collectives=totals["collectives"], unknown_loops=totals["unknown_loops"],
       model_flops=model_flops,
       roofline=dict(times, step_s=step_s, bound=max(times, key=times.get)[:-2],
+                    collective_share=times["collective_s"] / step_s if step_s else 0.0,
+                    whole_arrays_s=whole_array_bytes / chip.ici_bandwidth,
                     tokens_per_s_per_chip=tokens_per_chip / step_s if step_s else 0.0,
                     mfu=model_flops / (step_s * chip.peak_flops) if step_s else 0.0))
 
@@ -184,18 +194,21 @@ def print_summary(result: dict) -> None:
       f"  generated code  {_gib(memory['generated_code'])}",
       f"  total           {_gib(memory['total'])}  = {memory['total'] / chip['hbm_bytes']:.0%} "
       f"of {chip['hbm_bytes'] / GiB:.0f} GiB HBM -> {'fits' if result['fits'] else 'DOES NOT FIT'}",
+      f"  offloaded to host memory {_gib(memory['host_temporary'])}",
       "per-chip cost of one step (loops counted by trip count):",
       f"  matmul FLOPs    {cost['matmul_flops']:.3e}   (model 6*N*D: {cost['model_flops']:.3e})",
       f"  bytes accessed  {cost['bytes_accessed']:.3e}",
       f"  XLA cost_analysis (each loop body once): {cost['xla_flops']:.3e} FLOPs, "
       f"{cost['xla_bytes_accessed']:.3e} bytes",
       "collectives per step (per chip):",
-      *[f"  {kind:19s} {c['count']:6d} x  {c['bytes'] / 2**20:12.1f} MiB"
-        for kind, c in cost["collectives"].items()],
+      *[f"  {kind:19s} {c['count']:6d} x  {c['bytes'] / 2**20:12.1f} MiB arrays, "
+        f"{c['wire_bytes'] / 2**20:12.1f} MiB sent in rings" for kind, c in cost["collectives"].items()],
       f"roofline ({chip['name']}: {chip['peak_flops'] / 1e12:.0f} TFLOP/s, "
       f"{chip['hbm_bandwidth'] / 1e9:.0f} GB/s HBM, {chip['ici_bandwidth'] / 1e9:.0f} GB/s ICI):",
       f"  compute {roofline['compute_s'] * 1e3:.1f} ms, memory {roofline['memory_s'] * 1e3:.1f} ms,"
-      f" collectives {roofline['collective_s'] * 1e3:.1f} ms (all at ICI speed)",
+      f" collectives {roofline['collective_s'] * 1e3:.1f} ms = {roofline['collective_share']:.0%} of "
+      f"the step (ring bytes at ICI speed; {roofline['whole_arrays_s'] * 1e3:.1f} ms counting whole "
+      "arrays)",
       f"  step >= {roofline['step_s'] * 1e3:.1f} ms ({roofline['bound']}-bound), "
       f"{roofline['tokens_per_s_per_chip']:.0f} tokens/s/chip, MFU <= {roofline['mfu']:.1%}",
   ]
@@ -210,7 +223,8 @@ def run(config, topology: str, num_slices: int, config_path: str) -> int:
   chip = CHIPS[devices[0].device_kind]
   base = dict(config=config_path, topology=topology, num_slices=num_slices,
               num_chips=len(devices), chip=dataclasses.asdict(chip),
-              batch_size=config.data.batch_size, seq_len=config.data.seq_len)
+              batch_size=config.data.batch_size, seq_len=config.data.seq_len,
+              overrides=[a for a in sys.argv[1:] if a.startswith("--config.")])
   try:
     compiled, mesh, num_processes, sizes = compile_train_step(config, devices)
   except jax.errors.JaxRuntimeError as error:
@@ -221,6 +235,9 @@ def run(config, topology: str, num_slices: int, config_path: str) -> int:
           f"{chip.name} chip: {str(error).strip().splitlines()[0][:2000]}", file=sys.stderr)
     print(json.dumps(dict(base, fits=False, error=str(error)[:2000])), flush=True)
     return EXIT_OVER_HBM
+  if _DUMP_HLO.value:
+    with open(_DUMP_HLO.value, "w") as f:
+      f.write(compiled.as_text())
   memory = memory_report(compiled)
   ici, dcn = parallel.mesh_shape(config.mesh, len(devices), parallel.num_slices(devices))
   result = dict(base, mesh=dict(mesh.shape), mesh_ici=dict(zip(parallel.MESH_AXES, ici)),

@@ -3,14 +3,40 @@
 
 Runs in parallel mode over (batch, L, H), or one recurrent step over (batch, H) when given the
 SSM state, so training and generation share the same parameters and code.
+
+In parallel mode the residual stream is pinned to the logical axes ("batch", "length",
+"act_embed") and each projection group's input to "act_gathered". parallel.py maps the first to
+H/model and the second to whole H, so on a `model` mesh axis XLA all-gathers H once before the
+S5 input projection, the GLU and the MLP, and reduce-scatters after the S5 readout and the MLP's
+output projection; the norms, gates and residual adds run on H/model (their statistics take a
+small all-reduce). Outside parallel.logical_constraints the pins are no-ops.
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from s5scale.nn.s4d import S4D
 from s5scale.nn.s5 import S5
+
+# The block input's name for remat policies: the one activation a block saves for its backward.
+BLOCK_INPUT = "block_input"
+
+
+def residual_stream(x):
+  """(batch, L, H): pinned to H/model between blocks; (batch, H) in recurrent mode is left be."""
+  return nn.with_logical_constraint(x, ("batch", "length", "act_embed")) if x.ndim == 3 else x
+
+
+def gathered(x):
+  """(batch, L, H): whole H on every model shard, as a projection's input."""
+  return nn.with_logical_constraint(x, ("batch", "length", "act_gathered")) if x.ndim == 3 else x
+
+
+def mlp_hidden(x):
+  """(batch, L, F): the MLP's hidden width split over model (column-parallel)."""
+  return nn.with_logical_constraint(x, ("batch", "length", "mlp")) if x.ndim == 3 else x
 
 ACTIVATIONS = ("full_glu", "half_glu1", "half_glu2", "gelu")
 NORMS = ("layer", "rms", "batch")
@@ -27,20 +53,22 @@ def logical_dense(features, names, dtype, name):
 
 
 class Norm(nn.Module):
+  """Statistics in float32 whatever the input; the output in `dtype` (the residual stream's)."""
   kind: str
   train: bool = False
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     if self.kind == "layer":
-      return nn.LayerNorm()(x)
+      return nn.LayerNorm(dtype=self.dtype)(x)
     if self.kind == "rms":
-      return nn.RMSNorm()(x)
+      return nn.RMSNorm(dtype=self.dtype)(x)
     # Statistics pool every (batch, time) position (all axes but features), as in the paper.
     # Momentum 0.9 as in the paper's code: with flax's 0.99 the running statistics still hold a
     # third of their initial value after 100 steps, and a short run evaluates badly.
     return nn.BatchNorm(use_running_average=not self.train, axis=-1,
-                        momentum=BATCH_NORM_MOMENTUM)(x)
+                        momentum=BATCH_NORM_MOMENTUM, dtype=self.dtype)(x)
 
 
 class ResidualBlock(nn.Module):
@@ -54,11 +82,12 @@ class ResidualBlock(nn.Module):
   mlp_ratio: int = 0
   dropout: float = 0.0
   compute_dtype: jnp.dtype = jnp.float32
+  residual_dtype: jnp.dtype = jnp.float32  # the stream between blocks; the SSM runs in float32
   train: bool = False
   prefill: bool = False           # parallel mode that also returns the final SSM state
 
   def setup(self):
-    self.norm_layer = Norm(self.norm, self.train)
+    self.norm_layer = Norm(self.norm, self.train, self.residual_dtype)
     if self.layer not in LAYERS:
       raise ValueError(f"layer must be one of {tuple(LAYERS)}, got {self.layer!r}")
     self.ssm = LAYERS[self.layer](d_model=self.d_model, **self.ssm_kwargs)
@@ -69,7 +98,7 @@ class ResidualBlock(nn.Module):
     if self.activation in ("full_glu", "half_glu1", "half_glu2"):
       self.glu_gate = logical_dense(h, ("embed", "mlp"), self.compute_dtype, "glu_gate")
     if self.mlp_ratio:
-      self.mlp_norm = Norm(self.norm, self.train)
+      self.mlp_norm = Norm(self.norm, self.train, self.residual_dtype)
       self.mlp_in = logical_dense(h * self.mlp_ratio, ("embed", "mlp"), self.compute_dtype,
                                   "mlp_in")
       self.mlp_out = logical_dense(h, ("mlp", "embed"), self.compute_dtype, "mlp_out")
@@ -81,35 +110,43 @@ class ResidualBlock(nn.Module):
     Recurrent: x (batch, H), state (batch, P') complex -> (x, state). (S4D's state is
     (batch, H, N/2) wherever S5's is (batch, P').)
     """
+    # Named so that remat policies can save (or offload) it and recompute everything else.
+    x = checkpoint_name(residual_stream(x.astype(self.residual_dtype)), BLOCK_INPUT)
     skip = x
     if self.prenorm:
       x = self.norm_layer(x)
     if state is None:
-      ssm_input = x.astype(jnp.float32)
-      x = self.ssm(ssm_input, reset=reset)
+      # Gathered before the float32 cast, so the all-gather moves the residual stream's dtype.
+      ssm_input = gathered(x).astype(jnp.float32)
+      x = residual_stream(self.ssm(ssm_input, reset=reset))  # reduce-scattered readout
       if self.prefill:
         state = self.ssm.final_state(ssm_input, reset=reset)
     else:
       state, x = self.ssm.step(state, x.astype(jnp.float32))
-    x = skip + self._activate(x)
+    x = residual_stream((skip + self._activate(x)).astype(self.residual_dtype))
     if not self.prenorm:
       x = self.norm_layer(x)
     if self.mlp_ratio:
-      x = x + self._mlp(x)
+      x = residual_stream((x + self._mlp(x)).astype(self.residual_dtype))
     return x, state
 
   def _activate(self, x):
+    """x: the SSM output on H/model. The gates' dense layers are column-parallel: their input is
+    gathered once and their output lands on H/model, beside the elementwise work."""
+    hidden = self.drop(nn.gelu(x))
+    if self.activation == "gelu":
+      return hidden
+    # Cast before gathering (the dense layers would cast after), so the gather moves matmul bytes.
+    gate_input = gathered(hidden.astype(self.compute_dtype))
+    gate = jax.nn.sigmoid(residual_stream(self.glu_gate(gate_input)))
     if self.activation == "full_glu":
-      hidden = self.drop(nn.gelu(x))
-      return self.drop(self.glu_value(hidden) * jax.nn.sigmoid(self.glu_gate(hidden)))
+      return self.drop(residual_stream(self.glu_value(gate_input)) * gate)
     if self.activation == "half_glu1":
-      hidden = self.drop(nn.gelu(x))
-      return self.drop(hidden * jax.nn.sigmoid(self.glu_gate(hidden)))
-    if self.activation == "half_glu2":  # GELU only on the gate's input
-      hidden = self.drop(nn.gelu(x))
-      return self.drop(x * jax.nn.sigmoid(self.glu_gate(hidden)))
-    return self.drop(nn.gelu(x))
+      return self.drop(hidden * gate)
+    return self.drop(x * gate)  # half_glu2: GELU only on the gate's input
 
   def _mlp(self, x):
+    """Column-parallel in, row-parallel out: one all-gather before, one reduce-scatter after."""
     hidden = self.mlp_norm(x) if self.prenorm else x
-    return self.drop(self.mlp_out(self.drop(nn.gelu(self.mlp_in(hidden)))))
+    hidden = mlp_hidden(self.mlp_in(gathered(hidden.astype(self.compute_dtype))))
+    return residual_stream(self.drop(self.mlp_out(self.drop(nn.gelu(hidden)))))

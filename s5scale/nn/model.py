@@ -8,12 +8,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from s5scale.nn.blocks import Norm, ResidualBlock, logical_dense
+from s5scale.nn.blocks import BLOCK_INPUT, Norm, ResidualBlock, gathered, logical_dense, \
+    residual_stream
 
+# jax.checkpoint policies per block. Under nn.scan a rematerialised block keeps its input for
+# the backward pass whatever the policy (it is the recomputation's starting point), so "full"
+# saves exactly each block's input and recomputes the rest. "offload" keeps that same input in
+# the host's pinned memory instead of HBM (TPU; train.py resolves it to "full" on backends
+# without host offload), and "dots" also saves the matmul outputs.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[BLOCK_INPUT],
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 
@@ -34,6 +43,7 @@ class S5Model(nn.Module):
   dropout: float = 0.0
   pooling: str = "mean"
   compute_dtype: jnp.dtype = jnp.float32
+  residual_dtype: jnp.dtype = jnp.float32  # between blocks; parameters and the scan stay float32
   scan_layers: bool = True
   remat: str = "none"
 
@@ -44,8 +54,8 @@ class S5Model(nn.Module):
     kwargs = dict(d_model=self.d_model, ssm_kwargs=self.ssm_kwargs or {}, layer=self.layer,
                   norm=self.norm,
                   prenorm=self.prenorm, activation=self.activation, mlp_ratio=self.mlp_ratio,
-                  dropout=self.dropout, compute_dtype=self.compute_dtype, train=train,
-                  prefill=prefill)
+                  dropout=self.dropout, compute_dtype=self.compute_dtype,
+                  residual_dtype=self.residual_dtype, train=train, prefill=prefill)
     if not self.scan_layers:
       return [block(**kwargs, name=f"block_{i}") for i in range(self.num_layers)]
     scanned = nn.scan(block, variable_axes={"params": 0, "batch_stats": 0},
@@ -68,17 +78,22 @@ class S5Model(nn.Module):
     return x, (jnp.stack(new_states) if new_states[0] is not None else None)
 
   def _embed(self, inputs):
+    """The residual stream's start: (batch, L, H/model) in residual_dtype (or (batch, H))."""
     if self.input_kind == "tokens":
       embed = nn.Embed(self.vocab_size, self.d_model, name="embed", embedding_init=(
           nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed"))))
-      return embed(inputs)
-    encoder = logical_dense(self.d_model, (None, "embed"), self.compute_dtype, "encoder")
-    return encoder(inputs)
+      x = embed(inputs)
+    else:
+      x = logical_dense(self.d_model, (None, "embed"), self.compute_dtype, "encoder")(inputs)
+    return residual_stream(x.astype(self.residual_dtype))
+
+  def _final_norm(self, x, train: bool):
+    return Norm(self.norm, train, self.residual_dtype, name="final_norm")(x)
 
   def _head(self, x):
     features = self.vocab_size if self.task == "lm" else self.num_classes
     head = logical_dense(features, ("embed", "vocab"), self.compute_dtype, "head")
-    return head(x).astype(jnp.float32)  # the loss is always computed in float32
+    return head(gathered(x)).astype(jnp.float32)  # the loss is always computed in float32
 
   @nn.compact
   def __call__(self, inputs, *, reset=None, mask=None, train: bool = False):
@@ -94,7 +109,7 @@ class S5Model(nn.Module):
     x = self._trunk(inputs, reset, train)
     if self.task == "lm":
       return self._head(x)
-    return self._head(pool(x, mask, self.pooling))
+    return self._head(pool(x.astype(jnp.float32), mask, self.pooling))
 
   @nn.compact
   def pooled_features(self, inputs, *, mask=None):
@@ -109,14 +124,13 @@ class S5Model(nn.Module):
     Returns:
       ((batch, d_model) float32 features, (batch, num_classes) float32 logits).
     """
-    features = pool(self._trunk(inputs, None, train=False), mask, self.pooling)
+    features = pool(self._trunk(inputs, None, train=False).astype(jnp.float32), mask, self.pooling)
     return features.astype(jnp.float32), self._head(features)
 
   def _trunk(self, inputs, reset, train: bool):
     """(batch, L[, C]) inputs -> (batch, L, H) normalised outputs of the last block."""
-    x = nn.with_logical_constraint(self._embed(inputs), ("batch", "length", "act_embed"))
-    x, _ = self._run_blocks(x, reset, None, train)
-    return Norm(self.norm, train, name="final_norm")(x)
+    x, _ = self._run_blocks(self._embed(inputs), reset, None, train)
+    return self._final_norm(x, train)
 
   @nn.compact
   def prefill(self, inputs):
@@ -129,7 +143,7 @@ class S5Model(nn.Module):
     """
     x = self._embed(inputs)
     x, states = self._run_blocks(x, None, None, train=False, prefill=True)
-    return states, self._head(Norm(self.norm, False, name="final_norm")(x))
+    return states, self._head(self._final_norm(x, False))
 
   @nn.compact
   def step(self, states, inputs_t):
@@ -143,7 +157,7 @@ class S5Model(nn.Module):
     """
     x = self._embed(inputs_t)
     x, states = self._run_blocks(x, None, states, train=False)
-    return states, self._head(Norm(self.norm, False, name="final_norm")(x))
+    return states, self._head(self._final_norm(x, False))
 
 
 def pool(x, mask, pooling: str):
