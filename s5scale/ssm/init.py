@@ -15,15 +15,20 @@ from s5scale.ssm.hippo import make_dplr_hippo
 C_INITS = ("trunc_standard_normal", "lecun_normal", "complex_normal")
 
 
+def validate_step_range(dt_min: float, dt_max: float) -> None:
+  """log Δ is drawn from U[log dt_min, log dt_max]: both positive, in order (S5 and S4D)."""
+  if not dt_min > 0:
+    raise ValueError(f"dt_min must be > 0, got {dt_min}")
+  if dt_min > dt_max:
+    raise ValueError(f"dt_min={dt_min} must be <= dt_max={dt_max}")
+
+
 def validate_ssm_args(*, discretization: str, c_init: str, dt_min: float, dt_max: float) -> None:
   if discretization not in DISCRETIZATIONS:
     raise ValueError(f"discretization must be one of {DISCRETIZATIONS}, got {discretization!r}")
   if c_init not in C_INITS:
     raise ValueError(f"c_init must be one of {C_INITS}, got {c_init!r}")
-  if not dt_min > 0:
-    raise ValueError(f"dt_min must be > 0, got {dt_min}")
-  if dt_min > dt_max:
-    raise ValueError(f"dt_min={dt_min} must be <= dt_max={dt_max}")
+  validate_step_range(dt_min, dt_max)
 
 
 def as_real_pair(z):
@@ -94,10 +99,7 @@ def validate_s4d_args(*, state_size: int, init: str, dt_min: float, dt_max: floa
                      f"once), got {state_size}")
   if init not in S4D_INITS:
     raise ValueError(f"init must be one of {S4D_INITS}, got {init!r}")
-  if not dt_min > 0:
-    raise ValueError(f"dt_min must be > 0, got {dt_min}")
-  if dt_min > dt_max:
-    raise ValueError(f"dt_min={dt_min} must be <= dt_max={dt_max}")
+  validate_step_range(dt_min, dt_max)
 
 
 def make_s4d_lambda(state_size: int, init: str) -> np.ndarray:
