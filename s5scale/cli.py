@@ -54,7 +54,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def exit_if_invalid(config) -> None:
   """The check every entry point runs on its resolved config before anything else: exit 2 with
-  each violation named (key, value, what is allowed)."""
+  each violation named (key, value, what is allowed). An entry point whose --config is optional
+  (sample_quality --samples_dir) has none to check here."""
+  if config is None:
+    return
   try:
     validate.check(config)
   except ConfigError as error:

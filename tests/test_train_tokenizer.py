@@ -68,8 +68,8 @@ def test_the_tokenizer_round_trips_heldout_text_exactly(tokenizer):
 
 def _eval_record(workdir, tokenizer_flags):
   result = runs.run("train", "text_small.py", workdir, runs.overrides(
-      train__num_steps=1, eval__every_steps=1, eval__max_batches=0, eval__seq_len=512,
-      eval__compressor_baselines=False, data__heldout_fraction=EVAL_HELDOUT_FRACTION,
+      train__num_steps=1, optim__warmup_steps=1, eval__every_steps=1, eval__max_batches=0,
+      eval__seq_len=512, eval__compressor_baselines=False, data__heldout_fraction=EVAL_HELDOUT_FRACTION,
       checkpoint__every_steps=100, **tokenizer_flags), timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   (record,) = [r for r in runs.read_jsonl(workdir / "eval" / "metrics.jsonl")
