@@ -48,10 +48,8 @@ def get_config():
   c.model.compute_dtype = "bfloat16"
   c.model.scan_layers = True
   c.model.remat = "full"            # saves only each block's input for the backward pass
-  # The figures above are for the chunked XLA scan. The Pallas kernel (scan_impl="auto" on TPU)
-  # compiles into this step but measured worse in it (the 270M audio_large step: 7.53 GiB and
-  # MFU <= 27.7% against 6.53 GiB and 31.4%), because XLA copies state-sized buffers around the
-  # calls. Switch back to "auto" once that is fixed.
+  # The figures above are for the proven XLA scan; the Pallas kernel ("auto" on TPU) has not
+  # been compiled for this config, nor run on a TPU (see configs/audio_large.py).
   c.model.scan_impl = "chunked"
 
   c.data.kind = "text"
