@@ -20,6 +20,17 @@ def check(config) -> None:
     raise ConfigError("invalid config:\n  " + "\n  ".join(found))
 
 
+def check_section(name: str, section) -> None:
+  """One section alone, for library code handed e.g. config.data rather than the whole config:
+  its keys' constraints and the rules among its own keys. Raises ConfigError like `check`."""
+  prefix = f"{name}."
+  constraints = {k: c for k, c in defaults.CONSTRAINTS.items() if k.startswith(prefix)}
+  rules = [rule for rule in defaults.RULES if all(k.startswith(prefix) for k in rule.keys)]
+  found = config_schema.violations({name: section}, constraints, rules)
+  if found:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(found))
+
+
 def check_on_devices(config, devices, process_count: int) -> None:
   """The mesh rules again with -1 filled in from `devices`, and the batch split over processes."""
   from s5scale import parallel  # pylint: disable=g-import-not-at-top  (jax: only when needed)

@@ -17,13 +17,11 @@ import dataclasses
 
 import numpy as np
 
+from s5scale import validate as validate_config
 from s5scale.data import audio
 from s5scale.data import bad_data
-from s5scale.data import mixture
 from s5scale.data import sources
 from s5scale.data import text
-
-TASKS = ("lm", "classify")
 
 
 def _read(source, index):
@@ -198,31 +196,9 @@ class Spec:
 
 
 def validate(data_config) -> None:
-  """Raises ValueError naming the data.* key that is wrong."""
-  checks = [
-      (data_config.kind in ("text", "audio"), "kind", "'text' or 'audio'"),
-      (data_config.task in TASKS, "task", f"one of {TASKS}"),
-      (data_config.task == "lm" or data_config.kind == "audio", "task",
-       "'lm' for text (classification needs audio folders)"),
-      (data_config.quantization in audio.QUANTIZATIONS, "quantization",
-       f"one of {audio.QUANTIZATIONS}"),
-      (isinstance(data_config.bits, int) and 1 <= data_config.bits <= 16, "bits", "in 1..16"),
-      (data_config.seq_len >= 1, "seq_len", "positive"),
-      (data_config.sample_rate >= 1, "sample_rate", "positive"),
-      (data_config.num_workers >= 0, "num_workers", ">= 0"),
-      (data_config.read_threads >= 1, "read_threads", ">= 1"),
-      (bool(data_config.jsonl_field), "jsonl_field", "a non-empty JSON key"),
-      (data_config.long_audio_seconds >= 0, "long_audio_seconds", ">= 0"),
-  ]
-  for ok, key, expected in checks:
-    if not ok:
-      raise ValueError(f"data.{key} must be {expected}, got {data_config[key]!r}")
-  if mixture.parse(data_config.mixture) and data_config.source:
-    raise ValueError(f"data.source={data_config.source!r} and data.mixture are both set; "
-                     "set data.source='' when mixing")
-  if mixture.parse(data_config.mixture) and data_config.task != "lm":
-    # Label ids come from one source's folders; across a mixture they would disagree.
-    raise ValueError(f"data.mixture needs data.task='lm', got {data_config.task!r}")
+  """The declared data.* constraints (s5scale/defaults.py), for callers that bypass the entry
+  points; raises ConfigError (a ValueError) naming the key."""
+  validate_config.check_section("data", data_config)
 
 
 def make_spec(data_config) -> Spec:
