@@ -32,8 +32,12 @@ _EXPORT = flags.DEFINE_string("export", None, "Write the step's parameters to FI
 
 
 def _fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+  # orbax's worker threads may still be printing tracebacks about the damaged step: one write,
+  # starting on a fresh line, keeps this message whole, and exiting at once stops later noise.
+  sys.stdout.flush()
+  sys.stderr.write(f"\nerror: {message}\n")
+  sys.stderr.flush()
+  os._exit(2)
 
 
 def _print_steps(infos) -> None:
