@@ -99,6 +99,48 @@ def test_causal_conv_any_batch_dims_and_float64():
                              atol=1e-12 * np.max(np.abs(expected)))
 
 
+# ----------------------------------------------------------------------------- chunked, with resets
+
+# (length, chunk_size): one step; a length that is not a multiple of T; chunks of 1 and of the
+# whole sequence; a document (or a reset) in every chunk and documents spanning many chunks.
+CHUNK_CASES = [(1, 16), (7, 4), (300, 16), (300, 1), (64, 64), (1000, 16)]
+
+
+@pytest.mark.parametrize("length,chunk_size", CHUNK_CASES)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_chunked_with_resets_matches_the_loop_and_the_recurrence(length, chunk_size, bidirectional):
+  rng = np.random.default_rng(length + chunk_size)
+  lambda_, c, log_step = random_system(rng, "legs", bidirectional)
+  u = rng.normal(size=(2, length, H)).astype(np.float32)
+  d = rng.normal(size=H).astype(np.float32)
+  reset = rng.random((2, length)) < 0.03
+  reset[1, : length // 3] = False         # one row: a long first document across chunks
+  if length > 20:
+    reset[0, 10:14] = True                # documents of one step, back to back
+  expected = oracle.s4d_loop(lambda_, c, log_step, u, bidirectional=bidirectional, d=d,
+                             step_rescale=0.5, reset=reset)
+  chunked = ssm.s4d_chunked(lambda_, c, log_step, u, bidirectional=bidirectional, reset=reset, D=d,
+                            step_rescale=0.5, chunk_size=chunk_size)
+  assert chunked.shape == u.shape and chunked.dtype == jnp.float32
+  assert_close(chunked, expected)
+  recurrence = ssm.s4d_recurrence(lambda_, c, log_step, u, bidirectional=bidirectional,
+                                  reset=jnp.asarray(reset), D=d, step_rescale=0.5)
+  assert_close(recurrence, expected)
+
+
+def test_chunked_without_resets_is_the_convolution_in_float64():
+  rng = np.random.default_rng(11)
+  lambda_, c, log_step = random_system(rng, "lin", True)
+  u = rng.normal(size=(3, 200, H))
+  with jax.enable_x64(True):
+    args = (jnp.asarray(lambda_, jnp.complex128), jnp.asarray(c, jnp.complex128),
+            jnp.asarray(log_step, jnp.float64), jnp.asarray(u))
+    chunked = ssm.s4d_chunked(*args, bidirectional=True, reset=jnp.zeros((3, 200), bool))
+    conv = ssm.s4d_conv(*args, bidirectional=True)
+    assert chunked.dtype == jnp.float64
+  np.testing.assert_allclose(chunked, conv, rtol=1e-9, atol=1e-12 * np.max(np.abs(conv)))
+
+
 # ----------------------------------------------------------------------------- three paths
 
 def layer_and_params(bidirectional=False, init="legs", seed=0, dtype=jnp.float32, **kwargs):
@@ -181,22 +223,25 @@ def test_gradients_finite_for_every_parameter(bidirectional):
       assert np.max(np.abs(grad)) > 0, (name, kwargs)
 
 
-@pytest.mark.parametrize("path", ["fft", "recurrence"])
+@pytest.mark.parametrize("path", ["fft", "chunked", "recurrence"])
 def test_gradients_equal_finite_differences_float64(path):
   rng = np.random.default_rng(6)
   with jax.enable_x64(True):
     layer = S4D(d_model=2, state_size=4, bidirectional=True, param_dtype=jnp.float64)
-    u = jnp.asarray(rng.normal(size=(1, 6, 2)))
+    # 40 steps: three chunks of the chunked path's 16, a document across the first two.
+    u = jnp.asarray(rng.normal(size=(1, 40, 2)))
     params = nn.unbox(layer.init(jax.random.PRNGKey(1), u))
     weights = jnp.asarray(rng.normal(size=u.shape))
-    reset = None if path == "fft" else jnp.asarray([[False, False, False, True, False, False]])
+    reset = None if path == "fft" else jnp.zeros((1, 40), bool).at[0, [3, 35]].set(True)
+    # Per-step intervals are what sends the layer through the recurrence.
+    intervals = jnp.linspace(0.5, 2.0, 40)[None] if path == "recurrence" else None
 
     flat, unflatten = flatten_util.ravel_pytree((params, u))
 
     @jax.jit
     def loss(flat_arguments):
       variables, inputs = unflatten(flat_arguments)
-      return jnp.sum(weights * layer.apply(variables, inputs, reset=reset))
+      return jnp.sum(weights * layer.apply(variables, inputs, reset=reset, intervals=intervals))
 
     analytic = np.asarray(jax.grad(loss)(flat))
     eps = 1e-6

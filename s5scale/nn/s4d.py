@@ -61,8 +61,9 @@ class S4D(nn.Module):
                        "future")
 
   def __call__(self, u, reset=None, intervals=None):
-    """Parallel mode: FFT convolution, or the recurrence when resets or intervals vary the system
-    along time (the same numbers).
+    """Parallel mode, three ways to the same numbers: FFT convolution; with resets, the chunked
+    form (Toeplitz within chunks, the recurrence between them); with per-step intervals, which
+    vary the system along time, the recurrence.
 
     Args:
       u: (batch, L, H) real.
@@ -76,6 +77,9 @@ class S4D(nn.Module):
     if reset is None and intervals is None:
       y = ssm.s4d_conv(lambda_, c, self.log_step, u, bidirectional=self.bidirectional, D=self.D,
                        step_rescale=self.step_rescale)
+    elif intervals is None:
+      y = ssm.s4d_chunked(lambda_, c, self.log_step, u, bidirectional=self.bidirectional,
+                          reset=reset, D=self.D, step_rescale=self.step_rescale)
     else:
       y = ssm.s4d_recurrence(lambda_, c, self.log_step, u, bidirectional=self.bidirectional,
                              D=self.D, reset=reset, intervals=intervals,
