@@ -1,5 +1,6 @@
 """`python tools/bench.py s4d`: S5 (its default scan) against S4D (FFT convolution, and the same
-S4D through the recurrence), forward+backward, over sequence lengths (issue 16).
+S4D on packed documents: chunked, and through the per-step recurrence), forward+backward, over
+sequence lengths (issue 16). The packed items get a document start every --document-length steps.
 
 Per length, each item's peak temporary memory comes from the compiled program
 (memory_analysis), and its time from interleaved rounds. An item whose planned temporaries exceed
@@ -19,7 +20,7 @@ from benchlib import emit, interleaved_times, temp_bytes
 from s5scale import ssm  # pylint: disable=g-import-not-at-top,wrong-import-position
 from s5scale.nn import s4d, s5  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-ITEMS = ("s5", "s4d_fft", "s4d_recurrence")
+ITEMS = ("s5", "s4d_fft", "s4d_chunked", "s4d_recurrence")
 
 
 def s4d_system(params):
@@ -44,16 +45,24 @@ def make_items(args, length: int, key) -> dict:
     return jnp.sum(ssm.s4d_conv(lambda_, c, params["log_step"], x, bidirectional=False,
                                 D=params["D"]))
 
+  reset = (jnp.arange(length) % args.document_length == 0)[None].repeat(args.batch, axis=0)
+
+  def chunked_loss(params, x):
+    lambda_, c = s4d_system(params)
+    return jnp.sum(ssm.s4d_chunked(lambda_, c, params["log_step"], x, bidirectional=False,
+                                   reset=reset, D=params["D"]))
+
   def recurrence_loss(params, x):
     lambda_, c = s4d_system(params)
     return jnp.sum(ssm.s4d_recurrence(lambda_, c, params["log_step"], x, bidirectional=False,
-                                      D=params["D"]))
+                                      reset=reset, D=params["D"]))
 
   def grad(loss):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
   return {"s5": (grad(s5_loss), (s5_params, u)),
           "s4d_fft": (grad(fft_loss), (s4d_params, u)),
+          "s4d_chunked": (grad(chunked_loss), (s4d_params, u)),
           "s4d_recurrence": (grad(recurrence_loss), (s4d_params, u))}
 
 
@@ -80,6 +89,8 @@ def bench_s4d(args) -> list[dict]:
                **{f"{name}_temp_bytes": memory[name] for name in ITEMS},
                "fft_over_s5_time": ratio(median.get("s4d_fft"), median.get("s5")),
                "fft_over_s5_memory": memory["s4d_fft"] / memory["s5"],
+               "chunked_over_s5_time": ratio(median.get("s4d_chunked"), median.get("s5")),
+               "chunked_over_s5_memory": memory["s4d_chunked"] / memory["s5"],
                "recurrence_over_s5_time": ratio(median.get("s4d_recurrence"), median.get("s5")),
                "recurrence_over_s5_memory": memory["s4d_recurrence"] / memory["s5"]}
     emit(summary)
@@ -109,13 +120,15 @@ def markdown_table(results: list[dict]) -> str:
   def gib(value):
     return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
 
-  lines = ["| L | S5 time | S4D FFT time | S4D recurrence time | FFT / S5 time | S5 temp | "
-           "S4D FFT temp | S4D recurrence temp |", "|---|---|---|---|---|---|---|---|"]
+  lines = ["| L | S5 time | S4D FFT time | S4D chunked time | S4D recurrence time | FFT / S5 time | "
+           "S5 temp | S4D FFT temp | S4D chunked temp | S4D recurrence temp |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for r in results:
     time_ratio = "–" if r["fft_over_s5_time"] is None else f"{r['fft_over_s5_time']:.2f}"
     lines.append(f"| {r['length']:,} | {seconds(r['s5_s'])} | {seconds(r['s4d_fft_s'])} | "
-                 f"{seconds(r['s4d_recurrence_s'])} | {time_ratio} | {gib(r['s5_temp_bytes'])} | "
-                 f"{gib(r['s4d_fft_temp_bytes'])} | {gib(r['s4d_recurrence_temp_bytes'])} |")
+                 f"{seconds(r['s4d_chunked_s'])} | {seconds(r['s4d_recurrence_s'])} | "
+                 f"{time_ratio} | {gib(r['s5_temp_bytes'])} | {gib(r['s4d_fft_temp_bytes'])} | "
+                 f"{gib(r['s4d_chunked_temp_bytes'])} | {gib(r['s4d_recurrence_temp_bytes'])} |")
   return "\n".join(lines)
 
 
@@ -126,6 +139,8 @@ def add_s4d_flags(parser):
   parser.add_argument("--ssm-size", type=int, default=256, help="S5's P (P/2 complex states)")
   parser.add_argument("--blocks", type=int, default=1, help="S5's J")
   parser.add_argument("--s4d-state-size", type=int, default=64, help="S4D's N per channel")
+  parser.add_argument("--document-length", type=int, default=1000,
+                      help="packed items: a document starts every this many steps")
   parser.add_argument("--max-temp-gib", type=float, default=4.0,
                       help="compile but do not run items planning more temporaries than this")
   parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds")
