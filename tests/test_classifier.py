@@ -10,6 +10,7 @@ import pytest
 import soundfile
 
 from s5scale import cli, defaults
+from s5scale.data import transforms
 from s5scale.nn.blocks import Norm
 from tests import runs
 
@@ -98,3 +99,34 @@ def test_speech_commands_config_trains_and_evaluates_zero_shot_at_half_rate(tmp_
   wrong = runs.run("evaluate", "speech_commands.py", workdir,
                    common + full_rate + ["--all", "--config.model.num_classes=3"])
   assert wrong.returncode == 2 and "model.num_classes=3" in wrong.stderr
+
+
+def test_bandlimit_augmentation_removes_the_top_band_from_that_share_of_training_clips(tmp_path):
+  """Oracle: the clip's spectrum by NumPy's FFT; a 1 kHz tone stays, a 6 kHz one goes."""
+  rate, time = 16000, np.arange(16000) / 16000
+  (tmp_path / "word").mkdir()
+  for speaker in range(40):
+    two_tones = 0.4 * (np.sin(2 * np.pi * 1000 * time) + np.sin(2 * np.pi * 6000 * time + speaker))
+    soundfile.write(tmp_path / "word" / f"s{speaker}_nohash_0.wav", two_tones, rate,
+                    subtype="PCM_16")
+  config = defaults.base_config()
+  config.model.task = config.data.task = "classify"
+  config.data.kind, config.data.source, config.data.seq_len = "audio", str(tmp_path), 16000
+  config.data.heldout_fraction = 0.0
+
+  def tone_levels(probability):
+    config.data.bandlimit_prob, config.data.bandlimit_hz = probability, 4000.0
+    loader = transforms.make_spec(config.data).loader(train=True)
+    levels = []
+    for index in range(40):
+      spectrum = np.abs(np.fft.rfft(loader(index, np.random.default_rng(index))["waveform"]))
+      levels.append((spectrum[1000], spectrum[6000]))    # 1 Hz bins
+    return np.asarray(levels)
+
+  kept = tone_levels(0.0)
+  assert np.all(kept[:, 1] > 0.5 * kept[:, 0])                 # both tones, untouched
+  limited = tone_levels(1.0)
+  np.testing.assert_allclose(limited[:, 0], kept[:, 0], rtol=0.05)
+  assert np.all(limited[:, 1] < 1e-3 * limited[:, 0])
+  half = tone_levels(0.5)[:, 1] < 1e-3 * kept[:, 0]
+  assert 10 <= half.sum() <= 30                                   # Binomial(40, 0.5), seeded: ±3 sd

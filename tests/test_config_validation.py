@@ -99,6 +99,8 @@ BAD_VALUES = {
     "eval.compressor_baselines": ["xz"],
     "eval.recompute_batch_stats": [-1, 2.5],
     "eval.lowpass_hz": [-1.0, float("nan")],
+    "data.bandlimit_prob": [-0.1, 1.5, float("nan")],
+    "data.bandlimit_hz": [-1.0, float("nan")],
     "generate.num_samples": [0],
     "generate.length": [0, -1],
     "generate.temperature": [-1.0],
@@ -123,6 +125,7 @@ CROSS_KEY = [
     ({"model.d_model": 16, "mesh.dcn_fsdp": 3}, "model.d_model"),
     ({"model.ssm_size": 24, "mesh.model": 8}, "model.ssm_size"),  # 12 complex states
     ({"eval.lowpass_hz": 4000.0}, "eval.lowpass_hz"),
+    ({"data.bandlimit_prob": 0.5, "data.bandlimit_hz": 1000.0}, "data.task"),  # an LM's rows
     ({"model.layer": "s4d", "model.s4d_state_size": 63}, "model.s4d_state_size"),
     ({"model.layer": "s4d", "model.discretization": "bilinear"}, "model.discretization"),
     ({"data.mixture": "a=x:1,b=y:1", "data.source": "z"}, "data.source"),
@@ -296,3 +299,13 @@ def test_a_dict_valued_key_is_one_value_with_its_own_check():
   config.data.mixture.code = -0.3
   assert config_schema.violations(config, constraints, []) == [
       "data.mixture={'code': -0.3, 'web': 0.7}: must be a dict of positive weights"]  # sorted
+
+
+@pytest.mark.parametrize("cutoff_hz, code", [(3999.0, 0), (0.0, 2), (8000.0, 2)])
+def test_bandlimit_cutoff_must_lie_below_nyquist(cutoff_hz, code, capsys):
+  values = runpy.run_path(os.path.join(runs.REPO, "configs", "speech_commands.py"))[
+      "get_config"]().to_dict()
+  values["data"].update(bandlimit_prob=0.5, bandlimit_hz=cutoff_hz)
+  exit_code, stderr = exit_code_and_stderr(ml_collections.ConfigDict(values), capsys)
+  assert exit_code == code, stderr
+  assert code == 0 or "data.bandlimit_hz=" in stderr, stderr
