@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 .PHONY: venv train test bench clean results results-text results-audio results-classify curves \
-	results-samples results-zero-shot results-context \
+	results-samples results-zero-shot results-classify-full-band results-context \
 	results-s4d-classify results-s4d-text
 venv: $(VENV)/.installed
 
@@ -39,12 +39,21 @@ results-audio: venv $(DIGITS)/.complete
 	$(PY) -m s5scale.generate --config=configs/spoken_digits_lm.py --workdir=$(AUDIO_WORKDIR)
 
 # Trained at 16 kHz; also evaluated zero-shot at 8 kHz by scaling every step Δ by 2.
-CLASSIFY_WORKDIR := workdirs/speech_commands
+CLASSIFY_WORKDIR ?= workdirs/speech_commands
+CLASSIFY_FLAGS ?=
 results-classify: venv $(DIGITS)/.complete
-	$(PY) -m s5scale.train --config=configs/speech_commands.py --workdir=$(CLASSIFY_WORKDIR)
-	$(PY) -m s5scale.evaluate --config=configs/speech_commands.py --workdir=$(CLASSIFY_WORKDIR) --all
+	$(PY) -m s5scale.train --config=configs/speech_commands.py --workdir=$(CLASSIFY_WORKDIR) \
+	  $(CLASSIFY_FLAGS)
 	$(PY) -m s5scale.evaluate --config=configs/speech_commands.py --workdir=$(CLASSIFY_WORKDIR) \
-	  --all --config.data.sample_rate=8000 --config.data.seq_len=8000 --config.eval.step_rescale=2
+	  --all $(CLASSIFY_FLAGS)
+	$(PY) -m s5scale.evaluate --config=configs/speech_commands.py --workdir=$(CLASSIFY_WORKDIR) \
+	  --all --config.data.sample_rate=8000 --config.data.seq_len=8000 --config.eval.step_rescale=2 \
+	  $(CLASSIFY_FLAGS)
+
+# The recipe before the zero-shot fix: full-band training clips only, with every diagnostic.
+results-classify-full-band: venv $(DIGITS)/.complete
+	$(MAKE) results-classify results-zero-shot CLASSIFY_WORKDIR=workdirs/speech_commands_full_band \
+	  CLASSIFY_FLAGS=--config.data.bandlimit_prob=0
 
 # README "Sample quality": the audio LM's samples judged by the digit classifier (SaShiMi's SC09
 # protocol), beside held-out real clips (ceiling) and white noise (floor). Needs the workdirs of
@@ -61,14 +70,15 @@ results-samples: venv $(DIGITS)/.complete
 BN_BATCHES ?= 25
 results-zero-shot: venv $(DIGITS)/.complete
 	$(PY) -m s5scale.evaluate --config=configs/speech_commands.py --workdir=$(CLASSIFY_WORKDIR) \
-	  --all --config.eval.recompute_batch_stats=$(BN_BATCHES)
+	  --all $(CLASSIFY_FLAGS) --config.eval.recompute_batch_stats=$(BN_BATCHES)
 	$(PY) -m s5scale.evaluate --config=configs/speech_commands.py --workdir=$(CLASSIFY_WORKDIR) \
-	  --all --config.eval.lowpass_hz=4000
+	  --all $(CLASSIFY_FLAGS) --config.eval.lowpass_hz=4000
 	$(PY) -m s5scale.evaluate --config=configs/speech_commands.py --workdir=$(CLASSIFY_WORKDIR) \
-	  --all --config.eval.lowpass_hz=4000 --config.eval.recompute_batch_stats=$(BN_BATCHES)
-	$(PY) -m s5scale.evaluate --config=configs/speech_commands.py --workdir=$(CLASSIFY_WORKDIR) \
-	  --all --config.data.sample_rate=8000 --config.data.seq_len=8000 --config.eval.step_rescale=2 \
+	  --all $(CLASSIFY_FLAGS) --config.eval.lowpass_hz=4000 \
 	  --config.eval.recompute_batch_stats=$(BN_BATCHES)
+	$(PY) -m s5scale.evaluate --config=configs/speech_commands.py --workdir=$(CLASSIFY_WORKDIR) \
+	  --all $(CLASSIFY_FLAGS) --config.data.sample_rate=8000 --config.data.seq_len=8000 \
+	  --config.eval.step_rescale=2 --config.eval.recompute_batch_stats=$(BN_BATCHES)
 
 # Held-out bits/sample of the audio LM's final checkpoint with 256 ... 16,000 samples of context.
 results-context: venv $(DIGITS)/.complete

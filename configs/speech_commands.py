@@ -35,6 +35,11 @@ def get_config():
   c.data.seq_len = 16000
   c.data.batch_size = 8
   c.data.heldout_fraction = 0.1
+  # Half the training clips lose the band above 4 kHz. Trained on full-band clips alone, the
+  # model leans on it: 97.9 % at 16 kHz, 77.5 % on the same clips low-passed at 4 kHz and 78.6 %
+  # zero-shot at 8 kHz (README "Zero-shot at 8 kHz").
+  c.data.bandlimit_prob = 0.5
+  c.data.bandlimit_hz = 4000.0
   c.optim.learning_rate = 4e-3
   c.optim.ssm_learning_rate = 2e-3
   c.optim.weight_decay = 0.04

@@ -71,7 +71,7 @@ DATA = dict(
     bits=f(8, Int(ge=1, le=16)),                    # audio quantization bits (vocab 2**bits)
     long_audio_seconds=f(30.0, Real(ge=0)),         # files this long: crops seek; 0 = never
     bandlimit_prob=f(0.0, Real(ge=0, le=1)),        # classify: share of training clips band-limited
-    bandlimit_hz=f(0.0, Real(ge=0)),                # ... at this cutoff (audio.band_limit)
+    bandlimit_hz=f(0.0, Real(ge=0)),                # ... at this cutoff; >= Nyquist: no-op
     num_workers=f(0, NonNegative),                    # grain worker processes (0: in-process)
     task=f("lm", OneOf("lm", "classify")),          # classify: labels are folder names
     read_threads=f(4, Count),                       # per process (or worker), reading/decoding
@@ -211,11 +211,9 @@ RULES = [
          lambda layer, p, conj, *axes:
          layer != "s5" or (p // 2 if conj else p) % mesh_ways(*axes) == 0,
          "model.ssm_size's complex states (P/2 with conj_sym) divisible by mesh.model"),
-    Rule(("data.bandlimit_prob", "data.bandlimit_hz", "data.sample_rate", "data.task"),
-         lambda prob, cutoff, rate, task:
-         prob == 0 or (task == "classify" and 0 < 2 * cutoff < rate),
-         "data.bandlimit_prob 0, or (data.task=classify) with 0 < 2 x data.bandlimit_hz < "
-         "data.sample_rate"),
+    Rule(("data.bandlimit_prob", "data.bandlimit_hz", "data.task"),
+         lambda prob, cutoff, task: prob == 0 or (task == "classify" and cutoff > 0),
+         "data.bandlimit_prob 0, or (data.task=classify) with data.bandlimit_hz > 0"),
     Rule(("eval.lowpass_hz", "data.sample_rate", "model.task"),
          lambda cutoff, rate, task: cutoff == 0 or (task == "classify" and 2 * cutoff < rate),
          "eval.lowpass_hz 0, or (model.task=classify) with 2 x eval.lowpass_hz < data.sample_rate"),

@@ -114,8 +114,8 @@ def test_bandlimit_augmentation_removes_the_top_band_from_that_share_of_training
   config.data.kind, config.data.source, config.data.seq_len = "audio", str(tmp_path), 16000
   config.data.heldout_fraction = 0.0
 
-  def tone_levels(probability):
-    config.data.bandlimit_prob, config.data.bandlimit_hz = probability, 4000.0
+  def tone_levels(probability, cutoff_hz=4000.0):
+    config.data.bandlimit_prob, config.data.bandlimit_hz = probability, cutoff_hz
     loader = transforms.make_spec(config.data).loader(train=True)
     levels = []
     for index in range(40):
@@ -130,3 +130,4 @@ def test_bandlimit_augmentation_removes_the_top_band_from_that_share_of_training
   assert np.all(limited[:, 1] < 1e-3 * limited[:, 0])
   half = tone_levels(0.5)[:, 1] < 1e-3 * kept[:, 0]
   assert 10 <= half.sum() <= 30                                   # Binomial(40, 0.5), seeded: ±3 sd
+  np.testing.assert_array_equal(tone_levels(1.0, cutoff_hz=8000.0), kept)   # Nyquist: no-op
