@@ -20,6 +20,6 @@ __all__ = [
     "discretization_factors", "discretize_bilinear", "discretize_zoh", "linear_recurrence",
     "linear_recurrence_planar", "make_block_hippo", "make_dplr_hippo", "make_hippo_legs",
     "make_s4d_lambda", "project_input", "project_output", "s4d_chunked", "s4d_conv", "S4D_INITS",
-    "s4d_kernel", "s4d_recurrence", "s4d_states", "s4d_step", "scan_states", "step", "validate_s4d_args",
-    "validate_ssm_args", "validate_state_sizes",
+    "s4d_kernel", "s4d_recurrence", "s4d_states", "s4d_step", "scan_states", "step",
+    "validate_s4d_args", "validate_ssm_args", "validate_state_sizes",
 ]
