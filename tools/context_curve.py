@@ -50,9 +50,14 @@ def context_curve(config, workdir: str, step: int | None, seq_lens: list[int]) -
   variables = checkpoint.restore_subset(
       manager, step, evaluate.abstract_eval_variables(model, config, mesh, sample))
   rows = []
+  batch_size = config.eval.batch_size or config.data.batch_size
   for seq_len in seq_lens:
     length_config = config.copy_and_resolve_references()
     length_config.eval.seq_len = seq_len
+    if not config.eval.max_batches:
+      # About as many samples per batch at every length: short windows would otherwise take
+      # thousands of small steps. Windows are scored independently, so only the speed changes.
+      length_config.eval.batch_size = batch_size * max(1, max(seq_lens) // seq_len)
     start = time.time()
     results = evaluate.Evaluator(length_config, model, mesh).evaluate(
         variables["params"], variables["batch_stats"])
