@@ -18,9 +18,10 @@ The reference source (--reference; default the LM config's data.source) gives it
 split alternately in two: the even ones are the real data that FID and AM compare with, the odd
 ones are the ceiling, so the ceiling is never compared with itself.
 
-Records: one per (LM checkpoint, classifier) in WORKDIR/eval/metrics.jsonl, split "samples", keys
-samples/{is,mis,am,fid,num_samples}, samples/ceiling/..., samples/noise/... (and tensorboard
-scalars and the first few clips under WORKDIR/tb/samples). The --samples_dir form records into
+Records: one per (LM checkpoint, classifier, generate.temperature, generate.top_p) in
+WORKDIR/eval/metrics.jsonl, split "samples", keys samples/{is,mis,am,fid,num_samples},
+samples/ceiling/..., samples/noise/..., and the sampling settings `temperature` and `top_p`
+(and tensorboard scalars and the first few clips under WORKDIR/tb/samples). The --samples_dir form records into
 --workdir if given, else DIR itself, at --step (default 0). Each result is also printed as one
 JSON line; the last line on stdout holds is, mis, am, fid and num_samples. Exit 2 on a bad config,
 a missing checkpoint or unreadable data.
@@ -90,20 +91,25 @@ def score_clips(scorer, clips, masks, references: dict) -> dict:
 
 
 def record(workdir: str, step: int, scores: dict, references: dict, scorer, clips,
-           sample_rate: int) -> dict:
-  """Appends the split-"samples" record, logs clips to tensorboard, prints the JSON line."""
+           sample_rate: int, sampling: dict) -> dict:
+  """Appends the split-"samples" record, logs clips to tensorboard, prints the JSON line.
+
+  sampling: the sampler's temperature and top_p ({} for clips read from a directory), kept in
+  the record because the same checkpoint scores very differently at another temperature.
+  """
   flat = {f"{SPLIT}/{k}": v for k, v in scores.items()}
   for name in ("ceiling", "noise"):
     flat.update({f"{SPLIT}/{name}/{k}": v for k, v in references[name].items()})
   writer = metrics.MetricsWriter(os.path.join(workdir, "eval", "metrics.jsonl"),
                                  os.path.join(workdir, "tb", SPLIT))
-  writer.write(step, flat, split=SPLIT, classifier=scorer.workdir, classifier_step=scorer.step)
+  writer.write(step, flat, split=SPLIT, classifier=scorer.workdir, classifier_step=scorer.step,
+               **sampling)
   if writer.tensorboard is not None:
     for index, clip in enumerate(clips[:CLIPS_TO_TENSORBOARD]):
       writer.tensorboard.add_audio(f"{SPLIT}/{index}", clip, step, sample_rate=sample_rate)
   writer.close()
   line = {"step": step, **scores, "ceiling": references["ceiling"], "noise": references["noise"],
-          "classifier": scorer.workdir, "classifier_step": scorer.step}
+          "classifier": scorer.workdir, "classifier_step": scorer.step, **sampling}
   print(json.dumps(line), flush=True)
   logging.info("samples step %d: IS %.3f mIS %.3f AM %.3f FID %.3f (ceiling IS %.3f FID %.3f; "
                "noise IS %.3f FID %.3f)", step, scores["is"], scores["mis"], scores["am"],
@@ -112,11 +118,12 @@ def record(workdir: str, step: int, scores: dict, references: dict, scorer, clip
   return line
 
 
-def done_steps(workdir: str, classifier_workdir: str) -> set[int]:
-  """LM steps already scored by this classifier (one record per checkpoint and classifier)."""
+def done_steps(workdir: str, classifier_workdir: str, sampling: dict) -> set[int]:
+  """LM steps already scored by this classifier at these sampling settings (one record each)."""
   records = metrics.read_jsonl(os.path.join(workdir, "eval", "metrics.jsonl"))
   return {r["step"] for r in records
-          if r.get("split") == SPLIT and r.get("classifier") == classifier_workdir}
+          if r.get("split") == SPLIT and r.get("classifier") == classifier_workdir
+          and all(r.get(key) == value for key, value in sampling.items())}
 
 
 class LMSampler:
@@ -181,30 +188,34 @@ def run() -> int:
                                                scorer.clip_length)
     references = reference_scores(scorer, reference, len(clips))
     record(workdir, FLAGS.step or 0, score_clips(scorer, clips, masks, references), references,
-           scorer, clips, scorer.sample_rate)
+           scorer, clips, scorer.sample_rate, sampling={})
     return 0
   num_samples = FLAGS.num_samples or FLAGS.config.generate.num_samples
   if num_samples < 2:
     raise cli.ConfigError(f"--num_samples={num_samples}: at least 2 clips are needed")
   references = reference_scores(scorer, reference, num_samples)
   lm = LMSampler(FLAGS.config, workdir, num_samples)
+  sampling = {"temperature": FLAGS.config.generate.temperature,
+              "top_p": FLAGS.config.generate.top_p}
   while FLAGS.watch and not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
     time.sleep(FLAGS.poll_seconds)
   while True:
     manager = checkpoint.open_readonly(workdir)
-    pending = pending_steps(manager.all_steps(), workdir, classifier_workdir)
+    pending = pending_steps(manager.all_steps(), workdir, classifier_workdir, sampling)
     for step in pending:
       clips, masks, _ = clip_scorer.read_wav_dir(lm.wav_dir(step), scorer.sample_rate,
                                                  scorer.clip_length)
       record(workdir, step, score_clips(scorer, clips, masks, references), references, scorer,
-             clips, scorer.sample_rate)
-    if not FLAGS.watch or FLAGS.config.train.num_steps in done_steps(workdir, classifier_workdir):
+             clips, scorer.sample_rate, sampling)
+    if not FLAGS.watch or FLAGS.config.train.num_steps in done_steps(workdir, classifier_workdir,
+                                                                      sampling):
       return 0
     time.sleep(FLAGS.poll_seconds)
 
 
-def pending_steps(available, workdir: str, classifier_workdir: str) -> list[int]:
-  """--step N, or every step not yet scored by this classifier (--all, the default)."""
+def pending_steps(available, workdir: str, classifier_workdir: str, sampling: dict) -> list[int]:
+  """--step N, or every step not yet scored by this classifier at these sampling settings
+  (--all, the default)."""
   available = sorted(available)
   if FLAGS.step is not None:
     if FLAGS.step not in available:
@@ -213,7 +224,7 @@ def pending_steps(available, workdir: str, classifier_workdir: str) -> list[int]
     return [FLAGS.step]
   if not available and not FLAGS.watch:
     raise checkpoint.CheckpointError(f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}")
-  done = done_steps(workdir, classifier_workdir)
+  done = done_steps(workdir, classifier_workdir, sampling)
   return [s for s in available if s not in done]
 
 

@@ -193,6 +193,14 @@ def test_sample_quality_scores_lm_samples_and_a_wav_dir_against_ceiling_and_floo
     assert record["samples/ceiling/fid"] < record["samples/noise/fid"]
     assert record["samples/ceiling/accuracy"] == 1.0   # two tones: trivially separable
   assert len(list((lm / "samples" / "quality" / "step_4").glob("*.wav"))) == num_samples
+  assert all((r["temperature"], r["top_p"]) == (1.0, 1.0) for r in records)   # the defaults
+  # Another temperature is another result: both checkpoints are scored again, and only at it.
+  result = runs.run("sample_quality", "spoken_digits_lm.py", lm, lm_flags + [
+      f"--classifier_workdir={classifier}", "--num_samples=2", "--config.generate.temperature=0.5"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = [r for r in runs.read_jsonl(lm / "eval" / "metrics.jsonl") if r["split"] == "samples"]
+  assert [(r["step"], r["temperature"]) for r in records] == [(2, 1.0), (4, 1.0), (2, 0.5),
+                                                              (4, 0.5)]
 
   # Any directory of clips, with no LM config: one word's real clips are all called that word.
   words = sorted(WORDS)
