@@ -203,12 +203,16 @@ def test_sample_quality_scores_lm_samples_and_a_wav_dir_against_ceiling_and_floo
                                                               (4, 0.5)]
 
   # Any directory of clips, with no LM config: one word's real clips are all called that word.
+  # Run as a user would, with no JAX_PLATFORMS: libtpu (if installed) must not start and complain.
   words = sorted(WORDS)
+  env = runs.env_for(1)
+  del env["JAX_PLATFORMS"]
   result = subprocess.run(
       [sys.executable, "-m", "s5scale.sample_quality", f"--samples_dir={source / 'high'}",
        f"--classifier_workdir={classifier}", f"--reference={source}"],
-      env=runs.env_for(1), capture_output=True, text=True, timeout=600, cwd=runs.REPO)
+      env=env, capture_output=True, text=True, timeout=600, cwd=runs.REPO)
   assert result.returncode == 0, result.stderr[-3000:]
+  assert [line for line in result.stderr.splitlines() if "E0000" in line] == []
   last = json.loads(result.stdout.strip().splitlines()[-1])
   assert last["num_samples"] == 12 and last["class_counts"][words.index("high")] == 12
   assert last["is"] == pytest.approx(1.0, abs=1e-3)   # one class only: no diversity

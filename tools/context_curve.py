@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt
 from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from s5scale import checkpoint, cli, data, evaluate, parallel, validate
+from s5scale import backend, checkpoint, cli, data, evaluate, parallel, validate
 from s5scale.nn.model import S5Model
 
 FLAGS = flags.FLAGS
@@ -89,6 +89,7 @@ def plot(rows: list[dict], output: str, title: str) -> None:
 
 def main(argv) -> int:
   del argv
+  backend.choose_platform()
   try:
     seq_lens = [int(n) for n in FLAGS.seq_lens.split(",")]
     if not seq_lens or min(seq_lens) < 1:
