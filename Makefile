@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 .PHONY: venv train test bench clean results results-text results-audio results-classify curves \
-	results-samples results-zero-shot results-classify-full-band results-context \
+	results-audio-whole-clips results-samples results-zero-shot results-classify-full-band results-context \
 	results-s4d-classify results-s4d-text
 venv: $(VENV)/.installed
 
@@ -32,7 +32,7 @@ $(DIGITS)/.complete: | venv
 	$(PY) tools/make_spoken_digits.py --output=$(DIGITS)
 	touch $@
 
-AUDIO_WORKDIR := workdirs/spoken_digits_lm
+AUDIO_WORKDIR ?= workdirs/spoken_digits_lm
 results-audio: venv $(DIGITS)/.complete
 	$(PY) -m s5scale.train --config=configs/spoken_digits_lm.py --workdir=$(AUDIO_WORKDIR)
 	$(PY) -m s5scale.evaluate --config=configs/spoken_digits_lm.py --workdir=$(AUDIO_WORKDIR) --all
@@ -55,13 +55,26 @@ results-classify-full-band: venv $(DIGITS)/.complete
 	$(MAKE) results-classify results-zero-shot CLASSIFY_WORKDIR=workdirs/speech_commands_full_band \
 	  CLASSIFY_FLAGS=--config.data.bandlimit_prob=0
 
+# The audio LM on whole one-second clips (one per step, 950 steps, 35 min) instead of random
+# 2,048-sample crops: README "Sample quality" and the context curve compare it with results-audio.
+WHOLE_AUDIO_WORKDIR := workdirs/spoken_digits_lm_whole_clips
+WHOLE_AUDIO_FLAGS := --config.data.batch_size=1 --config.data.seq_len=16000 \
+  --config.train.num_steps=950 --config.checkpoint.every_steps=475
+results-audio-whole-clips: venv $(DIGITS)/.complete
+	$(PY) -m s5scale.train --config=configs/spoken_digits_lm.py --workdir=$(WHOLE_AUDIO_WORKDIR) \
+	  $(WHOLE_AUDIO_FLAGS)
+	$(PY) -m s5scale.evaluate --config=configs/spoken_digits_lm.py --workdir=$(WHOLE_AUDIO_WORKDIR) \
+	  --step=950 $(WHOLE_AUDIO_FLAGS)
+	$(MAKE) results-samples AUDIO_WORKDIR=$(WHOLE_AUDIO_WORKDIR) SAMPLE_FLAGS="$(WHOLE_AUDIO_FLAGS) --step=950"
+
 # README "Sample quality": the audio LM's samples judged by the digit classifier (SaShiMi's SC09
 # protocol), beside held-out real clips (ceiling) and white noise (floor). Needs the workdirs of
-# results-audio and results-classify.
+# results-audio and results-classify. SAMPLE_FLAGS: e.g. --config.generate.temperature=0.9
 NUM_SAMPLES ?= 256
+SAMPLE_FLAGS ?=
 results-samples: venv $(DIGITS)/.complete
-	$(PY) -m s5scale.sample_quality --config=configs/spoken_digits_lm.py \
-	  --workdir=$(AUDIO_WORKDIR) --classifier_workdir=$(CLASSIFY_WORKDIR) --num_samples=$(NUM_SAMPLES)
+	$(PY) -m s5scale.sample_quality --config=configs/spoken_digits_lm.py --workdir=$(AUDIO_WORKDIR) \
+	  --classifier_workdir=$(CLASSIFY_WORKDIR) --num_samples=$(NUM_SAMPLES) $(SAMPLE_FLAGS)
 
 # The zero-shot gap's candidate causes, on every results-classify checkpoint: BatchNorm statistics
 # recomputed on 25 training batches (also the classifier's accuracy curve), 16 kHz clips low-passed
@@ -80,9 +93,11 @@ results-zero-shot: venv $(DIGITS)/.complete
 	  --all $(CLASSIFY_FLAGS) --config.data.sample_rate=8000 --config.data.seq_len=8000 \
 	  --config.eval.step_rescale=2 --config.eval.recompute_batch_stats=$(BN_BATCHES)
 
-# Held-out bits/sample of the audio LM's final checkpoint with 256 ... 16,000 samples of context.
+# Held-out bits/sample with 256 ... 16,000 samples of context, from the whole-clip model (the one
+# trained at the full 16,000-sample context; results-audio-whole-clips).
 results-context: venv $(DIGITS)/.complete
-	$(PY) tools/context_curve.py --config=configs/spoken_digits_lm.py --workdir=$(AUDIO_WORKDIR) \
+	$(PY) tools/context_curve.py --config=configs/spoken_digits_lm.py \
+	  --workdir=$(WHOLE_AUDIO_WORKDIR) $(WHOLE_AUDIO_FLAGS) --step=950 \
 	  --seq_lens=256,1024,4096,16000 --output=docs/context_curve.png
 
 # S4D against S5 (README "S4D against S5"): the same configs, data and steps, at equal parameters

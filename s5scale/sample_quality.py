@@ -55,7 +55,10 @@ def reference_scores(scorer, reference_source: str, num_clips: int) -> dict:
     raise data.DataError(f"the held-out split of {reference_source!r} has {len(clips)} clips; "
                          "at least 4 are needed (two references of at least 2)")
   reference_probs, reference_features = scorer.score(clips[0::2], masks[0::2])
-  ceiling = slice(1, 1 + 2 * num_clips, 2)
+  # Spread over the whole odd half: held-out clips come in source order (one word after
+  # another), so its first num_clips clips would leave whole classes out of the ceiling.
+  odd = np.arange(1, len(clips), 2)
+  ceiling = odd[np.linspace(0, len(odd) - 1, min(num_clips, len(odd))).round().astype(int)]
   ceiling_probs, ceiling_features = scorer.score(clips[ceiling], masks[ceiling])
   noise_probs, noise_features = scorer.score(*clip_scorer.white_noise(
       len(ceiling_probs), scorer.clip_length))
@@ -71,6 +74,9 @@ def reference_scores(scorer, reference_source: str, num_clips: int) -> dict:
   if same_classes:   # label ids mean the classifier's classes only then
     results["ceiling"]["accuracy"] = float(np.mean(
         np.argmax(ceiling_probs, axis=1) == labels[ceiling]))
+    # The true classes of the ceiling clips: a ceiling is only a ceiling if it holds them all.
+    results["ceiling"]["label_counts"] = np.bincount(
+        labels[ceiling], minlength=ceiling_probs.shape[1]).tolist()
   return {"real": real, **results}
 
 

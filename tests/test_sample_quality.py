@@ -192,6 +192,7 @@ def test_sample_quality_scores_lm_samples_and_a_wav_dir_against_ceiling_and_floo
       assert 1.0 <= line["is"] <= len(WORDS) and line["mis"] >= 1.0
     assert record["samples/ceiling/fid"] < record["samples/noise/fid"]
     assert record["samples/ceiling/accuracy"] == 1.0   # two tones: trivially separable
+    assert record["samples/ceiling/label_counts"] == [ceiling_clips // 2] * 2
   assert len(list((lm / "samples" / "quality" / "step_4").glob("*.wav"))) == num_samples
   assert all((r["temperature"], r["top_p"]) == (1.0, 1.0) for r in records)   # the defaults
   # Another temperature is another result: both checkpoints are scored again, and only at it.
@@ -201,6 +202,9 @@ def test_sample_quality_scores_lm_samples_and_a_wav_dir_against_ceiling_and_floo
   records = [r for r in runs.read_jsonl(lm / "eval" / "metrics.jsonl") if r["split"] == "samples"]
   assert [(r["step"], r["temperature"]) for r in records] == [(2, 1.0), (4, 1.0), (2, 0.5),
                                                               (4, 0.5)]
+  # Two ceiling clips still hold both words, though held-out clips come one word after the
+  # other (the first two odd clips are the same word).
+  assert records[-1]["samples/ceiling/label_counts"] == [1, 1]
 
   # Any directory of clips, with no LM config: one word's real clips are all called that word.
   # Run as a user would, with no JAX_PLATFORMS: libtpu (if installed) must not start and complain.
