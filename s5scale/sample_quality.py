@@ -16,14 +16,15 @@ Every run also scores, with the same classifier, the same number of clips of two
 references: held-out real clips of the reference source (the ceiling) and white noise (the floor).
 The reference source (--reference; default the LM config's data.source) gives its held-out clips,
 split alternately in two: the even ones are the real data that FID and AM compare with, the odd
-ones are the ceiling, so the ceiling is never compared with itself.
+ones give the ceiling (num_samples of them, spread evenly), so the ceiling is never compared with
+itself.
 
 Records: one per (LM checkpoint, classifier, generate.temperature, generate.top_p) in
 WORKDIR/eval/metrics.jsonl, split "samples", keys samples/{is,mis,am,fid,num_samples},
 samples/ceiling/..., samples/noise/..., and the sampling settings `temperature` and `top_p`
-(and tensorboard scalars and the first few clips under WORKDIR/tb/samples). The --samples_dir form records into
---workdir if given, else DIR itself, at --step (default 0). Each result is also printed as one
-JSON line; the last line on stdout holds is, mis, am, fid and num_samples. Exit 2 on a bad config,
+(and tensorboard scalars and the first few clips under WORKDIR/tb/samples). The --samples_dir
+form records into --workdir if given, else DIR itself, at --step (default 0). Each result is
+also printed as one JSON line; the last line on stdout holds is, mis, am, fid and num_samples. Exit 2 on a bad config,
 a missing checkpoint or unreadable data.
 """
 
