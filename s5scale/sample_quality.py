@@ -24,8 +24,8 @@ WORKDIR/eval/metrics.jsonl, split "samples", keys samples/{is,mis,am,fid,num_sam
 samples/ceiling/..., samples/noise/..., and the sampling settings `temperature` and `top_p`
 (and tensorboard scalars and the first few clips under WORKDIR/tb/samples). The --samples_dir
 form records into --workdir if given, else DIR itself, at --step (default 0). Each result is
-also printed as one JSON line; the last line on stdout holds is, mis, am, fid and num_samples. Exit 2 on a bad config,
-a missing checkpoint or unreadable data.
+also printed as one JSON line; the last line on stdout holds is, mis, am, fid and num_samples.
+Exit 2 on a bad config, a missing checkpoint or unreadable data.
 """
 
 import json
