@@ -160,6 +160,7 @@ def tiny_runs(tmp_path_factory):
       "--config.checkpoint.every_steps=30", "--config.optim.learning_rate=1e-2"])
   assert result.returncode == 0, result.stderr[-3000:]
   lm_flags = shared + ["--config.data.seq_len=64", "--config.train.num_steps=4",
+                       "--config.model.d_model=64", "--config.model.ssm_size=64",
                        "--config.checkpoint.every_steps=2", "--config.generate.length=400"]
   result = runs.run("train", "spoken_digits_lm.py", lm, lm_flags)
   assert result.returncode == 0, result.stderr[-3000:]
