@@ -150,7 +150,7 @@ class LMSampler:
                                          settings.top_p)
 
   def wav_dir(self, step: int) -> str:
-    """Writes this checkpoint's samples to samples/quality/step_<step>/ and returns the dir."""
+    """Writes this checkpoint's samples to samples/quality/step_<step>[_t<T>_p<P>]/; returns it."""
     manager = checkpoint.open_readonly(self.workdir)
     checkpoint.check_architecture(manager, step, self.config.to_dict())
     variables = {k: v for k, v in checkpoint.restore_subset(manager, step, self.abstract).items()
@@ -159,7 +159,11 @@ class LMSampler:
     tokens = np.asarray(self.sampler(variables, self.prompt, self.config.generate.seed))
     logging.info("sampled %d x %d from step %d in %.1f s", *tokens.shape, step,
                  time.time() - start)
-    subdir = os.path.join("quality", f"step_{step}")
+    settings = self.config.generate
+    # Other sampling settings get their own folder, so a sweep keeps every setting's clips.
+    tag = "" if (settings.temperature, settings.top_p) == (1.0, 1.0) else (
+        f"_t{settings.temperature:g}_p{settings.top_p:g}")
+    subdir = os.path.join("quality", f"step_{step}{tag}")
     generate.write_samples(self.workdir, step, self.config.data, tokens, None, subdir=subdir)
     return os.path.join(self.workdir, "samples", subdir)
 

@@ -203,6 +203,9 @@ def test_sample_quality_scores_lm_samples_and_a_wav_dir_against_ceiling_and_floo
   records = [r for r in runs.read_jsonl(lm / "eval" / "metrics.jsonl") if r["split"] == "samples"]
   assert [(r["step"], r["temperature"]) for r in records] == [(2, 1.0), (4, 1.0), (2, 0.5),
                                                               (4, 0.5)]
+  quality = lm / "samples" / "quality"
+  assert len(list((quality / "step_4_t0.5_p1").glob("*.wav"))) == 2     # its own folder:
+  assert len(list((quality / "step_4").glob("*.wav"))) == num_samples    # nothing overwritten
   # Two ceiling clips still hold both words, though held-out clips come one word after the
   # other (the first two odd clips are the same word).
   assert records[-1]["samples/ceiling/label_counts"] == [1, 1]
