@@ -148,6 +148,8 @@ class LMSampler:
     self.abstract = evaluate.abstract_eval_variables(self.model, config, mesh, self.prompt)
     self.sampler = generate.make_sampler(self.model, settings.length, settings.temperature,
                                          settings.top_p)
+    # What a record is keyed on besides step and classifier, and what names the clips' folder.
+    self.sampling = {"temperature": settings.temperature, "top_p": settings.top_p}
 
   def wav_dir(self, step: int) -> str:
     """Writes this checkpoint's samples to samples/quality/step_<step>[_t<T>_p<P>]/; returns it."""
@@ -159,10 +161,9 @@ class LMSampler:
     tokens = np.asarray(self.sampler(variables, self.prompt, self.config.generate.seed))
     logging.info("sampled %d x %d from step %d in %.1f s", *tokens.shape, step,
                  time.time() - start)
-    settings = self.config.generate
     # Other sampling settings get their own folder, so a sweep keeps every setting's clips.
-    tag = "" if (settings.temperature, settings.top_p) == (1.0, 1.0) else (
-        f"_t{settings.temperature:g}_p{settings.top_p:g}")
+    tag = "" if self.sampling == {"temperature": 1.0, "top_p": 1.0} else (
+        "_t{temperature:g}_p{top_p:g}".format(**self.sampling))
     subdir = os.path.join("quality", f"step_{step}{tag}")
     generate.write_samples(self.workdir, step, self.config.data, tokens, None, subdir=subdir)
     return os.path.join(self.workdir, "samples", subdir)
@@ -207,8 +208,7 @@ def run() -> int:
     raise cli.ConfigError(f"--num_samples={num_samples}: at least 2 clips are needed")
   references = reference_scores(scorer, reference, num_samples)
   lm = LMSampler(FLAGS.config, workdir, num_samples)
-  sampling = {"temperature": FLAGS.config.generate.temperature,
-              "top_p": FLAGS.config.generate.top_p}
+  sampling = lm.sampling
   while FLAGS.watch and not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
     time.sleep(FLAGS.poll_seconds)
   while True:
