@@ -9,6 +9,9 @@ A classifier scores each clip: `probs` (N, K) are its class probabilities p(y|x)
        p_ref(y): the classifier's mean prediction on real clips
   FID  |mu_r - mu_g|^2 + tr(S_r + S_g - 2 (S_r S_g)^(1/2))      (Heusel et al. 2017)
 
+Beside them, silent_fraction: the share of clips with no sample louder than -40 dBFS. A sampler
+stuck in silence earns a confident class (and so IS) from the classifier without saying a word.
+
 Where SaShiMi's evaluation script (state-spaces/s4, sc09_classifier) estimates instead of computing
 exactly, we take the exact value of the same expectation: its IS takes p(y) from one random half of
 the clips and the KL over the other half, and its mIS averages 10,000 random pairs drawn with
@@ -101,6 +104,16 @@ def frechet_distance(mean_a, cov_a, mean_b, cov_b) -> float:
 def fid(features, reference_features) -> float:
   """FID between two sets of penultimate features, (N, D) and (M, D)."""
   return frechet_distance(*gaussian_statistics(features), *gaussian_statistics(reference_features))
+
+
+SILENCE_PEAK = 0.01  # -40 dBFS: spoken digits peak near 0.5; 8-bit mu-law's codes nearest 0, ±9e-5
+
+
+def silent_fraction(clips, masks) -> float:
+  """Share of clips (N, T) whose peak |sample| inside their mask (N, T) is below SILENCE_PEAK."""
+  clips, masks = np.asarray(clips, np.float64), np.asarray(masks, bool)
+  peaks = np.max(np.where(masks, np.abs(clips), 0.0), axis=1)
+  return float(np.mean(peaks < SILENCE_PEAK))
 
 
 def all_scores(probs, features, reference_probs, reference_features) -> dict:

@@ -20,7 +20,9 @@ ones give the ceiling (num_samples of them, spread evenly), so the ceiling is ne
 itself.
 
 Records: one per (LM checkpoint, classifier, generate.temperature, generate.top_p) in
-WORKDIR/eval/metrics.jsonl, split "samples", keys samples/{is,mis,am,fid,num_samples},
+WORKDIR/eval/metrics.jsonl, split "samples", keys samples/{is,mis,am,fid,num_samples,
+class_counts,silent_fraction} (silent: no sample above -40 dBFS, which a classifier may still
+call a digit with confidence, so read IS beside it),
 samples/ceiling/..., samples/noise/..., and the sampling settings `temperature` and `top_p`
 (and tensorboard scalars and the first few clips under WORKDIR/tb/samples). The --samples_dir
 form records into --workdir if given, else DIR itself, at --step (default 0). Each result is
@@ -60,16 +62,10 @@ def reference_scores(scorer, reference_source: str, num_clips: int) -> dict:
   # another), so its first num_clips clips would leave whole classes out of the ceiling.
   odd = np.arange(1, len(clips), 2)
   ceiling = odd[np.linspace(0, len(odd) - 1, min(num_clips, len(odd))).round().astype(int)]
-  ceiling_probs, ceiling_features = scorer.score(clips[ceiling], masks[ceiling])
-  noise_probs, noise_features = scorer.score(*clip_scorer.white_noise(
-      len(ceiling_probs), scorer.clip_length))
   real = dict(probs=reference_probs, features=reference_features)
-  results = {
-      "ceiling": sample_metrics.all_scores(ceiling_probs, ceiling_features, reference_probs,
-                                           reference_features),
-      "noise": sample_metrics.all_scores(noise_probs, noise_features, reference_probs,
-                                         reference_features),
-  }
+  noise = clip_scorer.white_noise(len(ceiling), scorer.clip_length)
+  ceiling_scores, ceiling_probs = score_clips(scorer, clips[ceiling], masks[ceiling], real)
+  results = {"ceiling": ceiling_scores, "noise": score_clips(scorer, *noise, real)[0]}
   same_classes = data.label_names(_with_source(scorer.config.data, reference_source)) == (
       data.label_names(scorer.config.data))
   if same_classes:   # label ids mean the classifier's classes only then
@@ -87,14 +83,16 @@ def _with_source(data_config, source: str):
   return data_config
 
 
-def score_clips(scorer, clips, masks, references: dict) -> dict:
+def score_clips(scorer, clips, masks, real: dict) -> tuple[dict, np.ndarray]:
+  """The protocol's scores of clips against the real reference (its probs and features), with
+  the class counts and the silent fraction; and the clips' class probabilities (N, K)."""
   probs, features = scorer.score(clips, masks)
-  real = references["real"]
   scores = sample_metrics.all_scores(probs, features, real["probs"], real["features"])
   # How many clips the classifier gives each class: "61 of 64 called six" shows up here.
   scores["class_counts"] = np.bincount(np.argmax(probs, axis=1),
                                        minlength=probs.shape[1]).tolist()
-  return scores
+  scores["silent_fraction"] = sample_metrics.silent_fraction(clips, masks)
+  return scores, probs
 
 
 def record(workdir: str, step: int, scores: dict, references: dict, scorer, clips,
@@ -118,9 +116,10 @@ def record(workdir: str, step: int, scores: dict, references: dict, scorer, clip
   line = {"step": step, **scores, "ceiling": references["ceiling"], "noise": references["noise"],
           "classifier": scorer.workdir, "classifier_step": scorer.step, **sampling}
   print(json.dumps(line), flush=True)
-  logging.info("samples step %d: IS %.3f mIS %.3f AM %.3f FID %.3f (ceiling IS %.3f FID %.3f; "
-               "noise IS %.3f FID %.3f)", step, scores["is"], scores["mis"], scores["am"],
-               scores["fid"], references["ceiling"]["is"], references["ceiling"]["fid"],
+  logging.info("samples step %d: IS %.3f mIS %.3f AM %.3f FID %.3f, %.0f%% silent (ceiling IS "
+               "%.3f FID %.3f; noise IS %.3f FID %.3f)", step, scores["is"], scores["mis"],
+               scores["am"], scores["fid"], 100 * scores["silent_fraction"],
+               references["ceiling"]["is"], references["ceiling"]["fid"],
                references["noise"]["is"], references["noise"]["fid"])
   return line
 
@@ -200,8 +199,9 @@ def run() -> int:
     clips, masks, _ = clip_scorer.read_wav_dir(FLAGS.samples_dir, scorer.sample_rate,
                                                scorer.clip_length)
     references = reference_scores(scorer, reference, len(clips))
-    record(workdir, FLAGS.step or 0, score_clips(scorer, clips, masks, references), references,
-           scorer, clips, scorer.sample_rate, sampling={})
+    scores, _ = score_clips(scorer, clips, masks, references["real"])
+    record(workdir, FLAGS.step or 0, scores, references, scorer, clips, scorer.sample_rate,
+           sampling={})
     return 0
   num_samples = FLAGS.num_samples or FLAGS.config.generate.num_samples
   if num_samples < 2:
@@ -217,8 +217,8 @@ def run() -> int:
     for step in pending:
       clips, masks, _ = clip_scorer.read_wav_dir(lm.wav_dir(step), scorer.sample_rate,
                                                  scorer.clip_length)
-      record(workdir, step, score_clips(scorer, clips, masks, references), references, scorer,
-             clips, scorer.sample_rate, sampling)
+      scores, _ = score_clips(scorer, clips, masks, references["real"])
+      record(workdir, step, scores, references, scorer, clips, scorer.sample_rate, sampling)
     if not FLAGS.watch or FLAGS.config.train.num_steps in done_steps(workdir, classifier_workdir,
                                                                       sampling):
       return 0

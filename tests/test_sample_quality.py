@@ -93,6 +93,20 @@ def test_frechet_distance_of_gaussians_matches_the_closed_form():
       pytest.approx(3 + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)))
 
 
+def test_silent_fraction_counts_clips_with_nothing_above_minus_40_dbfs_inside_their_mask():
+  length = 100
+  clips = np.zeros((5, length))
+  clips[1, 50] = 0.02                   # one audible click: not silent
+  clips[2, :] = 0.005                   # -46 dBFS hum: silent
+  clips[3, 90:] = 0.8                   # loud, but only in the padding its mask leaves out
+  clips[4] = 0.5 * np.sin(np.arange(length))
+  masks = np.ones((5, length))
+  masks[3, 80:] = 0
+  # Silent by hand: clips 0, 2 and 3 of 5.
+  assert sample_metrics.silent_fraction(clips, masks) == pytest.approx(3 / 5)
+  assert sample_metrics.silent_fraction(-clips, masks) == pytest.approx(3 / 5)   # |x|, not x
+
+
 def test_band_limit_removes_what_the_lower_rate_cannot_carry():
   rate, time = 16000, np.arange(16000) / 16000
   tones = np.sin(2 * np.pi * 1000 * time) + np.sin(2 * np.pi * 6000 * time)
@@ -192,6 +206,8 @@ def test_sample_quality_scores_lm_samples_and_a_wav_dir_against_ceiling_and_floo
       assert record[f"samples/{key}"] == line[key] and np.isfinite(line[key])
       assert 1.0 <= line["is"] <= len(WORDS) and line["mis"] >= 1.0
     assert record["samples/ceiling/fid"] < record["samples/noise/fid"]
+    # Real tones and peak-normalised noise are loud throughout.
+    assert record["samples/ceiling/silent_fraction"] == record["samples/noise/silent_fraction"] == 0
     assert record["samples/ceiling/accuracy"] == 1.0   # two tones: trivially separable
     assert record["samples/ceiling/label_counts"] == [ceiling_clips // 2] * 2
   assert len(list((lm / "samples" / "quality" / "step_4").glob("*.wav"))) == num_samples
@@ -224,6 +240,7 @@ def test_sample_quality_scores_lm_samples_and_a_wav_dir_against_ceiling_and_floo
   last = json.loads(result.stdout.strip().splitlines()[-1])
   assert last["num_samples"] == 12 and last["class_counts"][words.index("high")] == 12
   assert last["is"] == pytest.approx(1.0, abs=1e-3)   # one class only: no diversity
+  assert last["silent_fraction"] == 0.0
   assert runs.read_jsonl(source / "high" / "eval" / "metrics.jsonl")[0]["split"] == "samples"
 
   # The classifier's eval diagnostics: recomputed BatchNorm statistics, low-passed clips.
