@@ -1,4 +1,4 @@
-"""Command-line plumbing shared by train, evaluate and generate: flags, exit codes, logging.
+"""Command-line plumbing shared by the entry points: flags, exit codes, logging, platform.
 
 Exit codes (DESIGN.md §3): 0 finished or preempted-and-saved, 2 bad config or bad input. The
 config's constraints live beside its defaults (defaults.py) and are checked by s5scale.validate;
@@ -9,10 +9,10 @@ import os
 import runpy
 import sys
 
-from absl import flags, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from s5scale import config_schema, validate
+from s5scale import backend, config_schema, validate
 from s5scale.config_schema import ConfigError  # pylint: disable=unused-import  (re-exported)
 
 EXIT_BAD_INPUT = 2
@@ -29,7 +29,10 @@ def define_flags() -> None:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl parsing, then the config's constraints: a bad flag, unknown config key or invalid value
-  exits 2 (an unknown key lists the valid keys and what each allows)."""
+  exits 2 (an unknown key lists the valid keys and what each allows). Every entry point parses
+  here before it touches JAX, so this is also where a machine with no TPU or GPU picks the CPU
+  (backend.choose_platform), once for all of them: just before main, once absl logs."""
+  app.call_after_init(backend.choose_platform)
   keys = valid_config_keys(argv)
   overridden = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
   unknown = [k for k in overridden if keys and k not in keys]

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from s5scale import backend, baselines, checkpoint, cli, data, metrics, parallel, steps, validate
+from s5scale import baselines, checkpoint, cli, data, metrics, parallel, steps, validate
 from s5scale.data import audio as audio_lib
 from s5scale.nn.model import S5Model
 
@@ -46,6 +46,14 @@ def split_name(config) -> str:
   if settings.lowpass_hz:
     name += f"_lowpass{settings.lowpass_hz:g}"
   return name
+
+
+def eval_data_config(config):
+  """config.data as the eval job reads it: eval.batch_size and eval.seq_len where they are set."""
+  data_config = config.data.copy_and_resolve_references().unlock()
+  data_config.batch_size = config.eval.batch_size or data_config.batch_size
+  data_config.seq_len = config.eval.seq_len or data_config.seq_len
+  return data_config
 
 
 class Evaluator:
@@ -95,9 +103,7 @@ class Evaluator:
 
   def evaluate(self, params, batch_stats, split: str = SPLIT) -> dict:
     """split: "heldout", or "heldout/<name>" for one source of data.mixture."""
-    data_config = self.config.data.copy_and_resolve_references().unlock()
-    data_config.batch_size = self.config.eval.batch_size or data_config.batch_size
-    data_config.seq_len = self.config.eval.seq_len or data_config.seq_len
+    data_config = eval_data_config(self.config)
     batches = data.make_iterator(data_config, split, process_index=jax.process_index(),
                                  process_count=jax.process_count(), num_epochs=1)
     totals, num_batches, start, scored = None, 0, time.time(), []
@@ -280,7 +286,6 @@ def record_skip(workdir: str, step: int, split: str, why: str) -> None:
 
 def main(argv) -> int:
   del argv
-  backend.choose_platform()
   config, workdir = FLAGS.config, cli.workdir_path(FLAGS.workdir)
   try:
     return run_eval_job(config, workdir)

@@ -15,7 +15,7 @@ import numpy as np
 import soundfile
 from absl import app, flags, logging
 
-from s5scale import backend, checkpoint, cli, data, evaluate, parallel, validate
+from s5scale import checkpoint, cli, data, evaluate, parallel, validate
 from s5scale.data import audio as audio_lib
 from s5scale.nn.model import S5Model
 
@@ -94,7 +94,6 @@ def write_samples(workdir: str, step: int, data_config, tokens: np.ndarray, writ
 
 def main(argv) -> int:
   del argv
-  backend.choose_platform()
   try:
     return generate(FLAGS.config, cli.workdir_path(FLAGS.workdir), FLAGS.step)
   except (cli.ConfigError, data.DataError, checkpoint.CheckpointError) as error:

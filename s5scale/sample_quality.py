@@ -40,7 +40,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from s5scale import backend, checkpoint, cli, clip_scorer, data, evaluate, generate, metrics
+from s5scale import checkpoint, cli, clip_scorer, data, evaluate, generate, metrics
 from s5scale import parallel, sample_metrics
 from s5scale.nn.model import S5Model
 
@@ -170,7 +170,6 @@ class LMSampler:
 
 def main(argv) -> int:
   del argv
-  backend.choose_platform()
   try:
     return run()
   except (cli.ConfigError, data.DataError, checkpoint.CheckpointError) as error:

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 from absl import app, logging
 
-from s5scale import backend, checkpoint, cli, data, evaluate, metrics, optim, parallel, steps
+from s5scale import checkpoint, cli, data, evaluate, metrics, optim, parallel, steps
 from s5scale import validate
 from s5scale.nn.model import S5Model
 
@@ -26,7 +26,6 @@ FLAGS = cli.FLAGS
 
 def main(argv) -> int:
   del argv
-  backend.choose_platform()
   try:
     return train(FLAGS.config, cli.workdir_path(FLAGS.workdir), PREEMPTION)
   except (cli.ConfigError, data.DataError, checkpoint.CheckpointError) as error:

@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt
 from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from s5scale import backend, checkpoint, cli, data, evaluate, parallel, validate
+from s5scale import checkpoint, cli, data, evaluate, parallel, validate
 from s5scale.nn.model import S5Model
 
 FLAGS = flags.FLAGS
@@ -50,7 +50,7 @@ def context_curve(config, workdir: str, step: int | None, seq_lens: list[int]) -
   variables = checkpoint.restore_subset(
       manager, step, evaluate.abstract_eval_variables(model, config, mesh, sample))
   rows = []
-  batch_size = config.eval.batch_size or config.data.batch_size
+  batch_size = evaluate.eval_data_config(config).batch_size
   for seq_len in seq_lens:
     length_config = config.copy_and_resolve_references()
     length_config.eval.seq_len = seq_len
@@ -89,7 +89,6 @@ def plot(rows: list[dict], output: str, title: str) -> None:
 
 def main(argv) -> int:
   del argv
-  backend.choose_platform()
   try:
     seq_lens = [int(n) for n in FLAGS.seq_lens.split(",")]
     if not seq_lens or min(seq_lens) < 1:
