@@ -12,8 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 .PHONY: venv train test bench clean results results-text results-audio results-classify curves \
-	results-audio-whole-clips results-samples results-zero-shot results-classify-full-band results-context \
-	results-s4d-classify results-s4d-text
+	results-audio-whole-clips results-samples results-samples-60min results-zero-shot \
+	results-classify-full-band results-context results-s4d-classify results-s4d-text
 venv: $(VENV)/.installed
 
 # Train a byte-level LM on the embedded default corpus, then evaluate it (README "Results").
@@ -66,6 +66,18 @@ results-audio-whole-clips: venv $(DIGITS)/.complete
 	$(PY) -m s5scale.evaluate --config=configs/spoken_digits_lm.py --workdir=$(WHOLE_AUDIO_WORKDIR) \
 	  --step=950 $(WHOLE_AUDIO_FLAGS)
 	$(MAKE) results-samples AUDIO_WORKDIR=$(WHOLE_AUDIO_WORKDIR) SAMPLE_FLAGS="$(WHOLE_AUDIO_FLAGS) --step=950"
+
+# Issue 17's sample-quality budget: the results-audio recipe trained for 60 minutes (2,300 steps),
+# then held-out bits/sample at the end and every checkpoint's samples scored (README "Sample
+# quality").
+LONG_AUDIO_WORKDIR := workdirs/spoken_digits_lm_60min
+LONG_AUDIO_FLAGS := --config.train.num_steps=2300 --config.checkpoint.every_steps=575
+results-samples-60min: venv $(DIGITS)/.complete
+	$(PY) -m s5scale.train --config=configs/spoken_digits_lm.py --workdir=$(LONG_AUDIO_WORKDIR) \
+	  $(LONG_AUDIO_FLAGS)
+	$(PY) -m s5scale.evaluate --config=configs/spoken_digits_lm.py --workdir=$(LONG_AUDIO_WORKDIR) \
+	  --step=2300 $(LONG_AUDIO_FLAGS)
+	$(MAKE) results-samples AUDIO_WORKDIR=$(LONG_AUDIO_WORKDIR) SAMPLE_FLAGS="$(LONG_AUDIO_FLAGS)"
 
 # README "Sample quality": the audio LM's samples judged by the digit classifier (SaShiMi's SC09
 # protocol), beside held-out real clips (ceiling) and white noise (floor). Needs the workdirs of
