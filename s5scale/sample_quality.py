@@ -19,11 +19,11 @@ split alternately in two: the even ones are the real data that FID and AM compar
 ones give the ceiling (num_samples of them, spread evenly), so the ceiling is never compared with
 itself.
 
-Records: one per (LM checkpoint, classifier, generate.temperature, generate.top_p) in
-WORKDIR/eval/metrics.jsonl, split "samples", keys samples/{is,mis,am,fid,num_samples,
-class_counts,silent_fraction} (silent: no sample above -40 dBFS, which a classifier may still
-call a digit with confidence, so read IS beside it),
-samples/ceiling/..., samples/noise/..., and the sampling settings `temperature` and `top_p`
+Records: one per (LM checkpoint, classifier, generate.temperature, generate.top_p,
+generate.seed) in WORKDIR/eval/metrics.jsonl, split "samples", keys samples/{is,mis,am,fid,
+num_samples,class_counts,silent_fraction} (silent: no sample above -40 dBFS, which a classifier
+may still call a digit with confidence, so read IS beside it), samples/ceiling/...,
+samples/noise/..., and the sampling settings `temperature`, `top_p` and `seed`
 (and tensorboard scalars and the first few clips under WORKDIR/tb/samples). The --samples_dir
 form records into --workdir if given, else DIR itself, at --step (default 0). Each result is
 also printed as one JSON line; the last line on stdout holds is, mis, am, fid and num_samples.
@@ -99,8 +99,8 @@ def record(workdir: str, step: int, scores: dict, references: dict, scorer, clip
            sample_rate: int, sampling: dict) -> dict:
   """Appends the split-"samples" record, logs clips to tensorboard, prints the JSON line.
 
-  sampling: the sampler's temperature and top_p ({} for clips read from a directory), kept in
-  the record because the same checkpoint scores very differently at another temperature.
+  sampling: the sampler's temperature, top_p and seed ({} for clips read from a directory), kept
+  in the record because the same checkpoint scores very differently at another temperature.
   """
   flat = {f"{SPLIT}/{k}": v for k, v in scores.items()}
   for name in ("ceiling", "noise"):
@@ -147,11 +147,14 @@ class LMSampler:
     self.abstract = evaluate.abstract_eval_variables(self.model, config, mesh, self.prompt)
     self.sampler = generate.make_sampler(self.model, settings.length, settings.temperature,
                                          settings.top_p)
-    # What a record is keyed on besides step and classifier, and what names the clips' folder.
-    self.sampling = {"temperature": settings.temperature, "top_p": settings.top_p}
+    # What a record is keyed on besides step and classifier, and what names the clips' folder:
+    # another temperature or seed is another measurement of the same checkpoint.
+    self.sampling = {"temperature": settings.temperature, "top_p": settings.top_p,
+                     "seed": settings.seed}
 
   def wav_dir(self, step: int) -> str:
-    """Writes this checkpoint's samples to samples/quality/step_<step>[_t<T>_p<P>]/; returns it."""
+    """Writes this checkpoint's samples to samples/quality/step_<step>[_t<T>_p<P>][_s<seed>]/;
+    returns it."""
     manager = checkpoint.open_readonly(self.workdir)
     checkpoint.check_architecture(manager, step, self.config.to_dict())
     variables = {k: v for k, v in checkpoint.restore_subset(manager, step, self.abstract).items()
@@ -161,8 +164,9 @@ class LMSampler:
     logging.info("sampled %d x %d from step %d in %.1f s", *tokens.shape, step,
                  time.time() - start)
     # Other sampling settings get their own folder, so a sweep keeps every setting's clips.
-    tag = "" if self.sampling == {"temperature": 1.0, "top_p": 1.0} else (
+    tag = "" if (self.sampling["temperature"], self.sampling["top_p"]) == (1.0, 1.0) else (
         "_t{temperature:g}_p{top_p:g}".format(**self.sampling))
+    tag += f"_s{self.sampling['seed']}" if self.sampling["seed"] else ""
     subdir = os.path.join("quality", f"step_{step}{tag}")
     generate.write_samples(self.workdir, step, self.config.data, tokens, None, subdir=subdir)
     return os.path.join(self.workdir, "samples", subdir)

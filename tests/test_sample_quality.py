@@ -211,16 +211,17 @@ def test_sample_quality_scores_lm_samples_and_a_wav_dir_against_ceiling_and_floo
     assert record["samples/ceiling/accuracy"] == 1.0   # two tones: trivially separable
     assert record["samples/ceiling/label_counts"] == [ceiling_clips // 2] * 2
   assert len(list((lm / "samples" / "quality" / "step_4").glob("*.wav"))) == num_samples
-  assert all((r["temperature"], r["top_p"]) == (1.0, 1.0) for r in records)   # the defaults
-  # Another temperature is another result: both checkpoints are scored again, and only at it.
+  assert all((r["temperature"], r["top_p"], r["seed"]) == (1.0, 1.0, 0) for r in records)
+  # Another temperature or seed is another result: both checkpoints are scored again, at it.
   result = runs.run("sample_quality", "spoken_digits_lm.py", lm, lm_flags + [
-      f"--classifier_workdir={classifier}", "--num_samples=2", "--config.generate.temperature=0.5"])
+      f"--classifier_workdir={classifier}", "--num_samples=2", "--config.generate.temperature=0.5",
+      "--config.generate.seed=3"])
   assert result.returncode == 0, result.stderr[-3000:]
   records = [r for r in runs.read_jsonl(lm / "eval" / "metrics.jsonl") if r["split"] == "samples"]
-  assert [(r["step"], r["temperature"]) for r in records] == [(2, 1.0), (4, 1.0), (2, 0.5),
-                                                              (4, 0.5)]
+  assert [(r["step"], r["temperature"], r["seed"]) for r in records] == [
+      (2, 1.0, 0), (4, 1.0, 0), (2, 0.5, 3), (4, 0.5, 3)]
   quality = lm / "samples" / "quality"
-  assert len(list((quality / "step_4_t0.5_p1").glob("*.wav"))) == 2     # its own folder:
+  assert len(list((quality / "step_4_t0.5_p1_s3").glob("*.wav"))) == 2     # its own folder:
   assert len(list((quality / "step_4").glob("*.wav"))) == num_samples    # nothing overwritten
   # Two ceiling clips still hold both words, though held-out clips come one word after the
   # other (the first two odd clips are the same word).
