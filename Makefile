@@ -81,7 +81,7 @@ results-samples-60min: venv $(DIGITS)/.complete
 
 # README "Sample quality": the audio LM's samples judged by the digit classifier (SaShiMi's SC09
 # protocol), beside held-out real clips (ceiling) and white noise (floor). Needs the workdirs of
-# results-audio and results-classify. SAMPLE_FLAGS: e.g. --config.generate.temperature=0.9
+# results-audio and results-classify. SAMPLE_FLAGS: e.g. --step=1100 --config.generate.seed=1
 NUM_SAMPLES ?= 256
 SAMPLE_FLAGS ?=
 results-samples: venv $(DIGITS)/.complete
