@@ -41,7 +41,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from s5scale import checkpoint, cli, clip_scorer, data, evaluate, generate, metrics
-from s5scale import parallel, sample_metrics
+from s5scale import defaults, parallel, sample_metrics
 from s5scale.nn.model import S5Model
 
 SPLIT = "samples"
@@ -163,10 +163,13 @@ class LMSampler:
     tokens = np.asarray(self.sampler(variables, self.prompt, self.config.generate.seed))
     logging.info("sampled %d x %d from step %d in %.1f s", *tokens.shape, step,
                  time.time() - start)
-    # Other sampling settings get their own folder, so a sweep keeps every setting's clips.
-    tag = "" if (self.sampling["temperature"], self.sampling["top_p"]) == (1.0, 1.0) else (
-        "_t{temperature:g}_p{top_p:g}".format(**self.sampling))
-    tag += f"_s{self.sampling['seed']}" if self.sampling["seed"] else ""
+    # Settings other than defaults.py's get their own folder, so a sweep keeps every setting's
+    # clips.
+    default = defaults.base_config().generate
+    sampling = self.sampling
+    tag = "" if (sampling["temperature"], sampling["top_p"]) == (
+        default.temperature, default.top_p) else "_t{temperature:g}_p{top_p:g}".format(**sampling)
+    tag += f"_s{sampling['seed']}" if sampling["seed"] != default.seed else ""
     subdir = os.path.join("quality", f"step_{step}{tag}")
     generate.write_samples(self.workdir, step, self.config.data, tokens, None, subdir=subdir)
     return os.path.join(self.workdir, "samples", subdir)
