@@ -1,4 +1,5 @@
-"""orbax checkpoints (train state + every process's grain iterator + config) and preemption.
+"""Saving and restoring a run's train state with orbax (state + every process's grain iterator +
+config): the trainer's side, and the reads the eval and sampling jobs build on.
 
 Orbax writes each step to a temporary directory and renames it when complete, so a save killed
 midway is never listed. A step whose files are damaged is passed over for the previous one.
@@ -257,7 +258,7 @@ def set_aside(manager, step: int) -> None:
   manager.reload()
 
 
-def restore_params(workdir_or_dir: str, abstract_params):
+def restore_init_params(workdir_or_dir: str, abstract_params):
   """Parameters only, from another run's latest checkpoint (fine-tuning from `init_from`)."""
   manager = open_readonly(workdir_or_dir)
   step = manager.latest_step()

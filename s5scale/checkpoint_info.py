@@ -1,5 +1,7 @@
-"""Reading a workdir's checkpoints without a model: steps, saved config, parameter tree, export.
+"""Reading a workdir's checkpoints without a model: steps, damage, parameter tree, export.
 
+The boundary: checkpoint.py writes and restores a run's train state for the trainer and the
+jobs that follow it; this module only inspects what is on disk, needing no config or model code.
 tools/inspect_checkpoint.py is the command line; this is the library behind it. Everything goes
 through orbax (checkpoint.open_readonly, checkpoint.restore_subset), and parameters are restored
 onto this host's first device from the shapes and dtypes orbax recorded, so no config or model
@@ -64,10 +66,6 @@ def _check_arrays(tree: dict, directory: str) -> None:
     raise FileNotFoundError(f"{directory}/state is missing")
 
 
-def saved_config(workdir: str, step: int) -> dict:
-  return checkpoint.saved_config(checkpoint.open_readonly(workdir), step)
-
-
 def flatten(tree, prefix: str = "") -> dict:
   """Nested dicts -> {"a/b/c": leaf}; empty subtrees and None leaves are dropped."""
   flat = {}
@@ -97,7 +95,7 @@ def param_shapes(workdir: str, step: int) -> dict:
           for name, leaf in flatten(params).items()}
 
 
-def restore_params(workdir: str, step: int) -> dict:
+def params_as_numpy(workdir: str, step: int) -> dict:
   """The saved parameters of `step` as host NumPy arrays, {"blocks/ssm/B": array}."""
   manager = checkpoint.open_readonly(workdir)
   params_metadata = state_metadata(manager, step)["params"]

@@ -1,8 +1,9 @@
-"""Command-line plumbing shared by the entry points: flags, exit codes, logging, platform.
+"""Command-line plumbing shared by the programs: flags, exit codes, logging, platform.
 
-Exit codes (DESIGN.md §3): 0 finished or preempted-and-saved, 2 bad config or bad input. The
-config's constraints live beside its defaults (defaults.py) and are checked by s5scale.validate;
-parse_flags runs that check, so no entry point compiles or reads anything with a bad config.
+Exit codes (docs/design.md, "Exit codes"): 0 finished or preempted-and-saved, 2 bad config or
+bad input. The config's constraints live beside its defaults (defaults.py) and are checked by
+config_check.py; parse_flags runs that check, so no program compiles or reads anything with a
+bad config.
 """
 
 import os
@@ -12,7 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from s5scale import backend, config_schema, validate
+from s5scale import backend, config_check, config_schema
 from s5scale.config_schema import ConfigError  # pylint: disable=unused-import  (re-exported)
 
 EXIT_BAD_INPUT = 2
@@ -38,7 +39,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   unknown = [k for k in overridden if keys and k not in keys]
   if unknown:
     print(f"error: unknown config key(s) {', '.join(unknown)}; valid --config.* keys:\n  "
-          + "\n  ".join(f"{k}: {validate.allowed(k)}" for k in keys), file=sys.stderr)
+          + "\n  ".join(f"{k}: {config_check.allowed(k)}" for k in keys), file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
   try:
     remaining = FLAGS(argv)
@@ -47,7 +48,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     print(f"error: bad flag or config override: {error}", file=sys.stderr)
     named = [k for k in overridden if f"config.{k}=" in str(error)]
     if named:  # a value of the wrong type: say what that key allows
-      print("\n".join(f"  {k} must be {validate.allowed(k)}" for k in named), file=sys.stderr)
+      print("\n".join(f"  {k} must be {config_check.allowed(k)}" for k in named), file=sys.stderr)
     elif keys:
       print("valid --config.* keys:\n  " + "\n  ".join(keys), file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
@@ -62,7 +63,7 @@ def exit_if_invalid(config) -> None:
   if config is None:
     return
   try:
-    validate.check(config)
+    config_check.check(config)
   except ConfigError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
@@ -77,42 +78,15 @@ def valid_config_keys(argv: list[str]) -> list[str]:
   return sorted(config_schema.flat_values(config)) if config is not None else []
 
 
-def fill_num_classes(config) -> None:
-  """Classification: model.num_classes=0 becomes the data's label-folder count; any other value
-  must equal it (a head of the wrong width would train without error, on the wrong classes)."""
-  if config.model.task != "classify":
-    return
-  from s5scale import data  # pylint: disable=g-import-not-at-top  (grain: only when needed)
-  found = data.num_classes(config.data)
-  if config.model.num_classes == 0:
-    config.model.num_classes = found
-  elif config.model.num_classes != found:
-    raise ConfigError(f"model.num_classes={config.model.num_classes} but data.source="
-                      f"{config.data.source!r} has {found} label folders: "
-                      f"{data.label_names(config.data)}")
-
-
-# model.layer -> {SSM module field: config.model key}
-SSM_KEYS = {
-    "s5": {k: k for k in ("ssm_size", "blocks", "conj_sym", "bidirectional", "discretization",
-                          "c_init", "dt_min", "dt_max", "clip_eigs", "step_rescale", "scan_impl")},
-    "s4d": {"state_size": "s4d_state_size", "lambda_init": "s4d_init",
-            **{k: k for k in ("bidirectional", "dt_min", "dt_max", "clip_eigs", "step_rescale")}},
-}
-
-
-def model_kwargs(model_config) -> dict:
-  """S5Model fields from config.model (the SSM layer's own fields grouped in ssm_kwargs)."""
-  import jax.numpy as jnp
-  model_keys = ("task", "input_kind", "vocab_size", "num_classes", "num_layers", "d_model", "norm",
-                "prenorm", "activation", "mlp_ratio", "dropout", "pooling", "scan_layers", "remat",
-                "layer")
-  kwargs = {k: model_config[k] for k in model_keys}
-  kwargs["ssm_kwargs"] = {field: model_config[key]
-                          for field, key in SSM_KEYS[model_config.layer].items()}
-  kwargs["compute_dtype"] = jnp.dtype(model_config.compute_dtype)
-  kwargs["residual_dtype"] = jnp.dtype(model_config.residual_dtype)
-  return kwargs
+def exit_code(program, *args) -> int:
+  """program(*args)'s exit code; a bad config, bad data or unusable checkpoint is logged with its
+  message (no traceback) and exits 2."""
+  from s5scale import checkpoint, data  # pylint: disable=g-import-not-at-top  (jax, grain)
+  try:
+    return program(*args)
+  except (ConfigError, data.DataError, checkpoint.CheckpointError) as error:
+    logging.error("%s: %s", type(error).__name__, error)
+    return EXIT_BAD_INPUT
 
 
 def workdir_path(workdir: str) -> str:

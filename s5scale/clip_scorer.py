@@ -14,30 +14,14 @@ zero-padded with mask 0.
 
 import glob
 import itertools
-import json
 import os
 
 import jax
-import ml_collections
 import numpy as np
 
-from s5scale import checkpoint, cli, data, defaults, evaluate, parallel, steps
+from s5scale import cli, data, inference, steps
 from s5scale.data import audio as audio_lib
 from s5scale.nn.model import S5Model
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """WORKDIR/config.json over today's defaults (a key added since the run keeps its default)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise checkpoint.CheckpointError(f"{path} does not exist: not a training workdir")
-  with open(path) as f:
-    saved = json.load(f)
-  config = defaults.base_config()
-  for section, values in saved.items():
-    if section in config and isinstance(values, dict):
-      config[section].update({k: v for k, v in values.items() if k in config[section]})
-  return config
 
 
 def fixed_length(waveform: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -86,8 +70,8 @@ class ClipScorer:
 
   def __init__(self, config, variables: dict, step: int, workdir: str):
     self.config, self.step, self.workdir = config, step, workdir
-    self.model = S5Model(**cli.model_kwargs(config.model))
-    self.variables = {k: v for k, v in variables.items() if v}
+    self.model = S5Model.from_config(config.model)
+    self.variables = variables
     self.batch_size = config.eval.batch_size or config.data.batch_size
     self._score = jax.jit(lambda variables, inputs, mask: self.model.apply(
         variables, inputs, mask=mask, method=S5Model.pooled_features))
@@ -100,25 +84,16 @@ class ClipScorer:
     recompute_batch_stats: None keeps the run's eval.recompute_batch_stats; N > 0 recomputes
     BatchNorm statistics on its first N training batches (s5scale/steps.py), 0 keeps them as saved.
     """
-    config = load_run_config(workdir)
+    config = inference.load_run_config(workdir)
     if config.model.task != "classify" or config.model.num_classes < 1:
       raise cli.ConfigError(f"{workdir}/config.json: model.task={config.model.task!r} with "
                             f"model.num_classes={config.model.num_classes}; the judge must be a "
                             "trained classifier")
-    manager = checkpoint.open_readonly(workdir)
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-      raise checkpoint.CheckpointError(f"classifier step {step} not found in {manager.directory}; "
-                                       f"available {sorted(manager.all_steps())}")
-    mesh = parallel.make_mesh({**config.mesh, "data": -1, "fsdp": 1, "model": 1},
-                              jax.devices()[:1])
-    model = S5Model(**cli.model_kwargs(config.model))
-    sample = data.example_batch(config.data, 1)["inputs"]
-    abstract = evaluate.abstract_eval_variables(model, config, mesh, sample)
-    variables = checkpoint.restore_subset(manager, step, abstract)
+    mesh = inference.data_parallel_mesh(config, jax.devices()[:1])
+    model, variables, step, _ = inference.restore_model(workdir, config, step, mesh)
     if recompute_batch_stats is None:
       recompute_batch_stats = config.eval.recompute_batch_stats
-    if recompute_batch_stats and variables["batch_stats"]:
+    if recompute_batch_stats and variables.get("batch_stats"):
       train_batches = data.make_iterator(config.data, "train")
       variables["batch_stats"] = steps.recompute_batch_stats(
           jax.jit(steps.make_batch_statistics_step(model)), variables["params"],

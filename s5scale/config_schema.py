@@ -1,10 +1,9 @@
-"""Declarative config constraints, and the one validator that checks a resolved config.
+"""Declarative config constraints: the machinery that config_check.py runs over defaults.py.
 
 defaults.py declares each key as `name=field(default, constraint)`, and rules that tie keys
 together as `Rule(keys, holds, allowed)`. `violations(config)` checks a resolved config against
-them and names, for each violation, the key, its value and what is allowed. It imports neither jax
-nor the model, so the launcher can run it on a machine with no accelerator stack
-(`python -m s5scale.validate_config`).
+them and names, for each violation, the key, its value and what is allowed. It imports nothing
+from the rest of s5scale.
 
 Constraints: Int, Real, OneOf, Bool, Text, and Check(predicate, allowed) for anything else (a
 dict- or list-valued key). Each knows `accepts(value)` and says `allowed`.

@@ -2,8 +2,8 @@
 
 Experiment files in configs/ start from `base_config()` and change what they need. Keeping all keys
 here means an unknown `--config.x.y` override is caught (ml_collections configs are locked), and the
-error can list the valid keys. `s5scale.validate` checks a resolved config against CONSTRAINTS and
-RULES before anything is compiled or read; a violation exits 2 naming the key.
+error can list the valid keys. config_check.py checks a resolved config against CONSTRAINTS
+and RULES before anything is compiled or read; a violation exits 2 naming the key.
 
 Adding a key is one line in its section: `name=f(default, Int(ge=1)),  # what it is` (f is
 config_schema.field; constraints: Int, Real, OneOf, Bool, Text, Check). A rule that ties keys

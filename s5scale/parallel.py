@@ -1,4 +1,6 @@
-"""Device mesh, logical axis rules and shardings; multi-process initialisation (DESIGN.md §4)."""
+"""Device mesh, logical axis rules and shardings; multi-process initialisation.
+
+docs/design.md, "Mesh and logical axes", describes the rules."""
 
 import contextlib
 import os

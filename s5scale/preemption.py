@@ -1,7 +1,10 @@
-"""SIGTERM → a clean stop at a step every process agrees on (DESIGN.md §5).
+"""SIGTERM → a clean stop at a step every process agrees on.
 
-Kept free of heavy imports so train.py can install the handler before importing JAX: a SIGTERM
-during start-up, compilation or restore is then remembered instead of killing the process.
+docs/design.md, "Checkpoints and preemption", gives the contract.
+
+Kept free of heavy imports so the train program (s5scale/train.py) can install the handler
+before importing JAX: a SIGTERM during start-up, compilation or restore is then remembered
+instead of killing the process.
 """
 
 import os

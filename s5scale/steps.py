@@ -1,4 +1,4 @@
-"""Loss, train step and eval step, shared by train.py, evaluate.py and generate.py.
+"""Loss, train step and eval step, shared by training, evaluation and sampling.
 
 Every metric is accumulated as sums (negative log-likelihood, weights, bytes, correct) so that
 micro-batches, padded eval batches and whole splits aggregate exactly.

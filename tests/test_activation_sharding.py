@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from s5scale import cli, hlo_stats, parallel
+from s5scale import hlo_stats, parallel
 from s5scale.nn.blocks import ResidualBlock
 from s5scale.nn.model import S5Model
-from tests import runs
-from tests.test_mesh import hlo_computations, reachable, tiny_config, train_in_process
+from tests import helpers
+from tests.helpers import hlo_computations, reachable, tiny_config, train_in_process
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
@@ -31,11 +31,11 @@ BATCH, LENGTH = 8, 32
 
 
 def test_same_losses_on_every_mesh_with_h_sharded_activations(tmp_path):
-  flags = runs.overrides(train__num_steps=3, checkpoint__every_steps=100,
+  flags = helpers.overrides(train__num_steps=3, checkpoint__every_steps=100,
                          model__activation="full_glu", model__mlp_ratio=2)
-  single = runs.run("train", "text_small.py", tmp_path / "1x1x1", flags, devices=1)
+  single = helpers.run("train", "text_small.py", tmp_path / "1x1x1", flags, devices=1)
   assert single.returncode == 0, single.stderr[-3000:]
-  reference = runs.losses(tmp_path / "1x1x1")
+  reference = helpers.losses(tmp_path / "1x1x1")
   assert sorted(reference) == [1, 2, 3]
   for remat in ("none", "full"):
     for mesh in ((4, 1, 2), (2, 1, 4), (1, 1, 8)):
@@ -58,7 +58,7 @@ def test_each_device_holds_h_over_model_of_the_residual_stream():
   config = tiny_config(mesh__data=2, mesh__fsdp=1, mesh__model=4, model__scan_layers=False,
                        **ALL_GROUPS)
   mesh = parallel.make_mesh(config.mesh)
-  model = S5Model(**cli.model_kwargs(config.model))
+  model = S5Model.from_config(config.model)
   tokens = np.zeros((BATCH, LENGTH), np.int32)
   shardings, _ = _sharded_variables(model, mesh, tokens)
   variables = jax.jit(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), tokens)),
@@ -83,7 +83,7 @@ def test_each_device_holds_h_over_model_of_the_residual_stream():
 def _forward_hlo(config, devices, length) -> str:
   """The compiled forward pass (parameters in, logits out) on the config's mesh over devices."""
   mesh = parallel.make_mesh(config.mesh, devices)
-  model = S5Model(**cli.model_kwargs(config.model))
+  model = S5Model.from_config(config.model)
   tokens = np.zeros((BATCH, length), np.int32)
   shardings, abstract = _sharded_variables(model, mesh, tokens)
 
@@ -145,15 +145,15 @@ def test_no_collective_inside_a_loop_over_time_with_h_sharded_activations():
   config = tiny_config(mesh__data=1, mesh__fsdp=1, mesh__model=8, model__remat="full",
                        **ALL_GROUPS)
   mesh = parallel.make_mesh(config.mesh)
-  from s5scale import train as train_lib
+  from s5scale import training
   sample = {"inputs": np.zeros((BATCH, LENGTH), np.int32),
             "targets": np.zeros((BATCH, LENGTH), np.int32),
             "mask": np.ones((BATCH, LENGTH), np.float32), "reset": np.zeros((BATCH, LENGTH), bool),
             "target_bytes": np.ones((BATCH, LENGTH), np.int32)}
-  model, optimizer, schedule, abstract_state, shardings = train_lib.build_model_and_state(
+  model, optimizer, schedule, abstract_state, shardings = training.build_model_and_state(
       config, mesh, sample)
-  text = train_lib.jit_train_step(config, mesh, model, optimizer, schedule, shardings).lower(
-      abstract_state, train_lib.abstract_batch(sample, mesh)).compile().as_text()
+  text = training.jit_train_step(config, mesh, model, optimizer, schedule, shardings).lower(
+      abstract_state, training.abstract_batch(sample, mesh)).compile().as_text()
   computations = hlo_computations(text)
   bodies = re.findall(r"while\(.*body=%?([\w.\-]+)", "\n".join(computations.values()))
   # Loops over time hold no further loop; the layer scan around them may communicate.
@@ -170,7 +170,7 @@ def _saved_residuals(remat: str, residual_dtype: str) -> list[str]:
   """jax's own list of what the backward pass keeps: one line per residual."""
   config = tiny_config(model__remat=remat, model__residual_dtype=residual_dtype,
                        model__num_layers=3, **ALL_GROUPS)
-  model = S5Model(**cli.model_kwargs(config.model))
+  model = S5Model.from_config(config.model)
   tokens = jnp.zeros((BATCH, LENGTH), jnp.int32)
   params = model.init(jax.random.PRNGKey(0), tokens)["params"]
   printed = io.StringIO()
@@ -204,7 +204,7 @@ def test_bfloat16_residual_stream_keeps_float32_parameters_and_close_losses(tmp_
   np.testing.assert_allclose([results["bfloat16"][s] for s in (1, 2, 3)],
                              [results["float32"][s] for s in (1, 2, 3)], rtol=2e-2)
   config = tiny_config(model__residual_dtype="bfloat16")
-  model = S5Model(**cli.model_kwargs(config.model))
+  model = S5Model.from_config(config.model)
   params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                              jnp.zeros((BATCH, LENGTH), jnp.int32)))
   assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}

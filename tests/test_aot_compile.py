@@ -22,7 +22,7 @@ from jax.sharding import Mesh, PartitionSpec
 from s5scale import data
 from s5scale import defaults
 from s5scale import hlo_stats
-from tests import runs
+from tests import helpers
 
 GiB = 2**30
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -34,8 +34,8 @@ needs_libtpu = pytest.mark.skipif(
 def aot_compile(*flags, timeout=300) -> tuple[subprocess.CompletedProcess, dict | None]:
   """Runs the tool in a second process; returns it and its JSON line (None if it printed none)."""
   process = subprocess.run(
-      [sys.executable, os.path.join(runs.REPO, "tools", "aot_compile.py"), *flags],
-      env=runs.env_for(1), capture_output=True, text=True, timeout=timeout, cwd=runs.REPO)
+      [sys.executable, os.path.join(helpers.REPO, "tools", "aot_compile.py"), *flags],
+      env=helpers.env_for(1), capture_output=True, text=True, timeout=timeout, cwd=helpers.REPO)
   lines = [line for line in process.stdout.splitlines() if line.startswith("{")]
   return process, (json.loads(lines[-1]) if lines else None)
 
@@ -195,7 +195,7 @@ def test_offload_remat_compiles_for_tpu_and_keeps_block_inputs_in_host_memory():
 
 
 def test_sweep_table_has_one_row_per_compiled_result(tmp_path):
-  sys.path.insert(0, os.path.join(runs.REPO, "tools"))
+  sys.path.insert(0, os.path.join(helpers.REPO, "tools"))
   import aot_sweep  # pylint: disable=g-import-not-at-top
   result = dict(config="configs/audio_large.py", topology="v5e:16x16", num_slices=2,
                 overrides=["--config.data.batch_size=256"], num_params=1_075_500_000, seq_len=131072,
@@ -207,9 +207,9 @@ def test_sweep_table_has_one_row_per_compiled_result(tmp_path):
                 error="RESOURCE_EXHAUSTED: 20G of 16G")
   path = tmp_path / "results.jsonl"
   path.write_text(json.dumps(result) + "\n" + json.dumps(failed) + "\n")
-  process = subprocess.run([sys.executable, os.path.join(runs.REPO, "tools", "aot_sweep.py"),
+  process = subprocess.run([sys.executable, os.path.join(helpers.REPO, "tools", "aot_sweep.py"),
                             f"--from_json={path}"], capture_output=True, text=True, timeout=60,
-                           env=runs.env_for(1))
+                           env=helpers.env_for(1))
   assert process.returncode == 1  # a row that does not fit
   rows = [line for line in process.stdout.splitlines() if line.startswith("| audio")
           or line.startswith("| text")]

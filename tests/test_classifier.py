@@ -1,7 +1,6 @@
 """Issue 9: the Speech Commands classifier path. Oracles: a float64 NumPy batch normalisation,
 label folders and a SHA-1 speaker split counted on disk, and the eval records written to disk."""
 
-import hashlib
 
 import flax.linen as nn
 import jax
@@ -9,10 +8,11 @@ import numpy as np
 import pytest
 import soundfile
 
-from s5scale import cli, defaults
+from s5scale import config_schema, data, defaults
 from s5scale.data import transforms
 from s5scale.nn.blocks import Norm
-from tests import runs
+from tests import helpers
+from tests.helpers import SAMPLE_RATE, SPEAKERS, WORDS, heldout_speakers, speech_commands_tree
 
 
 def test_batch_norm_pools_batch_and_time_and_tracks_running_statistics():
@@ -32,62 +32,39 @@ def test_batch_norm_pools_batch_and_time_and_tracks_running_statistics():
                              atol=1e-4)
 
 
-SAMPLE_RATE = 4000
-SPEAKERS = [f"spk{i}" for i in range(12)]
-WORDS = {"low": 200.0, "high": 1100.0}
-
-
-def _speech_commands_tree(root):
-  """root/<word>/<speaker>_nohash_0.wav: a tone per word, 0.1 s, with speaker-dependent phase."""
-  time = np.arange(SAMPLE_RATE // 10) / SAMPLE_RATE
-  for word, frequency in WORDS.items():
-    (root / word).mkdir(parents=True)
-    for number, speaker in enumerate(SPEAKERS):
-      tone = 0.5 * np.sin(2 * np.pi * frequency * time + number)
-      soundfile.write(root / word / f"{speaker}_nohash_0.wav", tone, SAMPLE_RATE, subtype="PCM_16")
-  (root / "_background_noise_").mkdir()
-  soundfile.write(root / "_background_noise_" / "noise.wav",
-                  np.random.default_rng(0).normal(0, 0.1, SAMPLE_RATE), SAMPLE_RATE)
-
-
-def _heldout_speakers(fraction):
-  return [s for s in SPEAKERS
-          if int.from_bytes(hashlib.sha1(s.encode()).digest()[:8], "big") / 2**64 < fraction]
-
-
 def test_num_classes_comes_from_the_label_folders(tmp_path):
-  _speech_commands_tree(tmp_path)
+  speech_commands_tree(tmp_path)
   config = defaults.base_config()
   config.model.task = config.data.task = "classify"
   config.data.kind, config.data.source = "audio", str(tmp_path)
-  cli.fill_num_classes(config)
+  data.fill_num_classes(config)
   assert config.model.num_classes == len(WORDS)      # _background_noise_ is not a class
   config.model.num_classes = 5
-  with pytest.raises(cli.ConfigError, match="model.num_classes=5"):
-    cli.fill_num_classes(config)
+  with pytest.raises(config_schema.ConfigError, match="model.num_classes=5"):
+    data.fill_num_classes(config)
 
 
 @pytest.mark.slow
 def test_speech_commands_config_trains_and_evaluates_zero_shot_at_half_rate(tmp_path):
   source = tmp_path / "sc"
-  _speech_commands_tree(source)
+  speech_commands_tree(source)
   fraction = 0.3
-  heldout = _heldout_speakers(fraction)
+  heldout = heldout_speakers(fraction)
   assert 0 < len(heldout) < len(SPEAKERS)
   workdir = tmp_path / "run"
-  common = runs.overrides(data__source=source, data__heldout_fraction=fraction,
+  common = helpers.overrides(data__source=source, data__heldout_fraction=fraction,
                           data__batch_size=4, eval__max_batches=0, train__num_steps=40,
                           checkpoint__every_steps=40, eval__every_steps=0,
                           optim__learning_rate=1e-2, model__dropout=0.0)
   full_rate = [f"--config.data.sample_rate={SAMPLE_RATE}", "--config.data.seq_len=400"]
-  result = runs.run("train", "speech_commands.py", workdir, common + full_rate)
+  result = helpers.run("train", "speech_commands.py", workdir, common + full_rate)
   assert result.returncode == 0, result.stderr[-3000:]
   for flags in (full_rate, [f"--config.data.sample_rate={SAMPLE_RATE // 2}",
                             "--config.data.seq_len=200", "--config.eval.step_rescale=2"]):
-    result = runs.run("evaluate", "speech_commands.py", workdir, common + flags + ["--all"])
+    result = helpers.run("evaluate", "speech_commands.py", workdir, common + flags + ["--all"])
     assert result.returncode == 0, result.stderr[-3000:]
 
-  records = {r["split"]: r for r in runs.read_jsonl(workdir / "eval" / "metrics.jsonl")}
+  records = {r["split"]: r for r in helpers.read_jsonl(workdir / "eval" / "metrics.jsonl")}
   assert set(records) == {"heldout", "heldout_step_rescale2"}
   for split, record in records.items():
     assert record["step"] == 40
@@ -96,7 +73,7 @@ def test_speech_commands_config_trains_and_evaluates_zero_shot_at_half_rate(tmp_
   assert records["heldout"]["heldout/accuracy"] == 1.0
   assert records["heldout_step_rescale2"]["heldout_step_rescale2/accuracy"] >= 0.75
 
-  wrong = runs.run("evaluate", "speech_commands.py", workdir,
+  wrong = helpers.run("evaluate", "speech_commands.py", workdir,
                    common + full_rate + ["--all", "--config.model.num_classes=3"])
   assert wrong.returncode == 2 and "model.num_classes=3" in wrong.stderr
 

@@ -3,15 +3,15 @@
 import subprocess
 import sys
 
-from tests import runs
+from tests import helpers
 
 
 def test_train_without_jax_platforms_prints_no_libtpu_errors(tmp_path):
-  env = runs.env_for()
+  env = helpers.env_for()
   del env["JAX_PLATFORMS"]  # as a user runs it: nothing chosen
-  flags = runs.overrides(train__num_steps=2, checkpoint__every_steps=2, eval__every_steps=0)
-  result = subprocess.run(runs.command("train", "text_small.py", tmp_path, flags), env=env,
-                          capture_output=True, text=True, timeout=600, cwd=runs.REPO)
+  flags = helpers.overrides(train__num_steps=2, checkpoint__every_steps=2, eval__every_steps=0)
+  result = subprocess.run(helpers.command("train", "text_small.py", tmp_path, flags), env=env,
+                          capture_output=True, text=True, timeout=600, cwd=helpers.REPO)
   output = result.stdout + result.stderr
   assert result.returncode == 0, output[-3000:]
   bad = [line for line in output.splitlines()
@@ -22,7 +22,7 @@ def test_train_without_jax_platforms_prints_no_libtpu_errors(tmp_path):
 
 def platform_chosen(tpu_present: bool, jax_platforms=None) -> str:
   """jax_platforms after backend.choose_platform in a fresh process (no backend is started)."""
-  env = runs.env_for()
+  env = helpers.env_for()
   del env["JAX_PLATFORMS"]
   if jax_platforms is not None:
     env["JAX_PLATFORMS"] = jax_platforms
@@ -31,7 +31,7 @@ def platform_chosen(tpu_present: bool, jax_platforms=None) -> str:
           "backend.gpu_present = lambda: False\n"
           "backend.choose_platform(); print(repr(jax.config.jax_platforms))")
   result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=120, cwd=runs.REPO)
+                          timeout=120, cwd=helpers.REPO)
   assert result.returncode == 0, result.stderr[-2000:]
   return result.stdout.strip()
 

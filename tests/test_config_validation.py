@@ -10,10 +10,10 @@ import sys
 import ml_collections
 import pytest
 
-from s5scale import cli, config_schema, defaults, validate
-from tests import runs
+from s5scale import cli, config_check, config_schema, defaults
+from tests import helpers
 
-TEXT_SMALL = os.path.join(runs.REPO, "configs", "text_small.py")
+TEXT_SMALL = os.path.join(helpers.REPO, "configs", "text_small.py")
 
 # Values that must be refused, written by hand for each key: negative rates and step counts,
 # unknown choices, wrong types, zero and negative sizes. The test below fails when a key is
@@ -174,7 +174,7 @@ def test_fuzz_table_covers_every_key():
 
 
 def test_defaults_and_every_config_file_are_valid():
-  paths = sorted(glob.glob(os.path.join(runs.REPO, "configs", "*.py")))
+  paths = sorted(glob.glob(os.path.join(helpers.REPO, "configs", "*.py")))
   assert len(paths) >= 6  # text/audio small and large, spoken digits, speech commands
   configs = {"defaults": defaults.base_config()}
   configs.update({path: runpy.run_path(path)["get_config"]() for path in paths})
@@ -234,18 +234,18 @@ def test_mesh_checked_again_once_devices_fill_in_minus_one():
   import jax
   devices = jax.devices()[:8]
   config = text_small_with({"data.batch_size": 4, "mesh.data": -1})
-  validate.check(config)  # the config alone cannot know that -1 means 8 here
+  config_check.check(config)  # the config alone cannot know that -1 means 8 here
   with pytest.raises(config_schema.ConfigError, match=r"data.batch_size=4.*mesh.data=8"):
-    validate.check_on_devices(config, devices, process_count=1)
+    config_check.check_on_devices(config, devices, process_count=1)
   with pytest.raises(config_schema.ConfigError, match="process count"):
-    validate.check_on_devices(text_small_with({"data.batch_size": 8}), devices, process_count=3)
+    config_check.check_on_devices(text_small_with({"data.batch_size": 8}), devices, process_count=3)
 
 
 # ---------------------------------------------------------------- real processes: exit codes
 
 def run_module(args: list[str], timeout=300) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, *args], env=runs.env_for(), capture_output=True,
-                        text=True, timeout=timeout, cwd=runs.REPO)
+  return subprocess.run([sys.executable, *args], env=helpers.env_for(), capture_output=True,
+                        text=True, timeout=timeout, cwd=helpers.REPO)
 
 
 @pytest.mark.parametrize("entry, flag, named", [
@@ -281,9 +281,9 @@ def test_tpu_pod_validates_before_any_cloud_call(tmp_path):
   calls = tmp_path / "calls"
   (tmp_path / "gcloud").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
   (tmp_path / "gcloud").chmod(0o755)
-  result = subprocess.run([os.path.join(runs.REPO, "launch", "tpu_pod.sh"),
+  result = subprocess.run([os.path.join(helpers.REPO, "launch", "tpu_pod.sh"),
                            "configs/text_small.py", "--config.optim.learning_rate=-1"],
-                          cwd=runs.REPO, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 2, result.stderr[-3000:]
   assert "optim.learning_rate=-1.0" in result.stderr
   assert not calls.exists()
@@ -304,7 +304,7 @@ def test_a_dict_valued_key_is_one_value_with_its_own_check():
 # At or above Nyquist is allowed (nothing to remove: the 16 kHz recipe evaluated at 8 kHz).
 @pytest.mark.parametrize("cutoff_hz, code", [(3999.0, 0), (0.0, 2), (8000.0, 0)])
 def test_bandlimit_needs_a_cutoff(cutoff_hz, code, capsys):
-  values = runpy.run_path(os.path.join(runs.REPO, "configs", "speech_commands.py"))[
+  values = runpy.run_path(os.path.join(helpers.REPO, "configs", "speech_commands.py"))[
       "get_config"]().to_dict()
   values["data"].update(bandlimit_prob=0.5, bandlimit_hz=cutoff_hz)
   exit_code, stderr = exit_code_and_stderr(ml_collections.ConfigDict(values), capsys)

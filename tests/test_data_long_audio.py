@@ -19,7 +19,7 @@ from s5scale import data
 from s5scale import defaults
 from s5scale.data import audio
 from s5scale.data import split
-from tests import runs
+from tests import helpers
 
 RATE = 16000
 MINUTES = 10
@@ -115,9 +115,9 @@ def test_prepare_audio_chunks_long_files_and_keeps_each_file_in_one_split(tmp_pa
     soundfile.write(raw / name, originals[name], RATE, subtype="PCM_16")
   out = tmp_path / "shards"
   result = subprocess.run(
-      [sys.executable, f"{runs.REPO}/tools/prepare_audio.py", f"--source={raw}",
+      [sys.executable, f"{helpers.REPO}/tools/prepare_audio.py", f"--source={raw}",
        f"--output={out}", "--sample_rate=16000", "--chunk_seconds=2", "--num_shards=1",
-       "--num_workers=1"], capture_output=True, text=True, timeout=300, env=runs.env_for())
+       "--num_workers=1"], capture_output=True, text=True, timeout=300, env=helpers.env_for())
   assert result.returncode == 0, result.stderr[-3000:]
   (sidecar,) = [json.loads(path.read_text()) for path in out.glob("*.json")]
   # 7.3 s -> 2 + 2 + 2 + 1.3 (kept: over a quarter chunk); 2.0 s and 0.5 s stay whole.

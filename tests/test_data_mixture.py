@@ -19,7 +19,7 @@ import soundfile
 
 from s5scale import data
 from s5scale import defaults
-from tests import runs
+from tests import helpers
 
 PAD = 256
 
@@ -104,7 +104,7 @@ def test_an_interrupted_mixture_resumes_bit_for_bit_in_a_new_process(tmp_path):
   iterator = data.make_iterator(config, "train", process_index=1, process_count=2)
   _take(iterator, 6)
   (tmp_path / "state.json").write_text(json.dumps(iterator.get_state()))
-  script = _RESUME_SCRIPT.format(repo=runs.REPO, config=json.dumps(config.to_dict()), index=1,
+  script = _RESUME_SCRIPT.format(repo=helpers.REPO, config=json.dumps(config.to_dict()), index=1,
                                  state_path=str(tmp_path / "state.json"), count=8,
                                  out=str(tmp_path / "resumed.npz"))
   subprocess.run([sys.executable, "-c", script], check=True, timeout=120,
@@ -162,14 +162,14 @@ def test_a_mixture_with_source_and_a_bad_entry_are_errors(tmp_path):
 def test_training_counts_each_source_and_eval_reports_each_heldout_split(tmp_path):
   config = _text_config(tmp_path)
   workdir = tmp_path / "run"
-  result = runs.run("train", "text_small.py", workdir, runs.overrides(
+  result = helpers.run("train", "text_small.py", workdir, helpers.overrides(
       data__mixture=config.mixture, data__heldout_fraction=0.2, train__num_steps=2,
       eval__every_steps=2, eval__max_batches=0, eval__compressor_baselines=False,
       checkpoint__every_steps=100), timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  last = runs.read_jsonl(workdir / "metrics.jsonl")[-1]
+  last = helpers.read_jsonl(workdir / "metrics.jsonl")[-1]
   assert last["data/examples/alpha"] > last["data/examples/beta"] > 0
-  records = {r["split"]: r for r in runs.read_jsonl(workdir / "eval" / "metrics.jsonl")}
+  records = {r["split"]: r for r in helpers.read_jsonl(workdir / "eval" / "metrics.jsonl")}
   assert set(records) == {"heldout", "heldout/alpha", "heldout/beta"}
 
   def heldout_bytes(source):

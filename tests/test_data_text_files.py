@@ -13,7 +13,7 @@ import pytest
 
 from s5scale import data
 from s5scale import defaults
-from tests import runs
+from tests import helpers
 
 # A PNG header and bytes that are not UTF-8 anywhere.
 BINARY = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(128, 256)) * 4
@@ -95,11 +95,11 @@ def test_an_empty_text_source_names_what_was_looked_for_and_suggests_a_glob(tmp_
 def test_a_directory_of_code_and_prose_trains(tmp_path):
   _mixed_directory(tmp_path / "corpus")
   workdir = tmp_path / "run"
-  result = runs.run("train", "text_small.py", workdir, runs.overrides(
+  result = helpers.run("train", "text_small.py", workdir, helpers.overrides(
       data__source=str(tmp_path / "corpus"), data__heldout_fraction=0.0, train__num_steps=3,
       eval__every_steps=0, checkpoint__every_steps=100), timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  records = runs.read_jsonl(workdir / "metrics.jsonl")
+  records = helpers.read_jsonl(workdir / "metrics.jsonl")
   assert [r["step"] for r in records][-1] == 3
   assert all(math.isfinite(r["loss"]) for r in records)
   assert records[-1]["data/bad_documents"] == 1

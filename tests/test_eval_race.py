@@ -11,8 +11,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from s5scale import checkpoint, evaluate
-from tests import runs
+from s5scale import checkpoint, checkpoint_follower
+from tests import helpers
 
 NUM_STEPS = 100  # ~20 s of saves: the watcher is reading long before the trainer ends
 EVERY = 2
@@ -20,13 +20,13 @@ EVERY = 2
 
 def start(module: str, workdir, flags: list[str], log_path) -> subprocess.Popen:
   log = open(log_path, "w")  # a file, not a pipe: neither process may block on a full pipe
-  return subprocess.Popen(runs.command(module, "text_small.py", workdir, flags),
-                          env=runs.env_for(), stdout=log, stderr=subprocess.STDOUT, text=True,
-                          cwd=runs.REPO)
+  return subprocess.Popen(helpers.command(module, "text_small.py", workdir, flags),
+                          env=helpers.env_for(), stdout=log, stderr=subprocess.STDOUT, text=True,
+                          cwd=helpers.REPO)
 
 
 def test_watch_beside_a_trainer_that_keeps_one_step(tmp_path):
-  flags = runs.overrides(train__num_steps=NUM_STEPS, checkpoint__every_steps=EVERY,
+  flags = helpers.overrides(train__num_steps=NUM_STEPS, checkpoint__every_steps=EVERY,
                          checkpoint__keep=1, eval__every_steps=0, eval__max_batches=1)
   watcher = start("evaluate", tmp_path, flags + ["--watch", "--poll_seconds=0.05"],
                   tmp_path / "watch.log")
@@ -41,10 +41,10 @@ def test_watch_beside_a_trainer_that_keeps_one_step(tmp_path):
   watch_log = (tmp_path / "watch.log").read_text()
   # orbax's own async readers may print a traceback for a restore that the trainer cut short;
   # none may come from s5scale's code.
-  assert f'File "{runs.REPO}/s5scale' not in watch_log
+  assert f'File "{helpers.REPO}/s5scale' not in watch_log
 
   saved = set(range(EVERY, NUM_STEPS + 1, EVERY))  # the trainer's save schedule
-  records = runs.read_jsonl(tmp_path / "eval" / "metrics.jsonl")
+  records = helpers.read_jsonl(tmp_path / "eval" / "metrics.jsonl")
   steps = [r["step"] for r in records]
   assert len(steps) == len(set(steps)) and set(steps) <= saved
   for record in records:
@@ -109,8 +109,8 @@ def runs_checkpoint_config(keep: int):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("trained")
-  flags = runs.overrides(train__num_steps=2, checkpoint__every_steps=2, eval__every_steps=0)
-  result = runs.run("train", "text_small.py", workdir, flags)
+  flags = helpers.overrides(train__num_steps=2, checkpoint__every_steps=2, eval__every_steps=0)
+  result = helpers.run("train", "text_small.py", workdir, flags)
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir, flags
 
@@ -119,10 +119,10 @@ def test_a_step_deleted_after_listing_is_skipped(trained, tmp_path):
   workdir = tmp_path / "copy"
   shutil.copytree(trained[0], workdir)
   manager = checkpoint.open_readonly(str(workdir))
-  assert evaluate.list_steps(manager) == [2]
+  assert checkpoint_follower.list_steps(manager) == [2]
   shutil.rmtree(workdir / "checkpoints" / "2")  # the trainer's rotation, between list and read
-  with pytest.raises(evaluate.StepSkipped, match="deleted by checkpoint rotation"):
-    evaluate.read_step(manager, 2, abstract={}, config_dict={})
+  with pytest.raises(checkpoint_follower.StepSkipped, match="deleted by checkpoint rotation"):
+    checkpoint_follower.read_step(manager, 2, abstract={}, config_dict={})
 
 
 @pytest.mark.parametrize("part", ["state", "config", "meta", "data_iter",
@@ -134,13 +134,13 @@ def test_removed_part_of_a_step_is_a_skip_or_exit_2_naming_it(trained, tmp_path,
   target = workdir / "checkpoints" / "2" / part
   assert target.exists()
   shutil.rmtree(target) if target.is_dir() else target.unlink()
-  result = runs.run("evaluate", "text_small.py", workdir, flags + ["--step=2"])
+  result = helpers.run("evaluate", "text_small.py", workdir, flags + ["--step=2"])
   output = result.stdout + result.stderr
   assert "Traceback" not in output
   assert result.returncode == 2, output[-3000:]
   assert "step 2" in output or "--step=2" in output
   records_path = workdir / "eval" / "metrics.jsonl"
-  records = runs.read_jsonl(records_path) if records_path.exists() else []
+  records = helpers.read_jsonl(records_path) if records_path.exists() else []
   assert all("skipped" in r for r in records)  # no evaluation of an incomplete step
   if records:
     assert records == [{"step": 2, "split": "heldout", "skipped": records[0]["skipped"]}]

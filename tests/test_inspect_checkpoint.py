@@ -14,9 +14,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests import runs
+from tests import helpers
 
-TOOL = os.path.join(runs.REPO, "tools", "inspect_checkpoint.py")
+TOOL = os.path.join(helpers.REPO, "tools", "inspect_checkpoint.py")
 
 
 def _orbax_params(workdir, step: int) -> dict:
@@ -31,24 +31,24 @@ def _orbax_params(workdir, step: int) -> dict:
 
 
 def _inspect(*args):
-  env = runs.env_for()
+  env = helpers.env_for()
   # Keep this interpreter's extra paths (where an optional safetensors may be installed).
-  env["PYTHONPATH"] = os.pathsep.join([runs.REPO, os.environ.get("PYTHONPATH", "")])
+  env["PYTHONPATH"] = os.pathsep.join([helpers.REPO, os.environ.get("PYTHONPATH", "")])
   return subprocess.run([sys.executable, TOOL, *map(str, args)], capture_output=True, text=True,
-                        timeout=300, env=env, cwd=runs.REPO)
+                        timeout=300, env=env, cwd=helpers.REPO)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("inspect") / "run"
-  result = runs.run("train", "text_small.py", workdir, runs.overrides(
+  result = helpers.run("train", "text_small.py", workdir, helpers.overrides(
       train__num_steps=4, checkpoint__every_steps=2, eval__every_steps=0), timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
 
 
 def test_lists_steps_config_difference_and_parameter_tree(trained):
-  result = _inspect(trained, f"--config={runs.REPO}/configs/text_small.py")
+  result = _inspect(trained, f"--config={helpers.REPO}/configs/text_small.py")
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.splitlines()
   for step in (2, 4):

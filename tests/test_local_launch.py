@@ -13,14 +13,14 @@ import time
 
 import pytest
 
-from tests import runs
+from tests import helpers
 
 NUM_STEPS = 300   # far more than run before the SIGTERM lands, so the first run must stop early
-LAUNCH = os.path.join(runs.REPO, "launch", "local.sh")
+LAUNCH = os.path.join(helpers.REPO, "launch", "local.sh")
 
 
 def local_sh(workdir) -> list[str]:
-  flags = runs.overrides(train__num_steps=NUM_STEPS, checkpoint__every_steps=1000,
+  flags = helpers.overrides(train__num_steps=NUM_STEPS, checkpoint__every_steps=1000,
                          eval__every_steps=0)
   return [LAUNCH, "-n", "2", "-d", "1", "configs/text_small.py", f"--workdir={workdir}", *flags]
 
@@ -33,7 +33,7 @@ def env() -> dict:
 
 def logged_steps(workdir) -> list[int]:
   path = os.path.join(workdir, "metrics.jsonl")
-  return [r["step"] for r in runs.read_jsonl(path)] if os.path.exists(path) else []
+  return [r["step"] for r in helpers.read_jsonl(path)] if os.path.exists(path) else []
 
 
 def checkpoint_steps(workdir) -> list[int]:
@@ -47,7 +47,7 @@ def steps_in(pattern: str, text: str) -> list[int]:
 
 @pytest.mark.slow
 def test_local_sh_two_processes_stop_on_sigterm_and_resume(tmp_path):
-  launcher = subprocess.Popen(local_sh(tmp_path), env=env(), cwd=runs.REPO, text=True,
+  launcher = subprocess.Popen(local_sh(tmp_path), env=env(), cwd=helpers.REPO, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   try:
     deadline = time.time() + 300
@@ -74,7 +74,7 @@ def test_local_sh_two_processes_stop_on_sigterm_and_resume(tmp_path):
       assert f"preempted at step {stopped_at}, checkpoint saved" in log.read()
   assert max(logged_steps(tmp_path)) <= stopped_at
 
-  resumed = subprocess.run(local_sh(tmp_path), env=env(), cwd=runs.REPO, text=True,
+  resumed = subprocess.run(local_sh(tmp_path), env=env(), cwd=helpers.REPO, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
   assert resumed.returncode == 0, resumed.stdout[-3000:]
   for i in range(2):

@@ -4,43 +4,23 @@ device's shard, a second set of processes, and the exit code of a bad launch."""
 import os
 import re
 
-import jax
 import numpy as np
 import pytest
 
-from s5scale import parallel, steps
-from s5scale import train as train_lib
-from tests import runs
-
-import importlib.util
+from s5scale import parallel, training
+from tests import helpers
+from tests.helpers import COLLECTIVES, build_state, hlo_computations, reachable, tiny_config
+from tests.helpers import train_in_process
 
 MESHES_ON_8 = [(8, 1, 1), (4, 1, 2), (2, 2, 2), (1, 1, 8)]
 
 
-def tiny_config(**changes):
-  spec = importlib.util.spec_from_file_location("text_small", f"{runs.REPO}/configs/text_small.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  values = dict(runs.TINY)
-  values.update({k.replace("__", "."): v for k, v in changes.items()})
-  for key, value in values.items():
-    section, name = key.split(".")
-    config[section][name] = value
-  return config
-
-
-def train_in_process(config, workdir) -> dict[int, float]:
-  assert train_lib.train(config, str(workdir), train_lib.PREEMPTION) == 0
-  return runs.losses(workdir)
-
-
 def test_same_losses_on_every_mesh(tmp_path):
   # 1x1x1 needs a 1-device process: a mesh smaller than the device count is a config error.
-  single = runs.run("train", "text_small.py", tmp_path / "1x1x1",
-                    runs.overrides(train__num_steps=3, checkpoint__every_steps=100), devices=1)
+  single = helpers.run("train", "text_small.py", tmp_path / "1x1x1",
+                    helpers.overrides(train__num_steps=3, checkpoint__every_steps=100), devices=1)
   assert single.returncode == 0, single.stderr[-3000:]
-  results = {(1, 1, 1): runs.losses(tmp_path / "1x1x1")}
+  results = {(1, 1, 1): helpers.losses(tmp_path / "1x1x1")}
   for mesh in MESHES_ON_8:
     config = tiny_config(train__num_steps=3, mesh__data=mesh[0], mesh__fsdp=mesh[1],
                          mesh__model=mesh[2], checkpoint__every_steps=100)
@@ -50,15 +30,6 @@ def test_same_losses_on_every_mesh(tmp_path):
   for mesh, losses in results.items():
     np.testing.assert_allclose([losses[s] for s in (1, 2, 3)], [reference[s] for s in (1, 2, 3)],
                                rtol=1e-5, err_msg=f"mesh {mesh}")
-
-
-def build_state(config, mesh):
-  sample = {"inputs": np.zeros((config.data.batch_size, config.data.seq_len), np.int32)}
-  model, optimizer, _, _, shardings = train_lib.build_model_and_state(config, mesh, sample)
-  import flax.linen as nn
-  state = jax.jit(lambda: nn.unbox(steps.init_train_state(model, optimizer, config, sample)),
-                  out_shardings=shardings)()
-  return state
 
 
 def test_model_parallel_shards_b_and_c():
@@ -74,47 +45,16 @@ def test_model_parallel_shards_b_and_c():
     assert shard.data.shape == (layers, d_model, num_states // 4, 2)
 
 
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
-
-
-def hlo_computations(hlo_text: str) -> dict[str, str]:
-  """Computation name -> body text of an HLO module."""
-  computations, name, lines = {}, None, []
-  for line in hlo_text.splitlines():
-    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-    if header:
-      name, lines = header.group(1), []
-    elif line.startswith("}") and name:
-      computations[name] = "\n".join(lines)
-      name = None
-    elif name:
-      lines.append(line)
-  return computations
-
-
-def reachable(computations, root: str) -> set[str]:
-  seen, todo = set(), [root]
-  while todo:
-    name = todo.pop()
-    if name in seen or name not in computations:
-      continue
-    seen.add(name)
-    todo += re.findall(r"(?:calls|body|condition|to_apply|branch_computations)=\{?%?([\w.\-]+)",
-                       computations[name])
-    todo += re.findall(r"branch_computations=\{([^}]*)\}", computations[name])
-  return seen
-
-
 def test_no_collective_inside_the_time_scan():
   config = tiny_config(mesh__data=2, mesh__fsdp=2, mesh__model=2, model__num_layers=2)
   mesh = parallel.make_mesh(config.mesh)
   sample = {"inputs": np.zeros((8, 32), np.int32), "targets": np.zeros((8, 32), np.int32),
             "mask": np.ones((8, 32), np.float32), "reset": np.zeros((8, 32), bool),
             "target_bytes": np.ones((8, 32), np.int32)}
-  model, optimizer, schedule, abstract_state, shardings = train_lib.build_model_and_state(
+  model, optimizer, schedule, abstract_state, shardings = training.build_model_and_state(
       config, mesh, sample)
-  compiled = train_lib.jit_train_step(config, mesh, model, optimizer, schedule, shardings).lower(
-      abstract_state, train_lib.abstract_batch(sample, mesh)).compile()
+  compiled = training.jit_train_step(config, mesh, model, optimizer, schedule, shardings).lower(
+      abstract_state, training.abstract_batch(sample, mesh)).compile()
   computations = hlo_computations(compiled.as_text())
   whole_program = "\n".join(computations.values())
   assert any(op in whole_program for op in COLLECTIVES), "the sharded step should communicate"
@@ -132,16 +72,16 @@ def test_no_collective_inside_the_time_scan():
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-  flags = runs.overrides(train__num_steps=3, checkpoint__every_steps=100)
-  single = runs.run("train", "text_small.py", tmp_path / "single", flags, devices=4)
+  flags = helpers.overrides(train__num_steps=3, checkpoint__every_steps=100)
+  single = helpers.run("train", "text_small.py", tmp_path / "single", flags, devices=4)
   assert single.returncode == 0, single.stderr[-3000:]
   port = 20000 + os.getpid() % 10000
-  procs = [runs.start("train", "text_small.py", tmp_path / "multi", flags, devices=2,
+  procs = [helpers.start("train", "text_small.py", tmp_path / "multi", flags, devices=2,
                       S5SCALE_COORDINATOR=f"localhost:{port}", S5SCALE_NUM_PROCESSES=2,
                       S5SCALE_PROCESS_ID=i) for i in range(2)]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-  single_losses, multi_losses = runs.losses(tmp_path / "single"), runs.losses(tmp_path / "multi")
+  single_losses, multi_losses = helpers.losses(tmp_path / "single"), helpers.losses(tmp_path / "multi")
   np.testing.assert_allclose([multi_losses[s] for s in (1, 2, 3)],
                              [single_losses[s] for s in (1, 2, 3)], rtol=1e-5)
 
@@ -155,7 +95,7 @@ def test_two_processes_match_one(tmp_path):
     (["--config.model.no_such_key=1"], "no_such_key"),
 ])
 def test_bad_config_exits_2_before_compiling(tmp_path, bad, named):
-  result = runs.run("train", "text_small.py", tmp_path, runs.overrides() + bad, devices=8)
+  result = helpers.run("train", "text_small.py", tmp_path, helpers.overrides() + bad, devices=8)
   assert result.returncode == 2, result.stderr[-2000:]
   assert named in result.stderr
   assert not os.path.exists(tmp_path / "metrics.jsonl")

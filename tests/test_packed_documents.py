@@ -5,15 +5,15 @@ import jax
 import numpy as np
 import pytest
 
-from s5scale import cli
+
 from s5scale.nn.model import S5Model
-from tests.test_mesh import tiny_config
+from tests.helpers import tiny_config
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_second_document_ignores_the_first(bidirectional):
   config = tiny_config(model__bidirectional=bidirectional)
-  model = S5Model(**cli.model_kwargs(config.model))
+  model = S5Model.from_config(config.model)
   rng = np.random.default_rng(0)
   doc_b = rng.integers(0, 256, 30)
   first_docs = [rng.integers(0, 256, 20), rng.integers(0, 256, 20)]

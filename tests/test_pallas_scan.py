@@ -214,10 +214,10 @@ def test_gradient_compiles_both_kernels_for_tpu():
 
 
 def test_config_asking_for_the_kernel_off_tpu_is_rejected_by_name():
-  from s5scale import defaults, validate  # pylint: disable=g-import-not-at-top
+  from s5scale import config_check, defaults  # pylint: disable=g-import-not-at-top
   config = defaults.base_config()
   config.model.scan_impl = "pallas"
-  with pytest.raises(validate.ConfigError, match="model.scan_impl"):
-    validate.check_on_devices(config, jax.devices()[:1], 1)
+  with pytest.raises(config_check.ConfigError, match="model.scan_impl"):
+    config_check.check_on_devices(config, jax.devices()[:1], 1)
   config.model.scan_impl = "auto"
-  validate.check_on_devices(config, jax.devices()[:1], 1)
+  config_check.check_on_devices(config, jax.devices()[:1], 1)

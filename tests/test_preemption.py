@@ -17,12 +17,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from s5scale import checkpoint, parallel, preemption
-from s5scale import train as train_lib
-from tests import runs
-from tests.test_mesh import tiny_config
+from s5scale import training
+from tests import helpers
+from tests.helpers import tiny_config
 
 NUM_STEPS = 12
-FLAGS = runs.overrides(train__num_steps=NUM_STEPS, checkpoint__every_steps=4,
+FLAGS = helpers.overrides(train__num_steps=NUM_STEPS, checkpoint__every_steps=4,
                        checkpoint__async_save=True)
 
 
@@ -52,7 +52,7 @@ def wait_for_step(workdir, step: int, proc, timeout=300):
   deadline = time.time() + timeout
   path = os.path.join(workdir, "metrics.jsonl")
   while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(path) and max(runs.losses(workdir), default=0) >= step:
+    if os.path.exists(path) and max(helpers.losses(workdir), default=0) >= step:
       return
     time.sleep(0.05)
   raise AssertionError(f"trainer never reached step {step}")
@@ -61,7 +61,7 @@ def wait_for_step(workdir, step: int, proc, timeout=300):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  result = runs.run("train", "text_small.py", workdir, FLAGS)
+  result = helpers.run("train", "text_small.py", workdir, FLAGS)
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
 
@@ -69,7 +69,7 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.slow
 def test_sigterm_then_resume_is_bit_identical(tmp_path, uninterrupted):
   k = random.randint(1, NUM_STEPS - 4)
-  proc = runs.start("train", "text_small.py", tmp_path, FLAGS)
+  proc = helpers.start("train", "text_small.py", tmp_path, FLAGS)
   wait_for_step(tmp_path, k, proc)
   proc.send_signal(signal.SIGTERM)
   output = proc.communicate(timeout=300)[0]
@@ -79,10 +79,10 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, uninterrupted):
   stopped_at = int(preempted[0].split("preempted at step ")[1].split(",")[0])
   assert stopped_at < NUM_STEPS and stopped_at in complete_steps(tmp_path)
 
-  resumed = runs.run("train", "text_small.py", tmp_path, FLAGS)
+  resumed = helpers.run("train", "text_small.py", tmp_path, FLAGS)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"resumed from checkpoint step {stopped_at}" in resumed.stderr
-  assert runs.losses(tmp_path) == runs.losses(uninterrupted)  # exact float equality
+  assert helpers.losses(tmp_path) == helpers.losses(uninterrupted)  # exact float equality
   assert_same_tree(saved_state(tmp_path, NUM_STEPS)["params"],
                    saved_state(uninterrupted, NUM_STEPS)["params"])
 
@@ -93,10 +93,10 @@ def test_two_process_preemption(tmp_path):
   # enough steps after the signal that the run cannot finish before the agreed stop, even on a
   # loaded machine (with 12, a full suite once saw both hosts finish first).
   num_steps = 40
-  flags = runs.overrides(train__num_steps=num_steps, checkpoint__every_steps=100)
+  flags = helpers.overrides(train__num_steps=num_steps, checkpoint__every_steps=100)
 
   def launch(workdir, port):
-    return [runs.start("train", "text_small.py", workdir, flags, devices=2,
+    return [helpers.start("train", "text_small.py", workdir, flags, devices=2,
                        S5SCALE_COORDINATOR=f"localhost:{port}", S5SCALE_NUM_PROCESSES=2,
                        S5SCALE_PROCESS_ID=i) for i in range(2)]
 
@@ -116,17 +116,17 @@ def test_two_process_preemption(tmp_path):
   assert len(steps) == 1, stops
   assert complete_steps(tmp_path / "interrupted") == [steps.pop()]
   finish(launch(tmp_path / "interrupted", base_port + 2))
-  assert runs.losses(tmp_path / "interrupted") == runs.losses(tmp_path / "straight")
+  assert helpers.losses(tmp_path / "interrupted") == helpers.losses(tmp_path / "straight")
   assert_same_tree(saved_state(tmp_path / "interrupted", num_steps)["params"],
                    saved_state(tmp_path / "straight", num_steps)["params"])
 
 
 @pytest.mark.slow
 def test_sigkill_during_save_resumes_from_previous(tmp_path, uninterrupted):
-  flags = runs.overrides(train__num_steps=NUM_STEPS, checkpoint__every_steps=1)
+  flags = helpers.overrides(train__num_steps=NUM_STEPS, checkpoint__every_steps=1)
   for attempt in range(5):
     workdir = tmp_path / f"attempt{attempt}"
-    proc = runs.start("train", "text_small.py", workdir, flags)
+    proc = helpers.start("train", "text_small.py", workdir, flags)
     wait_for_step(workdir, 3, proc)
     # Saves run every step; kill as soon as one is being written.
     deadline = time.time() + 60
@@ -142,11 +142,11 @@ def test_sigkill_during_save_resumes_from_previous(tmp_path, uninterrupted):
   else:
     pytest.fail("never caught a checkpoint mid-write in 5 attempts")
   previous = complete_steps(workdir)[-1]
-  resumed = runs.run("train", "text_small.py", workdir, flags)
+  resumed = helpers.run("train", "text_small.py", workdir, flags)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"resumed from checkpoint step {previous}" in resumed.stderr
   # The resumed run continues exactly as an uninterrupted one (same data, same RNG).
-  assert runs.losses(workdir)[NUM_STEPS] == runs.losses(uninterrupted)[NUM_STEPS]
+  assert helpers.losses(workdir)[NUM_STEPS] == helpers.losses(uninterrupted)[NUM_STEPS]
 
 
 def truncate_largest_array_file(step_dir):
@@ -165,8 +165,8 @@ def test_damaged_checkpoint_falls_back_then_exits_2(tmp_path, uninterrupted):
   shutil.copytree(uninterrupted, workdir)
   steps = complete_steps(workdir)  # [4, 8, 12] with keep=3
   truncate_largest_array_file(workdir / "checkpoints" / str(steps[-1]))
-  flags = runs.overrides(train__num_steps=NUM_STEPS + 2, checkpoint__every_steps=4)
-  result = runs.run("train", "text_small.py", workdir, flags)
+  flags = helpers.overrides(train__num_steps=NUM_STEPS + 2, checkpoint__every_steps=4)
+  result = helpers.run("train", "text_small.py", workdir, flags)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"checkpoint step {steps[-1]}" in result.stderr and "damaged" in result.stderr
   assert f"resumed from checkpoint step {steps[-2]}" in result.stderr
@@ -176,15 +176,15 @@ def test_damaged_checkpoint_falls_back_then_exits_2(tmp_path, uninterrupted):
   for step in complete_steps(only_damaged)[:-1]:
     shutil.rmtree(only_damaged / "checkpoints" / str(step))
   truncate_largest_array_file(only_damaged / "checkpoints" / str(NUM_STEPS))
-  result = runs.run("train", "text_small.py", only_damaged, flags)
+  result = helpers.run("train", "text_small.py", only_damaged, flags)
   assert result.returncode == 2, result.stderr[-3000:]
   assert "no readable checkpoint" in result.stderr
 
 
 def test_resharded_restore(tmp_path):
-  flags = runs.overrides(train__num_steps=2, checkpoint__every_steps=2, mesh__data=4,
+  flags = helpers.overrides(train__num_steps=2, checkpoint__every_steps=2, mesh__data=4,
                          mesh__fsdp=1, mesh__model=2)
-  result = runs.run("train", "text_small.py", tmp_path, flags, devices=8)
+  result = helpers.run("train", "text_small.py", tmp_path, flags, devices=8)
   assert result.returncode == 0, result.stderr[-3000:]
   on_disk = saved_state(tmp_path, 2)
   config = tiny_config(train__num_steps=2)
@@ -192,7 +192,7 @@ def test_resharded_restore(tmp_path):
   for mesh_shape, devices in (((1, 1, 1), jax.devices()[:1]), ((2, 2, 2), jax.devices())):
     config.mesh.data, config.mesh.fsdp, config.mesh.model = mesh_shape
     mesh = parallel.make_mesh(config.mesh, devices)
-    *_, abstract_state, _ = train_lib.build_model_and_state(config, mesh, sample)
+    *_, abstract_state, _ = training.build_model_and_state(config, mesh, sample)
     manager = checkpoint.make_manager(str(tmp_path), config.checkpoint)
     state, step = checkpoint.restore_latest(manager, abstract_state, None, config.to_dict())
     assert step == 2
@@ -208,8 +208,8 @@ def test_sigterm_before_training_exits_0_leaving_checkpoints(tmp_path, uninterru
   shutil.copytree(uninterrupted, tmp_path / "run")
   workdir = tmp_path / "run"
   steps_before = complete_steps(workdir)
-  proc = runs.start("train", "text_small.py", workdir,
-                    runs.overrides(train__num_steps=NUM_STEPS + 8))
+  proc = helpers.start("train", "text_small.py", workdir,
+                    helpers.overrides(train__num_steps=NUM_STEPS + 8))
   if when == "imports":
     time.sleep(0.5)
   else:  # the restore is logged just before the train step is compiled
@@ -220,15 +220,15 @@ def test_sigterm_before_training_exits_0_leaving_checkpoints(tmp_path, uninterru
   output = proc.communicate(timeout=300)[0]
   assert proc.returncode == 0, output[-3000:]
   assert complete_steps(workdir) == steps_before
-  assert max(runs.losses(workdir)) == NUM_STEPS  # no step was trained
+  assert max(helpers.losses(workdir)) == NUM_STEPS  # no step was trained
 
 
 def test_init_from_loads_parameters_only(tmp_path, uninterrupted):
   # A zero learning rate leaves the loaded parameters unchanged through one step.
-  flags = runs.overrides(train__num_steps=1, checkpoint__every_steps=1, optim__learning_rate=0.0,
+  flags = helpers.overrides(train__num_steps=1, checkpoint__every_steps=1, optim__learning_rate=0.0,
                          optim__ssm_learning_rate=0.0, optim__warmup_steps=1,
                          checkpoint__init_from=str(uninterrupted))
-  result = runs.run("train", "text_small.py", tmp_path, flags)
+  result = helpers.run("train", "text_small.py", tmp_path, flags)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "initialised parameters from" in result.stderr
   assert complete_steps(tmp_path) == [1]  # a fresh run: its own step count and optimizer
@@ -240,7 +240,7 @@ def test_init_from_loads_parameters_only(tmp_path, uninterrupted):
 # Issue 13: jax.distributed on TPU VMs, and no SIGTERM swallowed without it
 # ---------------------------------------------------------------------------------------------
 
-TPU_WORKER = os.path.join(runs.REPO, "launch", "tpu_worker.sh")
+TPU_WORKER = os.path.join(helpers.REPO, "launch", "tpu_worker.sh")
 ENV_DUMPER = """#!/usr/bin/env bash
 env -0 > "$HOME/trainer_env.tmp" && mv "$HOME/trainer_env.tmp" "$HOME/trainer_env"
 """
@@ -305,8 +305,8 @@ def test_initialize_distributed_in_cluster_environments(monkeypatch, recorded_in
 def test_processes_without_a_coordinator_fall_back_to_their_own_sigterm(tmp_path):
   # Two processes told they are 2 but given no coordinator: no jax.distributed client, hence no
   # preemption sync point. Each must say so at start-up and still stop on its own SIGTERM.
-  flags = runs.overrides(train__num_steps=100000, checkpoint__every_steps=100000)
-  procs = [runs.start("train", "text_small.py", tmp_path / f"p{i}", flags,
+  flags = helpers.overrides(train__num_steps=100000, checkpoint__every_steps=100000)
+  procs = [helpers.start("train", "text_small.py", tmp_path / f"p{i}", flags,
                       S5SCALE_NUM_PROCESSES=2, S5SCALE_PROCESS_ID=i) for i in range(2)]
   try:
     for i, proc in enumerate(procs):

@@ -7,21 +7,21 @@ import pytest
 
 import re
 
-from s5scale import checkpoint, cli, parallel
-from s5scale import train as train_lib
+from s5scale import checkpoint, parallel
+from s5scale import training
 from s5scale.nn.model import S5Model
-from tests import runs
-from tests.test_mesh import (COLLECTIVES, build_state, hlo_computations, reachable, tiny_config,
+from tests import helpers
+from tests.helpers import (COLLECTIVES, build_state, hlo_computations, reachable, tiny_config,
                              train_in_process)
 
 S4D = dict(model__layer="s4d", model__s4d_state_size=8)
 
 
 def test_same_losses_on_every_mesh(tmp_path):
-  single = runs.run("train", "text_small.py", tmp_path / "1x1x1",
-                    runs.overrides(train__num_steps=3, checkpoint__every_steps=100, **S4D))
+  single = helpers.run("train", "text_small.py", tmp_path / "1x1x1",
+                    helpers.overrides(train__num_steps=3, checkpoint__every_steps=100, **S4D))
   assert single.returncode == 0, single.stderr[-3000:]
-  reference = runs.losses(tmp_path / "1x1x1")
+  reference = helpers.losses(tmp_path / "1x1x1")
   assert sorted(reference) == [1, 2, 3]
   for mesh in [(4, 1, 2), (1, 1, 8)]:
     config = tiny_config(train__num_steps=3, mesh__data=mesh[0], mesh__fsdp=mesh[1],
@@ -48,7 +48,7 @@ def test_sharded_fft_path_equals_one_device():
   config = tiny_config(mesh__data=1, mesh__fsdp=1, mesh__model=8, **S4D)
   mesh = parallel.make_mesh(config.mesh)
   params = build_state(config, mesh).params
-  model = S5Model(**cli.model_kwargs(config.model))
+  model = S5Model.from_config(config.model)
   tokens = np.random.default_rng(1).integers(0, 256, (8, 32)).astype(np.int32)
 
   def logits(variables, inputs):
@@ -66,10 +66,10 @@ def test_no_collective_inside_the_time_recurrence():
   sample = {"inputs": np.zeros((8, 32), np.int32), "targets": np.zeros((8, 32), np.int32),
             "mask": np.ones((8, 32), np.float32), "reset": np.zeros((8, 32), bool),
             "target_bytes": np.ones((8, 32), np.int32)}
-  model, optimizer, schedule, abstract_state, shardings = train_lib.build_model_and_state(
+  model, optimizer, schedule, abstract_state, shardings = training.build_model_and_state(
       config, mesh, sample)
-  compiled = train_lib.jit_train_step(config, mesh, model, optimizer, schedule, shardings).lower(
-      abstract_state, train_lib.abstract_batch(sample, mesh)).compile()
+  compiled = training.jit_train_step(config, mesh, model, optimizer, schedule, shardings).lower(
+      abstract_state, training.abstract_batch(sample, mesh)).compile()
   computations = hlo_computations(compiled.as_text())
   loop_bodies = re.findall(r"while\(.*body=%?([\w.\-]+)", "\n".join(computations.values()))
   innermost = [b for b in loop_bodies
@@ -84,7 +84,7 @@ def test_no_collective_inside_the_time_recurrence():
 def test_recurrent_logits_match_parallel_model():
   config = tiny_config(**S4D)
   config.data.kind, config.model.vocab_size = "audio", 256
-  model = S5Model(**cli.model_kwargs(config.model))
+  model = S5Model.from_config(config.model)
   tokens = np.random.default_rng(0).integers(0, 256, (2, 40)).astype(np.int32)
   variables = model.init(jax.random.PRNGKey(0), tokens)
   parallel_logits = np.asarray(model.apply(variables, tokens))       # FFT convolution
@@ -98,13 +98,13 @@ def test_recurrent_logits_match_parallel_model():
 
 
 def test_checkpoint_evaluates_zero_shot_and_generates(tmp_path):
-  flags = runs.overrides(train__num_steps=2, checkpoint__every_steps=2, **S4D)
+  flags = helpers.overrides(train__num_steps=2, checkpoint__every_steps=2, **S4D)
   for module, extra in [("train", []), ("evaluate", ["--all"]),
                         ("evaluate", ["--all", "--config.eval.step_rescale=2"]),
                         ("generate", ["--config.generate.length=12"])]:
-    result = runs.run(module, "text_small.py", tmp_path, flags + extra)
+    result = helpers.run(module, "text_small.py", tmp_path, flags + extra)
     assert result.returncode == 0, (module, result.stderr[-3000:])
-  records = {r["split"]: r for r in runs.read_jsonl(tmp_path / "eval" / "metrics.jsonl")}
+  records = {r["split"]: r for r in helpers.read_jsonl(tmp_path / "eval" / "metrics.jsonl")}
   plain, rescaled = records["heldout"], records["heldout_step_rescale2"]
   assert plain["step"] == rescaled["step"] == 2
   assert np.isfinite(rescaled["heldout_step_rescale2/loss"])
@@ -119,7 +119,7 @@ def test_checkpoint_evaluates_zero_shot_and_generates(tmp_path):
     (["--config.model.layer=s4d", "--config.model.s4d_init=hippo"], "model.s4d_init"),
 ])
 def test_bad_layer_config_exits_2(tmp_path, bad, named):
-  result = runs.run("train", "text_small.py", tmp_path, runs.overrides() + bad)
+  result = helpers.run("train", "text_small.py", tmp_path, helpers.overrides() + bad)
   assert result.returncode == 2, result.stderr[-2000:]
   assert named in result.stderr
 

@@ -15,12 +15,12 @@ import jax
 import numpy as np
 import pytest
 
-from s5scale import cli, sample_metrics, steps
+from s5scale import sample_metrics, steps
 from s5scale.data import audio
 from s5scale.nn.model import S5Model
-from tests import runs
-from tests.test_classifier import SAMPLE_RATE, WORDS, _heldout_speakers, _speech_commands_tree
-from tests.test_mesh import tiny_config
+from tests import helpers
+from tests.helpers import SAMPLE_RATE, WORDS, heldout_speakers, speech_commands_tree
+from tests.helpers import tiny_config
 
 
 def _probability_table(rows, classes, seed):
@@ -121,7 +121,7 @@ def test_recomputed_batch_stats_average_each_batch_norm_input_over_batches():
   config = tiny_config(model__norm="batch", model__task="classify", model__num_classes=3,
                        model__input_kind="continuous", model__scan_layers=False,
                        model__dropout=0.3)
-  model = S5Model(**cli.model_kwargs(config.model))
+  model = S5Model.from_config(config.model)
   rng = np.random.default_rng(0)
   batches = [{"inputs": rng.normal(i, 1 + i, (4, 20, 1)).astype(np.float32),
               "mask": np.ones((4, 20), np.float32)} for i in range(3)]
@@ -164,19 +164,19 @@ def tiny_runs(tmp_path_factory):
   """A two-word synthetic Speech Commands tree, a classifier and an audio LM trained on it."""
   root = tmp_path_factory.mktemp("runs")
   source = root / "sc"
-  _speech_commands_tree(source)
-  shared = runs.overrides(data__source=source, data__heldout_fraction=FRACTION,
+  speech_commands_tree(source)
+  shared = helpers.overrides(data__source=source, data__heldout_fraction=FRACTION,
                           data__sample_rate=SAMPLE_RATE, data__batch_size=4, eval__every_steps=0)
   classifier, lm = root / "classifier", root / "lm"
   classifier_flags = shared + ["--config.data.seq_len=400", "--config.train.num_steps=30",
                                 "--config.model.dropout=0"]
-  result = runs.run("train", "speech_commands.py", classifier, classifier_flags + [
+  result = helpers.run("train", "speech_commands.py", classifier, classifier_flags + [
       "--config.checkpoint.every_steps=30", "--config.optim.learning_rate=1e-2"])
   assert result.returncode == 0, result.stderr[-3000:]
   lm_flags = shared + ["--config.data.seq_len=64", "--config.train.num_steps=4",
                        "--config.model.d_model=64", "--config.model.ssm_size=64",
                        "--config.checkpoint.every_steps=2", "--config.generate.length=400"]
-  result = runs.run("train", "spoken_digits_lm.py", lm, lm_flags)
+  result = helpers.run("train", "spoken_digits_lm.py", lm, lm_flags)
   assert result.returncode == 0, result.stderr[-3000:]
   return dict(source=source, classifier=classifier, lm=lm, classifier_flags=classifier_flags,
               lm_flags=lm_flags)
@@ -186,14 +186,14 @@ def tiny_runs(tmp_path_factory):
 def test_sample_quality_scores_lm_samples_and_a_wav_dir_against_ceiling_and_floor(tiny_runs):
   source, classifier, lm = tiny_runs["source"], tiny_runs["classifier"], tiny_runs["lm"]
   classifier_flags, lm_flags = tiny_runs["classifier_flags"], tiny_runs["lm_flags"]
-  heldout_clips = len(_heldout_speakers(FRACTION)) * len(WORDS)
+  heldout_clips = len(heldout_speakers(FRACTION)) * len(WORDS)
 
   num_samples = 6
-  result = runs.run("sample_quality", "spoken_digits_lm.py", lm, lm_flags + [
+  result = helpers.run("sample_quality", "spoken_digits_lm.py", lm, lm_flags + [
       f"--classifier_workdir={classifier}", f"--num_samples={num_samples}"])
   assert result.returncode == 0, result.stderr[-3000:]
   printed = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-  records = [r for r in runs.read_jsonl(lm / "eval" / "metrics.jsonl") if r["split"] == "samples"]
+  records = [r for r in helpers.read_jsonl(lm / "eval" / "metrics.jsonl") if r["split"] == "samples"]
   assert [r["step"] for r in records] == [2, 4] == [p["step"] for p in printed]
   ceiling_clips = heldout_clips // 2                # the odd half of the held-out clips
   for record, line in zip(records, printed):
@@ -213,11 +213,11 @@ def test_sample_quality_scores_lm_samples_and_a_wav_dir_against_ceiling_and_floo
   assert len(list((lm / "samples" / "quality" / "step_4").glob("*.wav"))) == num_samples
   assert all((r["temperature"], r["top_p"], r["seed"]) == (1.0, 1.0, 0) for r in records)
   # Another temperature or seed is another result: both checkpoints are scored again, at it.
-  result = runs.run("sample_quality", "spoken_digits_lm.py", lm, lm_flags + [
+  result = helpers.run("sample_quality", "spoken_digits_lm.py", lm, lm_flags + [
       f"--classifier_workdir={classifier}", "--num_samples=2", "--config.generate.temperature=0.5",
       "--config.generate.seed=3"])
   assert result.returncode == 0, result.stderr[-3000:]
-  records = [r for r in runs.read_jsonl(lm / "eval" / "metrics.jsonl") if r["split"] == "samples"]
+  records = [r for r in helpers.read_jsonl(lm / "eval" / "metrics.jsonl") if r["split"] == "samples"]
   assert [(r["step"], r["temperature"], r["seed"]) for r in records] == [
       (2, 1.0, 0), (4, 1.0, 0), (2, 0.5, 3), (4, 0.5, 3)]
   quality = lm / "samples" / "quality"
@@ -230,26 +230,26 @@ def test_sample_quality_scores_lm_samples_and_a_wav_dir_against_ceiling_and_floo
   # Any directory of clips, with no LM config: one word's real clips are all called that word.
   # Run as a user would, with no JAX_PLATFORMS: libtpu (if installed) must not start and complain.
   words = sorted(WORDS)
-  env = runs.env_for(1)
+  env = helpers.env_for(1)
   del env["JAX_PLATFORMS"]
   result = subprocess.run(
       [sys.executable, "-m", "s5scale.sample_quality", f"--samples_dir={source / 'high'}",
        f"--classifier_workdir={classifier}", f"--reference={source}"],
-      env=env, capture_output=True, text=True, timeout=600, cwd=runs.REPO)
+      env=env, capture_output=True, text=True, timeout=600, cwd=helpers.REPO)
   assert result.returncode == 0, result.stderr[-3000:]
   assert [line for line in result.stderr.splitlines() if "E0000" in line] == []
   last = json.loads(result.stdout.strip().splitlines()[-1])
   assert last["num_samples"] == 12 and last["class_counts"][words.index("high")] == 12
   assert last["is"] == pytest.approx(1.0, abs=1e-3)   # one class only: no diversity
   assert last["silent_fraction"] == 0.0
-  assert runs.read_jsonl(source / "high" / "eval" / "metrics.jsonl")[0]["split"] == "samples"
+  assert helpers.read_jsonl(source / "high" / "eval" / "metrics.jsonl")[0]["split"] == "samples"
 
   # The classifier's eval diagnostics: recomputed BatchNorm statistics, low-passed clips.
-  result = runs.run("evaluate", "speech_commands.py", classifier, classifier_flags + [
+  result = helpers.run("evaluate", "speech_commands.py", classifier, classifier_flags + [
       "--config.eval.recompute_batch_stats=2", "--config.eval.lowpass_hz=1500",
       "--config.eval.max_batches=0"])
   assert result.returncode == 0, result.stderr[-3000:]
-  record = runs.read_jsonl(classifier / "eval" / "metrics.jsonl")[-1]
+  record = helpers.read_jsonl(classifier / "eval" / "metrics.jsonl")[-1]
   split = "heldout_recomputed_bn2_lowpass1500"
   assert record["split"] == split and record[f"{split}/num_predictions"] == heldout_clips
   # Both tones (200 Hz, 1.1 kHz) lie below the cutoff, so band-limiting leaves the task as easy.
@@ -263,20 +263,20 @@ def test_context_curve_scores_each_length_as_the_eval_job_does(tiny_runs, tmp_pa
   # The whole held-out split, so the curve may use larger batches for short windows.
   whole_split = ["--config.eval.max_batches=0"]
   result = subprocess.run(
-      [sys.executable, f"{runs.REPO}/tools/context_curve.py",
-       f"--config={runs.REPO}/configs/spoken_digits_lm.py", f"--workdir={lm}", "--step=4",
+      [sys.executable, f"{helpers.REPO}/tools/context_curve.py",
+       f"--config={helpers.REPO}/configs/spoken_digits_lm.py", f"--workdir={lm}", "--step=4",
        "--seq_lens=16,128", f"--output={output}", *lm_flags, *whole_split],
-      env=runs.env_for(1), capture_output=True, text=True, timeout=600, cwd=runs.REPO)
+      env=helpers.env_for(1), capture_output=True, text=True, timeout=600, cwd=helpers.REPO)
   assert result.returncode == 0, result.stderr[-3000:]
-  rows = runs.read_jsonl(f"{output}.jsonl")
+  rows = helpers.read_jsonl(f"{output}.jsonl")
   assert [r["seq_len"] for r in rows] == [16, 128] and all(r["step"] == 4 for r in rows)
   import matplotlib.image  # pylint: disable=g-import-not-at-top
   assert matplotlib.image.imread(output).shape[:2] == (400, 600)
   # The eval job at eval.seq_len=16, a separate process, gives the first point.
-  result = runs.run("evaluate", "spoken_digits_lm.py", lm,
+  result = helpers.run("evaluate", "spoken_digits_lm.py", lm,
                     lm_flags + whole_split + ["--step=4", "--config.eval.seq_len=16"])
   assert result.returncode == 0, result.stderr[-3000:]
-  heldout = [r for r in runs.read_jsonl(lm / "eval" / "metrics.jsonl") if r["split"] == "heldout"]
+  heldout = [r for r in helpers.read_jsonl(lm / "eval" / "metrics.jsonl") if r["split"] == "heldout"]
   assert heldout[-1]["heldout/bits_per_sample"] == pytest.approx(rows[0]["bits_per_sample"],
                                                                 rel=1e-6)
   assert heldout[-1]["heldout/num_predictions"] == rows[0]["num_predictions"]

@@ -12,9 +12,9 @@ import sysconfig
 
 import pytest
 
-from tests import runs
+from tests import helpers
 
-TOOL = os.path.join(runs.REPO, "tools", "train_tokenizer.py")
+TOOL = os.path.join(helpers.REPO, "tools", "train_tokenizer.py")
 VOCAB_SIZE = 400
 EVAL_HELDOUT_FRACTION = 0.002     # two stdlib files: a full-split eval in seconds
 
@@ -45,7 +45,7 @@ def tokenizer(tmp_path_factory):
   result = subprocess.run(
       [sys.executable, TOOL, "--source=", f"--vocab_size={VOCAB_SIZE}", "--max_documents=60",
        f"--output={prefix}", "--num_threads=2"],
-      capture_output=True, text=True, timeout=600, env=runs.env_for(), cwd=runs.REPO)
+      capture_output=True, text=True, timeout=600, env=helpers.env_for(), cwd=helpers.REPO)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "sampled 6" in result.stderr or "sampled 5" in result.stderr   # progress is logged
   return f"{prefix}.model"
@@ -67,12 +67,12 @@ def test_the_tokenizer_round_trips_heldout_text_exactly(tokenizer):
 
 
 def _eval_record(workdir, tokenizer_flags):
-  result = runs.run("train", "text_small.py", workdir, runs.overrides(
+  result = helpers.run("train", "text_small.py", workdir, helpers.overrides(
       train__num_steps=1, optim__warmup_steps=1, eval__every_steps=1, eval__max_batches=0,
       eval__seq_len=512, eval__compressor_baselines=False, data__heldout_fraction=EVAL_HELDOUT_FRACTION,
       checkpoint__every_steps=100, **tokenizer_flags), timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  (record,) = [r for r in runs.read_jsonl(workdir / "eval" / "metrics.jsonl")
+  (record,) = [r for r in helpers.read_jsonl(workdir / "eval" / "metrics.jsonl")
                if r["split"] == "heldout"]
   return record
 

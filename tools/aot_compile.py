@@ -11,7 +11,7 @@ ACCELERATOR_TYPE v5litepod-256, v4:4x4x4 is v4-128 (64 chips), v5p:4x4x4 is v5p-
 is v6e-256. --num_slices=K compiles for K such slices over DCN (set the mesh.dcn_* sizes; -1 in
 mesh.dcn_data fills with K).
 
-It builds the mesh, state shardings and train step exactly as s5scale.train does, with a batch
+It builds the mesh, state shardings and train step exactly as s5scale.training does, with a batch
 of zeros of the config's shapes (no data files are read), and prints per-chip memory, FLOPs and
 bytes per step, collectives, and a roofline estimate of step time and MFU, then one JSON line.
 
@@ -35,7 +35,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from s5scale import cli, data, hlo_stats, parallel, train, validate
+from s5scale import cli, config_check, data, hlo_stats, parallel, training
 
 GiB = 2**30
 EXIT_OVER_HBM = 1
@@ -98,19 +98,19 @@ def tpu_devices(topology: str, num_slices: int) -> list:
 
 
 def compile_train_step(config, devices):
-  """The compiled train step, model size and timings, built exactly as s5scale.train builds it."""
+  """The compiled train step, model size and timings, built exactly as training.train builds it."""
   process_count = len({d.process_index for d in devices})
-  validate.check_on_devices(config, devices, process_count)
+  config_check.check_on_devices(config, devices, process_count)
   mesh = parallel.make_mesh(config.mesh, devices)
   try:
     sample_batch = data.example_batch(config.data, config.data.batch_size)
   except ValueError as error:  # a bad data.* value, named by the message
     raise cli.ConfigError(str(error)) from None
   start = time.perf_counter()
-  model, optimizer, schedule, abstract_state, state_shardings = train.build_model_and_state(
+  model, optimizer, schedule, abstract_state, state_shardings = training.build_model_and_state(
       config, mesh, sample_batch)
-  lowered = train.jit_train_step(config, mesh, model, optimizer, schedule, state_shardings).lower(
-      abstract_state, train.abstract_batch(sample_batch, mesh))
+  train_step = training.jit_train_step(config, mesh, model, optimizer, schedule, state_shardings)
+  lowered = train_step.lower(abstract_state, training.abstract_batch(sample_batch, mesh))
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
   params = jax.tree.leaves(abstract_state.params)

@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchlib import emit, interleaved_times, summary, timed_call
-from s5scale import checkpoint, cli, data, metrics, parallel, steps
-from s5scale import train as train_lib
-from s5scale.generate import make_sampler
+from s5scale import checkpoint, data, metrics, parallel, steps
+from s5scale import training
+from s5scale.nn.model import S5Model
+from s5scale.sampling import make_sampler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,11 +40,11 @@ def build_step(config, mesh=None):
   mesh = mesh or parallel.make_mesh(config.mesh, jax.devices()[:1])
   iterator = data.make_iterator(config.data, "train")
   batch = next(iterator)
-  model, optimizer, schedule, abstract_state, shardings = train_lib.build_model_and_state(
+  model, optimizer, schedule, abstract_state, shardings = training.build_model_and_state(
       config, mesh, batch)
   start = time.perf_counter()
-  compiled = train_lib.jit_train_step(config, mesh, model, optimizer, schedule, shardings).lower(
-      abstract_state, train_lib.abstract_batch(batch, mesh)).compile()
+  compiled = training.jit_train_step(config, mesh, model, optimizer, schedule, shardings).lower(
+      abstract_state, training.abstract_batch(batch, mesh)).compile()
   compile_s = time.perf_counter() - start
   state = jax.jit(lambda: nn.unbox(steps.init_train_state(model, optimizer, config, batch)),
                   out_shardings=shardings)()
@@ -163,7 +164,7 @@ def bench_checkpoint(args) -> dict:
     for step in range(1, args.saves + 1):
       state, step_metrics = built["compiled"](state, built["batch"])
       jax.block_until_ready(step_metrics)
-      start = time.perf_counter()  # what train.py's loop waits for: the save call itself
+      start = time.perf_counter()  # what the training loop waits for: the save call itself
       saver.save(step, state, built["iterator"], config.to_dict(), built["mesh"])
       blocked.append(time.perf_counter() - start)
       saver.wait_until_finished()  # the next save would otherwise wait for this one
@@ -181,7 +182,7 @@ def bench_checkpoint(args) -> dict:
 def bench_generate(args) -> dict:
   """Recurrent sampling rate vs recomputing the parallel model over a growing prefix."""
   config = load_config(args.config)
-  model = train_lib.S5Model(**cli.model_kwargs(config.model))
+  model = S5Model.from_config(config.model)
   prompt = np.zeros((1, 1), np.int32)
   variables = model.init(jax.random.PRNGKey(0), prompt)
   sampler = make_sampler(model, args.length, temperature=1.0, top_p=1.0)

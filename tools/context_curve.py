@@ -4,7 +4,7 @@
       --workdir=workdirs/spoken_digits_lm [--step=N] --seq_lens=256,1024,4096,16000 \
       --output=docs/context_curve.png [--config.* overrides]
 
-For each length the eval job's own evaluator (s5scale/evaluate.py) runs with eval.seq_len set to
+For each length the eval job's own evaluator (s5scale/evaluation.py) runs with eval.seq_len set to
 it: the held-out clips are cut into consecutive windows of that length, each scored from a fresh
 state, so every held-out sample is scored once at every length and only the context a prediction
 can see changes. A curve that keeps falling with length shows the model uses long context. xz -9e
@@ -27,8 +27,7 @@ import matplotlib.pyplot as plt
 from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from s5scale import checkpoint, cli, data, evaluate, parallel, validate
-from s5scale.nn.model import S5Model
+from s5scale import cli, config_check, evaluation, inference, parallel
 
 FLAGS = flags.FLAGS
 
@@ -37,20 +36,11 @@ def context_curve(config, workdir: str, step: int | None, seq_lens: list[int]) -
   """[{seq_len, step, bits_per_sample, <compressor>_bits_per_sample, ...}] for one checkpoint."""
   if config.model.task != "lm" or config.data.kind != "audio":
     raise cli.ConfigError("--config must be an audio LM (model.task='lm', data.kind='audio')")
-  validate.check_on_devices(config, jax.devices(), jax.process_count())
+  config_check.check_on_devices(config, jax.devices(), jax.process_count())
   mesh = parallel.make_mesh(config.mesh)
-  model = S5Model(**cli.model_kwargs(config.model))
-  manager = checkpoint.open_readonly(workdir)
-  step = manager.latest_step() if step is None else step
-  if step is None or step not in manager.all_steps():
-    raise checkpoint.CheckpointError(f"step {step} not in {manager.directory}: "
-                                     f"{sorted(manager.all_steps())}")
-  checkpoint.check_architecture(manager, step, config.to_dict())
-  sample = data.example_batch(config.data, config.data.batch_size)["inputs"]
-  variables = checkpoint.restore_subset(
-      manager, step, evaluate.abstract_eval_variables(model, config, mesh, sample))
+  model, variables, step, _ = inference.restore_model(workdir, config, step, mesh)
   rows = []
-  batch_size = evaluate.eval_data_config(config).batch_size
+  batch_size = evaluation.eval_data_config(config).batch_size
   for seq_len in seq_lens:
     length_config = config.copy_and_resolve_references()
     length_config.eval.seq_len = seq_len
@@ -59,8 +49,8 @@ def context_curve(config, workdir: str, step: int | None, seq_lens: list[int]) -
       # thousands of small steps. Windows are scored independently, so only the speed changes.
       length_config.eval.batch_size = batch_size * max(1, max(seq_lens) // seq_len)
     start = time.time()
-    results = evaluate.Evaluator(length_config, model, mesh).evaluate(
-        variables["params"], variables["batch_stats"])
+    results = evaluation.Evaluator(length_config, model, mesh).evaluate(
+        variables["params"], variables.get("batch_stats", {}))
     row = {"seq_len": seq_len, "step": step, "wall_s": time.time() - start, **results}
     print(json.dumps(row), flush=True)
     rows.append(row)
@@ -96,18 +86,17 @@ def main(argv) -> int:
   except ValueError:
     logging.error("--seq_lens=%r: expected comma-separated positive integers", FLAGS.seq_lens)
     return cli.EXIT_BAD_INPUT
-  workdir = cli.workdir_path(FLAGS.workdir)
-  try:
-    rows = context_curve(FLAGS.config, workdir, FLAGS.step, seq_lens)
-  except (cli.ConfigError, data.DataError, checkpoint.CheckpointError) as error:
-    logging.error("%s: %s", type(error).__name__, error)
-    return cli.EXIT_BAD_INPUT
-  with open(FLAGS.output + ".jsonl", "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
-  plot(rows, FLAGS.output, f"{os.path.basename(workdir.rstrip('/'))}, step {rows[0]['step']}")
-  print(FLAGS.output)
-  return 0
+  return cli.exit_code(write_curve, FLAGS.config, cli.workdir_path(FLAGS.workdir), FLAGS.step,
+                       seq_lens, FLAGS.output)
 
+
+def write_curve(config, workdir: str, step: int | None, seq_lens: list[int], output: str) -> int:
+  rows = context_curve(config, workdir, step, seq_lens)
+  with open(output + ".jsonl", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  plot(rows, output, f"{os.path.basename(workdir.rstrip('/'))}, step {rows[0]['step']}")
+  print(output)
+  return 0
 
 if __name__ == "__main__":
   cli.define_flags()

@@ -53,7 +53,7 @@ def _print_steps(infos) -> None:
 
 
 def _print_config(workdir: str, step: int) -> None:
-  saved = checkpoint_info.saved_config(workdir, step)
+  saved = checkpoint.saved_config(checkpoint.open_readonly(workdir), step)
   if not _CONFIG.value:
     print(f"\nconfig saved with step {step}:")
     print(json.dumps(saved, indent=2, sort_keys=True))
@@ -97,7 +97,7 @@ def main(argv):
   _print_params(workdir, step)
   if _EXPORT.value:
     try:
-      arrays = checkpoint_info.restore_params(workdir, step)
+      arrays = checkpoint_info.params_as_numpy(workdir, step)
     except Exception as error:  # orbax raises many types for damaged files; all mean "unusable"
       _fail(f"step {step} of {workdir} is damaged, its parameters cannot be read "
             f"({type(error).__name__}: {str(error)[:300]})")

@@ -43,7 +43,7 @@ EXIT_BAD_INPUT = 2
 # Eval results in the order that picks a split's headline metric, with their units.
 HEADLINE_UNITS = {"bits_per_byte": "bits/byte", "bits_per_sample": "bits/sample",
                   "accuracy": "accuracy"}
-# Compressor baselines are "<compressor>_bits_per_byte" etc. (s5scale/evaluate.py).
+# Compressor baselines are "<compressor>_bits_per_byte" etc. (s5scale/evaluation.py).
 BASELINE_SUFFIXES = {"_bits_per_byte": "bits/byte", "_bits_per_sample": "bits/sample"}
 BASELINE_COLORS = ["tab:gray", "tab:olive", "tab:brown", "tab:pink"]
 

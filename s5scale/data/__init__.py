@@ -8,6 +8,7 @@
   example_batch(data_config, batch_size) -> zero batch dict shaped like make_iterator's
   vocab_size(data_config) -> int
   num_classes(data_config) -> int                  (audio classification: label folders)
+  fill_num_classes(config)  model.num_classes from the label folders (0), or checked against them
   bad_data_counts() -> {"bad_files": n, "bad_documents": m}   seen so far in this process
   source_counts() -> {"examples/<name>": n}   examples read per data.mixture source so far
   heldout_splits(data_config) -> ["heldout"] + ["heldout/<name>" per data.mixture source]
@@ -26,6 +27,7 @@ Batches (NumPy), L = data.seq_len, B = the local batch size:
 
 import numpy as np
 
+from s5scale.config_schema import ConfigError
 from s5scale.data import audio
 from s5scale.data import bad_data
 from s5scale.data import mixture
@@ -35,14 +37,14 @@ from s5scale.data.bad_data import DataError
 from s5scale.data.pipeline import heldout_splits
 from s5scale.data.pipeline import make_iterator
 
-__all__ = ["DataError", "make_iterator", "vocab_size", "num_classes", "label_names",
+__all__ = ["DataError", "make_iterator", "vocab_size", "num_classes", "fill_num_classes",
+           "label_names",
            "bad_data_counts", "source_counts", "heldout_splits", "decode_tokens",
            "encode_prompt", "example_batch"]
 
 
 def vocab_size(data_config) -> int:
   """2**bits for audio; 260 for the byte tokenizer; the SentencePiece size (+ added specials)."""
-  transforms.validate(data_config)
   if data_config.kind == "audio":
     return 2**data_config.bits
   return text.make_tokenizer(data_config.tokenizer).vocab_size
@@ -57,6 +59,20 @@ def num_classes(data_config) -> int:
   return len(names)
 
 
+def fill_num_classes(config) -> None:
+  """Classification: model.num_classes=0 becomes the data's label-folder count; any other value
+  must equal it (a head of the wrong width would train without error, on the wrong classes)."""
+  if config.model.task != "classify":
+    return
+  found = num_classes(config.data)
+  if config.model.num_classes == 0:
+    config.model.num_classes = found
+  elif config.model.num_classes != found:
+    raise ConfigError(f"model.num_classes={config.model.num_classes} but data.source="
+                      f"{config.data.source!r} has {found} label folders: "
+                      f"{label_names(config.data)}")
+
+
 def label_names(data_config) -> list[str]:
   """Class names in id order (for reports and confusion matrices)."""
   return transforms.make_spec(data_config).label_names
@@ -67,7 +83,6 @@ def example_batch(data_config, batch_size: int) -> dict:
 
   Needs no data files: ahead-of-time compilation uses it for configs whose data is elsewhere.
   """
-  transforms.validate(data_config)
   rows, length = batch_size, data_config.seq_len
   if data_config.task == "classify":
     return {"inputs": np.zeros((rows, length, 1), np.float32),

@@ -52,7 +52,6 @@ def components(data_config) -> list[Component]:
   entries = mixture.parse(data_config.mixture)
   if not entries:
     return [Component("", transforms.make_spec(data_config), 1.0)]
-  transforms.validate(data_config)
   parts = []
   for entry in entries:
     source_config = data_config.copy_and_resolve_references().unlock()

@@ -17,7 +17,6 @@ import dataclasses
 
 import numpy as np
 
-from s5scale import validate as validate_config
 from s5scale.data import audio
 from s5scale.data import bad_data
 from s5scale.data import sources
@@ -205,14 +204,7 @@ class Spec:
             "target_bytes": (batch["token_bytes"][:, 1:] * mask).astype(np.int32)}
 
 
-def validate(data_config) -> None:
-  """The declared data.* constraints (s5scale/defaults.py), for callers that bypass the entry
-  points; raises ConfigError (a ValueError) naming the key."""
-  validate_config.check_section("data", data_config)
-
-
 def make_spec(data_config) -> Spec:
-  validate(data_config)
   source = sources.open_source(data_config.kind, data_config.source, data_config.sample_rate,
                                data_config.text_extensions)
   usable = np.arange(len(source))

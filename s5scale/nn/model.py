@@ -14,8 +14,8 @@ from s5scale.nn.blocks import BLOCK_INPUT, Norm, ResidualBlock, gathered, logica
 # jax.checkpoint policies per block. Under nn.scan a rematerialised block keeps its input for
 # the backward pass whatever the policy (it is the recomputation's starting point), so "full"
 # saves exactly each block's input and recomputes the rest. "offload" keeps that same input in
-# the host's pinned memory instead of HBM (TPU; train.py resolves it to "full" on backends
-# without host offload), and "dots" also saves the matmul outputs.
+# the host's pinned memory instead of HBM (TPU backends with host offload), and "dots" also
+# saves the matmul outputs.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -24,6 +24,18 @@ REMAT_POLICIES = {
         names_which_can_be_saved=[], names_which_can_be_offloaded=[BLOCK_INPUT],
         offload_src="device", offload_dst="pinned_host"),
 }
+
+# model.layer -> {the SSM module's field: the config.model key that sets it}
+SSM_CONFIG_KEYS = {
+    "s5": {k: k for k in ("ssm_size", "blocks", "conj_sym", "bidirectional", "discretization",
+                          "c_init", "dt_min", "dt_max", "clip_eigs", "step_rescale", "scan_impl")},
+    "s4d": {"state_size": "s4d_state_size", "lambda_init": "s4d_init",
+            **{k: k for k in ("bidirectional", "dt_min", "dt_max", "clip_eigs", "step_rescale")}},
+}
+# config.model keys that are S5Model fields of the same name.
+MODEL_CONFIG_KEYS = ("task", "input_kind", "vocab_size", "num_classes", "num_layers", "d_model",
+                     "norm", "prenorm", "activation", "mlp_ratio", "dropout", "pooling",
+                     "scan_layers", "remat", "layer")
 
 
 class S5Model(nn.Module):
@@ -46,6 +58,19 @@ class S5Model(nn.Module):
   residual_dtype: jnp.dtype = jnp.float32  # between blocks; parameters and the scan stay float32
   scan_layers: bool = True
   remat: str = "none"
+
+  @classmethod
+  def from_config(cls, model_config, **overrides) -> "S5Model":
+    """The model that config.model (s5scale/defaults.py) describes; `overrides` replace fields,
+    and `step_rescale` multiplies the SSM's (zero-shot evaluation at another sample rate)."""
+    step_rescale = overrides.pop("step_rescale", 1.0)
+    fields = {k: model_config[k] for k in MODEL_CONFIG_KEYS}
+    fields["ssm_kwargs"] = {field: model_config[key]
+                            for field, key in SSM_CONFIG_KEYS[model_config.layer].items()}
+    fields["ssm_kwargs"]["step_rescale"] *= step_rescale
+    fields["compute_dtype"] = jnp.dtype(model_config.compute_dtype)
+    fields["residual_dtype"] = jnp.dtype(model_config.residual_dtype)
+    return cls(**{**fields, **overrides})
 
   def _stack(self, train: bool, prefill: bool = False):
     block = ResidualBlock

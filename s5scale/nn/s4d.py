@@ -1,5 +1,5 @@
 """The S4D layer as a Flax module, with the S5 layer's interface (parallel call, prefill, step), so
-a residual block holds either. Math from ssm/s4d.py (DESIGN.md §1b)."""
+a residual block holds either. Math from ssm/s4d.py (docs/design.md, "S4D")."""
 
 import flax.linen as nn
 import jax

@@ -36,7 +36,7 @@ class S5(nn.Module):
     dtype = self.param_dtype
 
     def boxed(init_fn, names):
-      # Logical axis names let parallel.py shard P' over `model` (DESIGN.md §4).
+      # Logical axis names let parallel.py shard P' over `model` (docs/design.md, mesh).
       return nn.with_logical_partitioning(init_fn, names)
 
     self.Lambda_re = self.param(

@@ -1,0 +1,108 @@
+"""Recurrent-mode sampling of audio or text from a checkpoint (`python -m s5scale.generate`).
+
+A prompt (text prefix or audio file) is processed with the parallel scan; each new sample then
+costs one recurrent step, O(1) in the context length. Writes samples/ (WAV and .txt) and
+tensorboard (add_audio, add_text).
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import soundfile
+from absl import logging
+
+from s5scale import cli, data, inference
+from s5scale.data import audio as audio_lib
+from s5scale.nn.model import S5Model
+
+
+def sample_token(logits, key, temperature: float, top_p: float):
+  """Temperature and nucleus (top-p) sampling. logits (batch, V) -> tokens (batch,) int32."""
+  if temperature <= 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # Keep the smallest set whose mass reaches top_p (always at least the top token).
+    cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def make_sampler(model, length: int, temperature: float, top_p: float):
+  """(variables, prompt (batch, Lp) int32, seed) -> sampled tokens (batch, length) int32.
+
+  The sampling RNG for new token k is fold_in(seed, k) (docs/design.md, "Determinism").
+  """
+
+  def sample(variables, prompt, seed):
+    states, logits = model.apply(variables, prompt, method=S5Model.prefill)
+    base_key = jax.random.PRNGKey(seed)
+
+    def one_step(carry, index):
+      states, next_logits = carry
+      token = sample_token(next_logits, jax.random.fold_in(base_key, index), temperature, top_p)
+      states, next_logits = model.apply(variables, states, token, method=S5Model.step)
+      return (states, next_logits), token
+
+    _, tokens = jax.lax.scan(one_step, (states, logits[:, -1]), jnp.arange(length))
+    return tokens.T
+
+  return jax.jit(sample)
+
+
+def prompt_tokens(data_config, prompt: str, batch: int) -> np.ndarray:
+  """(batch, Lp) int32; with no prompt, a BOS (text) or one sample of silence (audio)."""
+  tokens = data.encode_prompt(data_config, prompt)
+  if tokens.size == 0:
+    tokens = np.array([audio_lib.silence_code(data_config.quantization, data_config.bits)],
+                      np.int32)
+  return np.tile(tokens[None], (batch, 1))
+
+
+def write_samples(workdir: str, step: int, data_config, tokens: np.ndarray, writer,
+                  subdir: str = "") -> list[str]:
+  """One WAV or .txt per row into workdir/samples[/subdir]; writer (or None): tensorboard."""
+  out_dir = os.path.join(workdir, "samples", subdir)
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  for index, row in enumerate(tokens):
+    decoded = data.decode_tokens(data_config, row)
+    if data_config.kind == "audio":
+      path = os.path.join(out_dir, f"step_{step}_sample_{index}.wav")
+      soundfile.write(path, np.asarray(decoded, np.float32), data_config.sample_rate)
+      if writer:
+        writer.add_audio(f"samples/{index}", np.asarray(decoded, np.float32), step,
+                         sample_rate=data_config.sample_rate)
+    else:
+      path = os.path.join(out_dir, f"step_{step}_sample_{index}.txt")
+      with open(path, "w", encoding="utf-8") as f:
+        f.write(decoded)
+      if writer:
+        writer.add_text(f"samples/{index}", decoded, step)
+    paths.append(path)
+  return paths
+
+
+def generate(config, workdir: str, step: int | None) -> int:
+  """Writes generate.num_samples samples of `step` (default: the latest) to workdir/samples."""
+  cli.setup_logging(workdir, "generate")
+  if config.model.task != "lm" or config.model.bidirectional:
+    raise cli.ConfigError("generation needs model.task='lm' and model.bidirectional=False")
+  model, variables, step, _ = inference.restore_model(workdir, config, step)
+  settings = config.generate
+  prompt = prompt_tokens(config.data, settings.prompt, settings.num_samples)
+  sampler = make_sampler(model, settings.length, settings.temperature, settings.top_p)
+  logging.info("sampling %d x %d tokens from step %d (prompt %d tokens)", settings.num_samples,
+               settings.length, step, prompt.shape[1])
+  tokens = np.asarray(sampler(variables, prompt, settings.seed))
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  writer = SummaryWriter(os.path.join(workdir, "tb", "samples"))
+  paths = write_samples(workdir, step, config.data, tokens, writer)
+  writer.close()
+  logging.info("wrote %s", ", ".join(paths))
+  return 0
