@@ -2,8 +2,9 @@
 
 `python -m s5scale.evaluate` (s5scale/evaluate.py) runs `run_eval_job`. It follows the workdir's
 checkpoints (s5scale/checkpoint_follower.py), restores parameters onto this job's own devices and
-mesh (one CPU device can evaluate a checkpoint trained on many), appends one record per (step, split) to eval/metrics.jsonl and skips steps
-already recorded there, so a restarted job does not redo work.
+mesh (one CPU device can evaluate a checkpoint trained on many), appends one record per (step,
+split) to eval/metrics.jsonl and skips steps already recorded there, so a restarted job does not
+redo work.
 
 Zero-shot at another sample rate: `--config.data.sample_rate=8000 --config.data.seq_len=8000
 --config.eval.step_rescale=2` on a 16 kHz model records split "heldout_step_rescale2", beside the

@@ -185,7 +185,7 @@ def test_defaults_and_every_config_file_are_valid():
 def test_choices_match_what_the_code_implements():
   from s5scale.data.audio import QUANTIZATIONS
   from s5scale.nn.blocks import ACTIVATIONS, NORMS
-  from s5scale.nn.model import REMAT_POLICIES
+  from s5scale.nn.model import REMAT_POLICIES, SSM_CONFIG_KEYS
   from s5scale.ssm.discretize import DISCRETIZATIONS
   from s5scale.ssm.init import C_INITS, S4D_INITS
   from s5scale.ssm.recurrence import IMPLS
@@ -197,7 +197,7 @@ def test_choices_match_what_the_code_implements():
   assert set(c["model.discretization"].choices) == set(DISCRETIZATIONS)
   assert set(c["model.c_init"].choices) == set(C_INITS)
   assert set(c["data.quantization"].choices) == set(QUANTIZATIONS)
-  assert set(c["model.layer"].choices) == set(LAYERS) == set(cli.SSM_KEYS)
+  assert set(c["model.layer"].choices) == set(LAYERS) == set(SSM_CONFIG_KEYS)
   assert set(c["model.s4d_init"].choices) == set(S4D_INITS)
   assert set(c["model.scan_impl"].choices) == set(IMPLS)
 
