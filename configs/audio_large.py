@@ -1,4 +1,4 @@
-"""Large 8-bit mu-law next-sample S5 LM on raw 16 kHz audio: 1.08B parameters, 8.2 s windows.
+"""Large 8-bit mu-law next-sample S5 LM on raw 16 kHz audio, 8.2 s windows.
 
 Target slice: v5litepod-256 (256 v5e chips, 16 GiB HBM each; libtpu topology v5e:16x16), or
 several of them over DCN (mesh.dcn_data=-1 spreads the batch over however many slices there are;
@@ -17,25 +17,15 @@ keep one window per pair of chips, e.g. --config.data.batch_size=256 on two slic
       --config.mesh.fsdp=4   # the eval slice has 8 chips: fsdp=4 x model=2
 
 Model: 32 residual S5 blocks, H=2048, P=2048 (1024 complex states with conj_sym) in 16 HiPPO
-blocks, full GLU and a 2x MLP per block (1.08B parameters), bfloat16 matmuls and residual
-stream with float32 parameters, norm statistics and scan. Each step sees 128 windows of 131072
-samples (8.2 s each, SaShiMi's context; 16.8M samples): one window per pair of chips, whose
-mesh.model=2 axis splits H and P' (and the residual stream between blocks, DESIGN.md §4).
+blocks, full GLU and a 2x MLP per block, bfloat16 matmuls and residual stream with float32
+parameters, norm statistics and scan. Each step sees 128 windows of 131072 samples (8.2 s each,
+SaShiMi's context): one window per pair of chips, whose mesh.model=2 axis splits H and P' (and
+the residual stream between blocks, docs/design.md#mesh-and-logical-axes).
 model.remat="offload" keeps only each block's input for the backward pass, in host memory.
 
-Expected AOT figures (tools/aot_compile.py, jax 0.10.2 + libtpu 0.0.42), per chip; the
-collective share counts ring bytes at ICI speed (DCN traffic too, so the 2-slice row is optimistic):
-  scan_impl=chunked (this config)
-  v5e:16x16      11.7 GiB of 16 GiB (73%), 8.0 GiB of block inputs in host memory; step >= 4.7 s
-                 (memory-bound; compute 3.1 s, collectives 0.72 s = 15%), MFU <= 45.6%
-  v5e:16x16 x 2  (--num_slices=2 --config.data.batch_size=256) 11.4 GiB (71%); MFU <= 45.3%
-  v5p:8x8x4      11.2 GiB of 95 GiB; step >= 1.3 s (compute-bound), MFU <= 70.0%
-  scan_impl=auto (the Pallas kernel)
-  v5e:16x16      14.0 GiB (87%); step >= 3.3 s (memory-bound; collectives 16%), MFU <= 64.1%
-  v5e:16x16 x 2  14.5 GiB (91%); MFU <= 61.9%
-  v5p:8x8x4      13.4 GiB; compute-bound, MFU <= 70.0%
-Expected training result: held-out bits per sample well below the 8 of a uniform guess within
-the first few thousand steps, falling to ~2-3 on speech.
+Expected AOT figures (memory, step time, MFU bound, with this scan and with the Pallas kernel):
+docs/tpu.md#tpu-fit-proven-ahead-of-time
+Expected training result: docs/results.md#pod-scale-configs-expected-not-yet-run
 """
 
 from s5scale import defaults
@@ -57,8 +47,8 @@ def get_config():
   c.model.scan_layers = True
   c.model.remat = "offload"         # saves only each block's input, in host memory (TPU)
   # The proven XLA scan. The Pallas kernel ("auto" on TPU) compiles into this step and wins ahead
-  # of time (MFU <= 64.1% against 45.6%, at 87% of HBM against 73%; docstring), but it has never
-  # run on a TPU: take it with --config.model.scan_impl=auto once a first run has checked it.
+  # of time (docs/tpu.md#the-pallas-kernel-ahead-of-time), but it has never run on a TPU: take it
+  # with --config.model.scan_impl=auto once a first run has checked it.
   c.model.scan_impl = "chunked"
 
   c.data.kind = "audio"

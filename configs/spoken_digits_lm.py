@@ -7,15 +7,13 @@
   python -m s5scale.generate --config=configs/spoken_digits_lm.py --workdir=...   # -> samples/
 
 The held-out split is every clip of 10% of the voices (file names <voice>_nohash_..., see
-s5scale/data/split.py), the same voices configs/speech_commands.py holds out. The eval reports
-bits per sample on all of their clips, beside xz -9e and gzip -9 on the same mu-law bytes.
+docs/data.md#held-out-split), the same voices configs/speech_commands.py holds out. The eval
+reports bits per sample on all of their clips, beside xz -9e and gzip -9 on the same mu-law bytes.
 
-Width 256 (0.92 M parameters) on random 2,048-sample crops, 8 per step, for 1,100 steps at
-lr 3e-3 (SSM parameters 1.5e-3): 27.5 min of training on a 2-core CPU (1.5 s a step), 1.971
-bits/sample, 16.2 % below xz -9e. At lr 2e-3 / 1e-3 it took 1,300 steps (37 min) to reach 2.004.
-The variant trained on whole one-second clips (`make results-audio-whole-clips`, as SaShiMi
-trains on SC09) came out worse at about the same time: 2.149 after 950 steps, 35 min (README
-"Results").
+Width 256 on random 2,048-sample crops, 8 per step, sized to a 30-minute training budget on a
+2-core CPU. The variant trained on whole one-second clips (`make results-audio-whole-clips`, as
+SaShiMi trains on SC09) came out worse at about the same time.
+Expected result, and the recipes tried on the way: docs/results.md#audio
 """
 
 from s5scale import defaults
@@ -39,7 +37,7 @@ def get_config():
   c.optim.learning_rate = 3e-3
   c.optim.ssm_learning_rate = 1.5e-3
   c.optim.warmup_steps = 50
-  c.train.num_steps = 1100      # 30 minutes on the 2-core CPU, with a margin
+  c.train.num_steps = 1100      # the training budget (docstring), with a margin
   c.train.log_every_steps = 50
   c.checkpoint.every_steps = 275
   c.eval.every_steps = 0

@@ -16,17 +16,14 @@ v5p-128 (64 chips, 95 GiB; topology v5p:4x4x4) as it is.
       --config.mesh.fsdp=4   # the eval slice has 4 chips
 
 Model: 48 residual S5 blocks, H=2048, P=2048 (1024 complex states with conj_sym) in 16 HiPPO
-blocks, full GLU and a 2x MLP per block (about 1.7B parameters), bfloat16 matmuls with float32
-parameters and scan, every block rematerialised in the backward pass. Each step sees 128
-packed rows of 8192 tokens (1M tokens), two rows per chip.
+blocks, full GLU and a 2x MLP per block, bfloat16 matmuls with float32 parameters and scan,
+every block rematerialised in the backward pass. Each step sees 128 packed rows of 8192 tokens,
+two rows per chip. On a v5litepod-256 (v5e:16x16) use --config.data.batch_size=256, one row per
+chip.
 
-Expected AOT figures (tools/aot_compile.py, jax 0.10.2 + libtpu 0.0.42), per chip:
-  v4:4x4x4   14.0 GiB of 32 GiB; step >= ~1.2 s (memory-bound), MFU <= ~51%
-  v5p:4x4x4  13.9 GiB of 95 GiB; step >= ~0.50 s (compute-bound), MFU <= ~71%
-  v5e:16x16 (v5litepod-256) with --config.data.batch_size=256, one row per chip:
-             7.6 GiB of 16 GiB; step >= ~0.94 s (memory-bound), MFU <= 44.4% (tools/aot_sweep.py)
-Expected training result: held-out bits per byte below ~1.0 on web text after ~50k steps
-(~50B tokens).
+Expected AOT figures (memory, step time, MFU bound on v4, v5p and v5e):
+docs/tpu.md#tpu-fit-proven-ahead-of-time
+Expected training result: docs/results.md#pod-scale-configs-expected-not-yet-run
 """
 
 from s5scale import defaults
@@ -48,7 +45,7 @@ def get_config():
   c.model.compute_dtype = "bfloat16"
   c.model.scan_layers = True
   c.model.remat = "full"            # saves only each block's input for the backward pass
-  # The figures above are for the proven XLA scan; the Pallas kernel ("auto" on TPU) has not
+  # The AOT figures are for the proven XLA scan; the Pallas kernel ("auto" on TPU) has not
   # been compiled for this config, nor run on a TPU (see configs/audio_large.py).
   c.model.scan_impl = "chunked"
 

@@ -1,14 +1,12 @@
 """Byte-level S5 LM on the Python standard library's source (the embedded default corpus).
 
-  make train     # = the two commands below; about 25 minutes on a 2-core CPU
+  make train     # = the two commands below
   python -m s5scale.train --config=configs/text_small.py --workdir=workdirs/text_small
   python -m s5scale.evaluate --config=configs/text_small.py --workdir=workdirs/text_small --all
 
-Sized to the issue-9 budget, 30 minutes of training on a 2-core CPU: 8,000 steps of 2,048 bytes
-(16M bytes, half an epoch of the 31 MB corpus), by a 4-layer model of width 256 (0.93M
-parameters).
-The eval scores the first 40,960 held-out bytes, and runs xz -9e and gzip -9 on the very same
-bytes; README "Results" has the figures.
+Sized for a 2-core CPU. The eval scores the first eval.max_batches
+held-out batches, and runs xz -9e and gzip -9 on the very same bytes.
+Expected result, wall time and model size: docs/results.md#text
 """
 
 from s5scale import defaults
