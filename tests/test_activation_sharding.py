@@ -1,4 +1,4 @@
-"""Issue 14: the residual stream sharded over H between blocks, remat policies, bfloat16 stream.
+"""The residual stream sharded over H between blocks, remat policies, bfloat16 stream.
 
 Oracles: a 1-device run in a second process (losses), the shape of each device's shard, the
 compiled HLO's collectives (counted by s5scale.hlo_stats) against the count the block's design

@@ -1,4 +1,4 @@
-"""Issue 9: the Speech Commands classifier path. Oracles: a float64 NumPy batch normalisation,
+"""The Speech Commands classifier path. Oracles: a float64 NumPy batch normalisation,
 label folders and a SHA-1 speaker split counted on disk, and the eval records written to disk."""
 
 

@@ -1,4 +1,4 @@
-"""Issue 6: the eval job and sampling. Oracles: a float64 NumPy cross-entropy of the training-
+"""The eval job and sampling. Oracles: a float64 NumPy cross-entropy of the training-
 mode forward pass, the parallel model's logits, files on disk and a training process running
 beside the eval job."""
 

@@ -1,4 +1,4 @@
-"""Issue 3: one model, many meshes. Oracles: the 1-device run, the array shapes on disk in each
+"""One model, many meshes. Oracles: the 1-device run, the array shapes on disk in each
 device's shard, a second set of processes, and the exit code of a bad launch."""
 
 import os

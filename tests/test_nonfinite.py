@@ -1,4 +1,4 @@
-"""Issue 5: non-finite updates are skipped and counted; a streak of train.max_bad_steps exits 2
+"""Non-finite updates are skipped and counted; a streak of train.max_bad_steps exits 2
 and leaves the last good checkpoint byte-for-byte as it was (oracle: the files on disk)."""
 
 import hashlib

@@ -1,4 +1,4 @@
-"""Issue 4: with packed rows, the S5 state resets at each document start, so a document's outputs
+"""With packed rows, the S5 state resets at each document start, so a document's outputs
 do not depend on its neighbours. Oracle: the same document run on its own."""
 
 import jax

@@ -1,4 +1,4 @@
-"""Issue 5: preemption, bit-exact resume, killed and damaged checkpoints, resharded restore.
+"""Preemption, bit-exact resume, killed and damaged checkpoints, resharded restore.
 
 Oracles: an uninterrupted run in another process, the checkpoint files on disk (read back with
 plain orbax, no s5scale code), and the processes' exit codes and logs.
@@ -237,7 +237,7 @@ def test_init_from_loads_parameters_only(tmp_path, uninterrupted):
 
 
 # ---------------------------------------------------------------------------------------------
-# Issue 13: jax.distributed on TPU VMs, and no SIGTERM swallowed without it
+# jax.distributed on TPU VMs, and no SIGTERM swallowed without it
 # ---------------------------------------------------------------------------------------------
 
 TPU_WORKER = os.path.join(helpers.REPO, "launch", "tpu_worker.sh")

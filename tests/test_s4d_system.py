@@ -1,4 +1,4 @@
-"""Issue 16: the rest of the system with model.layer=s4d. Oracles: the 1-device run, shard shapes,
+"""The rest of the system with model.layer=s4d. Oracles: the 1-device run, shard shapes,
 the parallel model's logits, files on disk and exit codes."""
 
 import jax

@@ -1,4 +1,4 @@
-"""Issue 17: SaShiMi's sample-quality protocol, recomputed BatchNorm statistics, low-passed eval.
+"""SaShiMi's sample-quality protocol, recomputed BatchNorm statistics, low-passed eval.
 
 Oracles: float64 NumPy loops written from the metric definitions, the closed-form Fréchet distance
 of Gaussians (by eigendecomposition), a spectrum taken with NumPy's FFT, BatchNorm inputs recorded

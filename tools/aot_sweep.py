@@ -8,7 +8,7 @@ Each row is compiled in its own aot_compile.py process (no TPU needed, libtpu do
 that does not fit or fails to compile is reported and the sweep goes on. Columns: parameters,
 context (samples or tokens per row), chips; GiB per chip and % of HBM; the roofline's compute,
 memory and collective times per step (collectives also as a share of the step); which bounds it,
-MFU and tokens/s per chip. README's TPU fit table is this tool's output.
+MFU and tokens/s per chip. The TPU fit table in docs/tpu.md is this tool's output.
 
 Exit status: 0 every row fits, 1 some row does not fit or failed, 2 bad flags.
 """

@@ -1,12 +1,12 @@
 """`python tools/bench.py s4d`: S5 (its default scan) against S4D (FFT convolution, and the same
 S4D on packed documents: chunked, and through the per-step recurrence), forward+backward, over
-sequence lengths (issue 16). The packed items get a document start every --document-length steps.
+sequence lengths. The packed items get a document start every --document-length steps.
 
 Per length, each item's peak temporary memory comes from the compiled program
 (memory_analysis), and its time from interleaved rounds. An item whose planned temporaries exceed
 --max-temp-gib is compiled and reported but not run: S4D's recurrence carries H·N/2 states per
 step (4,096 at H=128, N=64, against S5's P/2 = 128), which outgrows a small machine first.
-JSON lines go to stdout; the README's markdown table goes to stderr.
+JSON lines go to stdout; a markdown table (docs/benchmarks.md) goes to stderr.
 """
 
 import statistics

@@ -1,4 +1,4 @@
-"""Learning curves (PNG) from training workdirs' metrics files, for the README.
+"""Learning curves (PNG) from training workdirs' metrics files, for docs/results.md.
 
   python tools/plot_metrics.py --workdirs workdirs/text_small workdirs/audio_small \
       --output docs/learning_curves.png [--title "..."] [--smooth 20]

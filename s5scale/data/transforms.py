@@ -125,7 +125,7 @@ class AudioLoader:
     probability, cutoff_hz = self._bandlimit
     if probability and rng.random() < probability:
       # Training clips without the top of the band: a classifier that cannot lean on it keeps
-      # its accuracy at a lower sample rate (README "Zero-shot at 8 kHz").
+      # its accuracy at a lower sample rate (docs/results.md, "Zero-shot at 8 kHz").
       crop = audio.band_limit(crop, self._sample_rate, cutoff_hz)
     padded = np.zeros(length, np.float32)
     padded[:crop.size] = crop
