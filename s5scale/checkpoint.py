@@ -177,6 +177,22 @@ class BackgroundSaver:
     self.wait()
     self.manager.wait_until_finished()
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, error_type, error, traceback) -> None:
+    """Finishes the save in flight, whatever ended the loop; an error in the save itself is
+    raised unless another error is already on its way (then it is logged)."""
+    try:
+      self.wait_until_finished()
+    except Exception as save_error:  # pylint: disable=broad-except
+      if error is None:
+        raise
+      logging.error("the checkpoint save in flight failed too: %s: %s",
+                    type(save_error).__name__, save_error)
+    finally:
+      self._worker.shutdown(wait=False)
+
 
 def saved_config(manager, step: int) -> dict:
   return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config

@@ -6,14 +6,14 @@ config_check.py; parse_flags runs that check, so no program compiles or reads an
 bad config.
 """
 
+import difflib
 import os
-import runpy
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from s5scale import backend, config_check, config_schema
+from s5scale import backend, config_check, config_files, config_schema
 from s5scale.config_schema import ConfigError  # pylint: disable=unused-import  (re-exported)
 
 EXIT_BAD_INPUT = 2
@@ -21,61 +21,134 @@ EXIT_BAD_INPUT = 2
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
-  config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "Run directory (checkpoints/, tb/, metrics.jsonl, ...).")
-  flags.mark_flags_as_required(["config", "workdir"])
+def define_flags(config_required: bool = True, workdir: bool = True) -> None:
+  """--workdir (required), and the --config flag that parse_flags defines once it knows where
+  the config comes from: --config=configs/X.py, --config=WORKDIR/config.json, or, with no
+  --config, the workdir's own config.json (the run as it was trained)."""
+  global _CONFIG_REQUIRED
+  _CONFIG_REQUIRED = config_required
+  if workdir:
+    flags.DEFINE_string("workdir", None, "Run directory (checkpoints/, tb/, metrics.jsonl, ...).")
+    flags.mark_flag_as_required("workdir")
+
+
+_CONFIG_REQUIRED = True
+CONFIG_HELP = ("Experiment config: configs/X.py or a run's config.json; default: the "
+               "workdir's config.json. Override keys with --config.section.key=value.")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl parsing, then the config's constraints: a bad flag, unknown config key or invalid value
-  exits 2 (an unknown key lists the valid keys and what each allows). Every entry point parses
-  here before it touches JAX, so this is also where a machine with no TPU or GPU picks the CPU
+  """absl parsing, then the config's constraints: a bad flag, missing config file, unknown config
+  key or invalid value exits 2 with the key named. Every program parses here before it touches
+  JAX, so this is also where a machine with no TPU or GPU picks the CPU
   (backend.choose_platform), once for all of them: just before main, once absl logs."""
   app.call_after_init(backend.choose_platform)
-  keys = valid_config_keys(argv)
+  if any(arg in ("--help", "-h", "--helpshort", "-?") for arg in argv[1:]):
+    print_help_and_exit()
+  argv, config = define_config_flag(argv)
   overridden = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-  unknown = [k for k in overridden if keys and k not in keys]
+  keys = sorted(config_schema.flat_values(config)) if config is not None else []
+  if overridden and not keys:
+    exit_bad_input(f"--config.{overridden[0]}: there is no config to override (give --config or "
+                   "--workdir of a training run)")
+  unknown = [k for k in overridden if k not in keys]
   if unknown:
-    print(f"error: unknown config key(s) {', '.join(unknown)}; valid --config.* keys:\n  "
-          + "\n  ".join(f"{k}: {config_check.allowed(k)}" for k in keys), file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
+    exit_bad_input("\n".join(unknown_key_message(k, keys) for k in unknown))
   try:
     remaining = FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
     # ml_collections reports an unknown override key as AttributeError/KeyError.
-    print(f"error: bad flag or config override: {error}", file=sys.stderr)
     named = [k for k in overridden if f"config.{k}=" in str(error)]
-    if named:  # a value of the wrong type: say what that key allows
-      print("\n".join(f"  {k} must be {config_check.allowed(k)}" for k in named), file=sys.stderr)
-    elif keys:
-      print("valid --config.* keys:\n  " + "\n  ".join(keys), file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
-  exit_if_invalid(FLAGS.config)
+    exit_bad_input(f"bad flag or config override: {error}" + "".join(
+        f"\n  {k} must be {config_check.allowed(k)}" for k in named))
+  if FLAGS.config is not None:
+    exit_if_invalid(FLAGS.config)
   return remaining
 
 
+def define_config_flag(argv: list[str]):
+  """Defines --config from where the config comes from; returns argv without --config=PATH, and
+  the config before overrides (None: sample_quality --samples_dir has none)."""
+  path = flag_value(argv, "config")
+  workdir = flag_value(argv, "workdir")
+  try:
+    if path is not None:
+      config = config_files.load_config_file(path)
+    elif workdir is not None and config_files.saved_run_config(workdir_path(workdir)) is not None:
+      config = config_files.load_run_config(workdir_path(workdir))
+    elif _CONFIG_REQUIRED:
+      raise ConfigError("give --config=configs/X.py, or --workdir of a training run (its "
+                        "config.json is then the config)")
+    else:
+      config = None
+  except ConfigError as error:
+    exit_bad_input(str(error))
+  # The file is read here, so absl must not see --config=PATH: it would read it again as a
+  # config dict, and skip registering the --config.* overrides.
+  argv = without_flag(argv, "config")
+  if config is None:  # sample_quality --samples_dir: no config at all
+    flags.DEFINE_string("config", None, CONFIG_HELP)
+  else:
+    config_flags.DEFINE_config_dict("config", config, CONFIG_HELP, lock_config=True,
+                                    sys_argv=argv)
+  return argv, config
+
+
+def flag_value(argv: list[str], name: str) -> str | None:
+  """The value of --name=V or --name V in argv, before absl parses it."""
+  for index, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+    if arg == f"--{name}" and index + 1 < len(argv):
+      return argv[index + 1]
+  return None
+
+
+def without_flag(argv: list[str], name: str) -> list[str]:
+  """argv less --name=V, or --name and the V after it."""
+  kept, skip = [], False
+  for arg in argv:
+    if skip or arg.startswith(f"--{name}="):
+      skip = False
+      continue
+    skip = arg == f"--{name}"
+    if not skip:
+      kept.append(arg)
+  return kept
+
+
+def unknown_key_message(key: str, keys: list[str]) -> str:
+  """Names the closest valid key, or lists the keys of the section (all keys: defaults.py)."""
+  close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+  if close:
+    return f"unknown config key {key}: did you mean {close[0]} ({config_check.allowed(close[0])})?"
+  section = key.split(".")[0]
+  in_section = [k for k in keys if k.startswith(section + ".")]
+  listed = in_section or sorted({k.split(".")[0] for k in keys})
+  return (f"unknown config key {key}; valid {'keys in ' + section if in_section else 'sections'}: "
+          f"{', '.join(listed)} (every key, its default and what it allows: s5scale/defaults.py)")
+
+
+def print_help_and_exit() -> None:
+  main = sys.modules["__main__"]
+  print((main.__doc__ or "").strip() + "\n")
+  print(FLAGS.main_module_help())
+  print(f"--config: {CONFIG_HELP}")
+  sys.exit(0)
+
+
+def exit_bad_input(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(EXIT_BAD_INPUT)
+
+
 def exit_if_invalid(config) -> None:
-  """The check every entry point runs on its resolved config before anything else: exit 2 with
-  each violation named (key, value, what is allowed). An entry point whose --config is optional
-  (sample_quality --samples_dir) has none to check here."""
-  if config is None:
-    return
+  """The check every program runs on its resolved config before anything else: exit 2 with
+  each violation named (key, value, what is allowed)."""
   try:
     config_check.check(config)
   except ConfigError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
-
-
-def valid_config_keys(argv: list[str]) -> list[str]:
-  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  try:
-    config = runpy.run_path(path)["get_config"]() if path else None
-  except Exception:  # the config file itself is broken; absl's message already says so
-    return []
-  return sorted(config_schema.flat_values(config)) if config is not None else []
+    exit_bad_input(str(error))
 
 
 def exit_code(program, *args) -> int:

@@ -19,7 +19,7 @@ import os
 import jax
 import numpy as np
 
-from s5scale import cli, data, inference, steps
+from s5scale import cli, config_files, data, inference, steps
 from s5scale.data import audio as audio_lib
 from s5scale.nn.model import S5Model
 
@@ -84,7 +84,7 @@ class ClipScorer:
     recompute_batch_stats: None keeps the run's eval.recompute_batch_stats; N > 0 recomputes
     BatchNorm statistics on its first N training batches (s5scale/steps.py), 0 keeps them as saved.
     """
-    config = inference.load_run_config(workdir)
+    config = config_files.load_run_config(workdir)
     if config.model.task != "classify" or config.model.num_classes < 1:
       raise cli.ConfigError(f"{workdir}/config.json: model.task={config.model.task!r} with "
                             f"model.num_classes={config.model.num_classes}; the judge must be a "

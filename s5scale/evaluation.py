@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from s5scale import baselines, cli, config_check, data, inference, metrics, parallel, steps
+from s5scale import baselines, cli, config_check, config_files, data, inference, metrics
+from s5scale import parallel, steps
 from s5scale.checkpoint_follower import CheckpointFollower
 from s5scale.data import audio as audio_lib
 from s5scale.nn.model import S5Model
@@ -140,13 +141,13 @@ class Evaluator:
     for split in data.heldout_splits(self.config.data):
       name = self.split + split[len(SPLIT):]      # e.g. heldout_step_rescale2/books
       all_results[name] = self.evaluate(params, batch_stats, split)
-    writer = metrics.MetricsWriter(os.path.join(workdir, "eval", "metrics.jsonl"),
-                                   os.path.join(workdir, "tb", "eval"))
-    for name, results in reversed(all_results.items()):
-      writer.write(step, {f"{name}/{k}": v for k, v in results.items()}, split=name)
-      logging.info("eval step %d %s: %s", step, name,
-                   "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
-    writer.close()
+    with metrics.MetricsWriter(os.path.join(workdir, "eval", "metrics.jsonl"),
+                               os.path.join(workdir, "tb", "eval")) as writer:
+      for name, results in reversed(all_results.items()):
+        writer.write(step, {f"{name}/{k}": v for k, v in results.items()}, split=name,
+                     data=scored_data(self.config))
+        logging.info("eval step %d %s: %s", step, name,
+                     "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
     return all_results[self.split]
 
 
@@ -167,17 +168,29 @@ def summarize(totals: dict, config, num_batches: int, seconds: float) -> dict:
   return results
 
 
-def finished_steps(workdir: str, split: str) -> set[int]:
+def scored_data(config) -> dict:
+  """What a record scored: the data keys that choose the held-out examples. A record is done
+  for another eval only if both scored the same data."""
+  return {key: config.data[key] for key in ("source", "mixture", "heldout_fraction",
+                                            "heldout_source") if key in config.data}
+
+
+def finished_steps(workdir: str, split: str, config) -> set[int]:
+  """Steps with a record of `split` on config's data (a record from before records named their
+  data scored the run's own, in its config.json)."""
   records = metrics.read_jsonl(os.path.join(workdir, "eval", "metrics.jsonl"))
-  return {r["step"] for r in records if r.get("split") == split}
+  saved = config_files.saved_run_config(workdir)
+  unnamed = scored_data(config_files.load_run_config(workdir)) if saved else None
+  wanted = scored_data(config)
+  return {r["step"] for r in records
+          if r.get("split") == split and r.get("data", unnamed) == wanted}
 
 
-def record_skip(workdir: str, step: int, split: str, why: str) -> None:
+def record_skip(workdir: str, step: int, split: str, config, why: str) -> None:
   logging.warning("skipping checkpoint step %d (%s): %s", step, split, why)
-  writer = metrics.MetricsWriter(os.path.join(workdir, "eval", "metrics.jsonl"),
-                                 os.path.join(workdir, "tb", "eval"))
-  writer.write(step, {}, split=split, skipped=why)
-  writer.close()
+  with metrics.MetricsWriter(os.path.join(workdir, "eval", "metrics.jsonl"),
+                             os.path.join(workdir, "tb", "eval")) as writer:
+    writer.write(step, {}, split=split, data=scored_data(config), skipped=why)
 
 
 def run_eval_job(config, workdir: str, only_step: int | None = None, watch: bool = False,
@@ -197,7 +210,7 @@ def run_eval_job(config, workdir: str, only_step: int | None = None, watch: bool
   follower = CheckpointFollower(workdir, split, config, only_step=only_step, watch=watch,
                                 poll_seconds=poll_seconds)
   for step, variables in follower.checkpoints(
-      abstract, done=lambda: finished_steps(workdir, split),
-      on_skip=lambda step, why: record_skip(workdir, step, split, why)):
+      abstract, done=lambda: finished_steps(workdir, split, config),
+      on_skip=lambda step, why: record_skip(workdir, step, split, config, why)):
     evaluator.run(workdir, step, variables["params"], variables.get("batch_stats", {}))
   return 0

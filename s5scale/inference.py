@@ -8,15 +8,13 @@ so one CPU device can use a checkpoint trained on many.
   restored.model.apply(restored.variables, inputs)
 """
 
-import json
-import os
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import ml_collections
 
-from s5scale import checkpoint, data, defaults, parallel
+from s5scale import checkpoint, config_files, data, parallel
 from s5scale.nn.model import S5Model
 
 
@@ -25,20 +23,6 @@ class RestoredModel(NamedTuple):
   variables: dict      # {"params": ..., "batch_stats": ...} (no batch_stats key without BatchNorm)
   step: int
   config: ml_collections.ConfigDict
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """WORKDIR/config.json over today's defaults (a key added since the run keeps its default)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise checkpoint.CheckpointError(f"{path} does not exist: not a training workdir")
-  with open(path) as f:
-    saved = json.load(f)
-  config = defaults.base_config()
-  for section, values in saved.items():
-    if section in config and isinstance(values, dict):
-      config[section].update({k: v for k, v in values.items() if k in config[section]})
-  return config
 
 
 def data_parallel_mesh(config, devices=None):
@@ -81,7 +65,7 @@ def restore_model(workdir: str, config=None, step: int | None = None,
                   mesh=None) -> RestoredModel:
   """The model of `config` (default: the workdir's config.json) with `step`'s variables (default:
   the latest), on `mesh` (default: this host's devices, data-parallel)."""
-  config = load_run_config(workdir) if config is None else config
+  config = config_files.load_run_config(workdir) if config is None else config
   mesh = data_parallel_mesh(config) if mesh is None else mesh
   model = S5Model.from_config(config.model)
   manager = checkpoint.open_readonly(workdir)

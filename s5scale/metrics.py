@@ -1,6 +1,7 @@
 """Metrics to metrics.jsonl and tensorboardX, a progress line with ETA, throughput and MFU."""
 
 import json
+import math
 import os
 import time
 
@@ -35,11 +36,12 @@ class MetricsWriter:
   def write(self, step: int, scalars: dict, **extra) -> None:
     if not self.enabled:
       return
-    record = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}, **extra}
+    plain = {k: _plain(v) for k, v in scalars.items()}
     with open(self.jsonl_path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-    for name, value in scalars.items():
-      if isinstance(value, (int, float, np.floating, np.integer)) and np.isfinite(value):
+      f.write(json.dumps({"step": int(step), **plain, **extra}) + "\n")
+    # After _plain, a 0-d array of any kind (jax.device_get returns those) is a Python number.
+    for name, value in plain.items():
+      if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         self._tb.add_scalar(name, float(value), int(step))
     self._tb.flush()
 
@@ -50,6 +52,12 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
 
 
 def _plain(value):
@@ -81,6 +89,14 @@ class Progress:
     steps_per_s = (step - self.start_step) / max(now - self.start_time, 1e-9)
     eta_s = (self.last_step - step) / max(steps_per_s, 1e-9)
     return {"steps_per_s": steps_per_s, "eta_s": eta_s}
+
+
+def format_count(count: float) -> str:
+  """20480 -> "20.5K", 1.2e6 -> "1.2M": three significant figures at most, never "0.00M"."""
+  for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+    if count >= scale:
+      return f"{count / scale:.3g}{suffix}"
+  return str(int(count))
 
 
 def format_duration(seconds: float | None) -> str:

@@ -11,7 +11,6 @@ What is sampled, scored and recorded: s5scale/sample_scoring.py.
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from s5scale import cli, sample_scoring
 
@@ -33,9 +32,7 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", None, "Audio LM config (configs/*.py); not needed "
-                                  "with --samples_dir.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "LM run directory (records go to its eval/).")
+  cli.define_flags(config_required=False)   # the LM's config; none with --samples_dir
   flags.DEFINE_string("classifier_workdir", None, "Training workdir of the judging classifier.")
   flags.DEFINE_integer("classifier_step", None, "Classifier checkpoint (default: the latest).")
   flags.DEFINE_integer("recompute_batch_stats", -1, "BatchNorm statistics of the classifier "

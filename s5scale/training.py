@@ -12,7 +12,7 @@ import jax
 from absl import logging
 
 from s5scale import checkpoint, cli, config_check, data, evaluation, metrics, optim, parallel
-from s5scale import steps
+from s5scale import preflight, steps
 from s5scale.nn.model import S5Model
 
 
@@ -22,13 +22,18 @@ def train(config, workdir: str, preemption) -> int:
   preemption: a preemption.PreemptionWatcher, installed by the program before JAX starts.
   """
   started = time.time()   # elapsed_s in metrics.jsonl: this run's wall time, compilation included
-  cli.setup_logging(workdir, "train")
 
-  # ---------------------------------------------------------------- Mesh
+  # ---------------------------------------------------------------- Checks (nothing written yet)
+  preflight.check_workdir(workdir)
   parallel.initialize_distributed()
   preemption.connect(parallel.launched_process_count())
   data.fill_num_classes(config)
   config_check.check_on_devices(config, jax.devices(), jax.process_count())
+  preflight.check_resume(config, workdir)
+  preflight.check_heldout(config)
+  cli.setup_logging(workdir, "train")
+
+  # ---------------------------------------------------------------- Mesh
   mesh = parallel.make_mesh(config.mesh)
   is_main = jax.process_index() == 0
   logging.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), mesh.size,
@@ -45,7 +50,8 @@ def train(config, workdir: str, preemption) -> int:
   model, optimizer, schedule, abstract_state, state_shardings = build_model_and_state(
       config, mesh, sample_batch)
   num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
-  logging.info("model: %.2fM parameters, %d layers", num_params / 1e6, config.model.num_layers)
+  logging.info("model: %s parameters, %d layers", metrics.format_count(num_params),
+               config.model.num_layers)
 
   # ---------------------------------------------------------------- Restore
   manager = checkpoint.make_manager(workdir, config.checkpoint)
@@ -61,7 +67,7 @@ def train(config, workdir: str, preemption) -> int:
     logging.info("no checkpoint in %s: starting from scratch", manager.directory)
     if config.checkpoint.init_from:
       params, from_step = checkpoint.restore_init_params(config.checkpoint.init_from,
-                                                    abstract_state.params)
+                                                         abstract_state.params)
       state = state.replace(params=params)
       logging.info("initialised parameters from %s (step %d)", config.checkpoint.init_from,
                    from_step)
@@ -78,58 +84,70 @@ def train(config, workdir: str, preemption) -> int:
   writer = metrics.MetricsWriter(os.path.join(workdir, "metrics.jsonl"),
                                  os.path.join(workdir, "tb", "train"))
   progress = metrics.Progress(start_step, config.train.num_steps)
-  saver = checkpoint.BackgroundSaver(manager)
-  step, last_saved = start_step, start_step
+  step, last_saved, step_metrics, eval_results = start_step, start_step, None, None
   if preemption.signalled and jax.process_count() == 1:
     logging.info("preempted before training started at step %d; checkpoints left as they were",
                  step)
     return 0
   logging.info("training from step %d to %d", step, config.train.num_steps)
-  while step < config.train.num_steps:
-    if preemption.reached(step):
-      if step != last_saved:
+  # Leaving the loop by any path, an error in an inline eval included, first finishes the save in
+  # flight: an abandoned orbax save leaves a tmp step behind and stalls the process's exit.
+  with writer, checkpoint.BackgroundSaver(manager) as saver:
+    while step < config.train.num_steps:
+      if preemption.reached(step):
+        if step != last_saved:
+          saver.save(step, state, train_iter, config.to_dict(), mesh)
+        saver.wait_until_finished()  # also an async save of this step started just before
+        logging.info("preempted at step %d, checkpoint saved", step)
+        return 0
+
+      step_start = time.perf_counter()
+      batch = parallel.global_batch(next(train_iter), mesh)
+      state, step_metrics = compiled(state, batch)
+      step_metrics = jax.device_get(step_metrics)  # small; also makes step_time_s honest
+      step_time = time.perf_counter() - step_start
+      step += 1
+
+      if step % config.train.log_every_steps == 0 or step == config.train.num_steps:
+        rates = progress.update(step)
+        scalars = dict(step_metrics, step_time_s=step_time, elapsed_s=time.time() - started,
+                       tokens_per_s=tokens_per_step / step_time,
+                       mfu=flops_per_step / step_time / peak_flops if flops_per_step else 0.0,
+                       **{f"data/{k}": v for k, v in data.bad_data_counts().items()},
+                       **{f"data/{k}": v for k, v in data.source_counts().items()})
+        writer.write(step, scalars)
+        logging.info("step %d/%d  loss %.4f  %.0f tokens/s  ETA %s", step,
+                     config.train.num_steps, step_metrics["loss"], scalars["tokens_per_s"],
+                     metrics.format_duration(rates.get("eta_s")))
+      if int(step_metrics["bad_steps"]) >= config.train.max_bad_steps:
+        logging.error("%d consecutive non-finite updates at step %d: stopping; the last good "
+                      "checkpoint is untouched", int(step_metrics["bad_steps"]), step)
+        return cli.EXIT_BAD_INPUT
+
+      # No saves during a non-finite streak: rotation (checkpoint.keep) could drop the last good
+      # one.
+      due = step % config.checkpoint.every_steps == 0 or step == config.train.num_steps
+      if due and int(step_metrics["bad_steps"]) == 0:
         saver.save(step, state, train_iter, config.to_dict(), mesh)
-      saver.wait_until_finished()  # also an async save of this step started just before
-      logging.info("preempted at step %d, checkpoint saved", step)
-      return 0
+        last_saved = step
+      if evaluator and step % config.eval.every_steps == 0:
+        eval_results = evaluator.run(workdir, step, state.params, state.batch_stats)
 
-    step_start = time.perf_counter()
-    batch = parallel.global_batch(next(train_iter), mesh)
-    state, step_metrics = compiled(state, batch)
-    step_metrics = jax.device_get(step_metrics)  # small; also makes step_time_s honest
-    step_time = time.perf_counter() - step_start
-    step += 1
-
-    if step % config.train.log_every_steps == 0 or step == config.train.num_steps:
-      rates = progress.update(step)
-      scalars = dict(step_metrics, step_time_s=step_time, elapsed_s=time.time() - started,
-                     tokens_per_s=tokens_per_step / step_time,
-                     mfu=flops_per_step / step_time / peak_flops if flops_per_step else 0.0,
-                     **{f"data/{k}": v for k, v in data.bad_data_counts().items()},
-                     **{f"data/{k}": v for k, v in data.source_counts().items()})
-      writer.write(step, scalars)
-      logging.info("step %d/%d  loss %.4f  %.0f tokens/s  ETA %s", step, config.train.num_steps,
-                   step_metrics["loss"], scalars["tokens_per_s"],
-                   metrics.format_duration(rates.get("eta_s")))
-    if int(step_metrics["bad_steps"]) >= config.train.max_bad_steps:
-      logging.error("%d consecutive non-finite updates at step %d: stopping; the last good "
-                    "checkpoint is untouched", int(step_metrics["bad_steps"]), step)
-      saver.wait_until_finished()
-      return cli.EXIT_BAD_INPUT
-
-    # No saves during a non-finite streak: rotation (checkpoint.keep) could drop the last good one.
-    due = step % config.checkpoint.every_steps == 0 or step == config.train.num_steps
-    if due and int(step_metrics["bad_steps"]) == 0:
-      saver.save(step, state, train_iter, config.to_dict(), mesh)
-      last_saved = step
-    if evaluator and step % config.eval.every_steps == 0:
-      evaluator.run(workdir, step, state.params, state.batch_stats)
-
-  saver.wait_until_finished()
-  writer.close()
-  logging.info("finished: %d steps in %s, final checkpoint at step %d", step,
-               metrics.format_duration(time.time() - started), last_saved)
+  logging.info("finished: %d steps in %s; %s; final checkpoint at step %d in %s", step,
+               metrics.format_duration(time.time() - started),
+               summary(step_metrics, eval_results, evaluator), last_saved, workdir)
   return 0
+
+
+def summary(step_metrics: dict | None, eval_results: dict | None, evaluator) -> str:
+  """The last training loss, the last eval's headline figure and the bad-data counts."""
+  parts = [] if step_metrics is None else [f"loss {float(step_metrics['loss']):.4f}"]
+  if eval_results:
+    name = next(k for k in ("bits_per_byte", "bits_per_sample", "accuracy", "loss")
+                if k in eval_results)
+    parts.append(f"{evaluator.split} {name} {eval_results[name]:.4f}")
+  parts += [f"{k.replace('_', ' ')} {v}" for k, v in data.bad_data_counts().items()]
+  return ", ".join(parts)
 
 
 def build_model_and_state(config, mesh, sample_batch: dict):

@@ -8,17 +8,17 @@ checking (s5scale/config_check.py), as it does for every program.
 import sys
 
 from absl import app
-from ml_collections import config_flags
 
 from s5scale import cli
 
 
 def main(argv) -> int:
   del argv  # cli.parse_flags has already checked the config, or exited 2
+  print(f"valid: {cli.flag_value(sys.argv, 'config')} with "
+        f"{sum(a.startswith('--config.') for a in sys.argv)} override(s)")
   return 0
 
 
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
-                                  lock_config=True)
+  cli.define_flags(workdir=False)
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

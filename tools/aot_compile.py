@@ -32,7 +32,6 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 from absl import app, flags
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from s5scale import cli, config_check, data, hlo_stats, parallel, training
@@ -268,7 +267,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
-                                  lock_config=True)
-  flags.mark_flags_as_required(["config"])
+  cli.define_flags(workdir=False)
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)
