@@ -1,4 +1,5 @@
-"""The chunked linear recurrence (chunked_scan.py, the default off TPU) against a float64 NumPy loop written from its equation.
+"""The chunked linear recurrence (chunked_scan.py) against a float64 NumPy loop written from its
+equation.
 
     forward:  x_k = a_k keep_k x_{k-1} + b_k        reverse: x_k = a_k keep_k x_{k+1} + b_k
 

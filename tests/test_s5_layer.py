@@ -56,8 +56,8 @@ def oracle_output(layer, variables, u, reset=None, intervals=None, step_rescale=
 
 def init_cheaply(layer, u, seed):
   """Params for `layer`, initialised through its reference-scan twin: init runs a forward pass,
-  and the default scan (auto) costs a fresh trace per configuration. The params do not depend on the scan
-  (test_init_does_not_depend_on_the_scan)."""
+  and the default scan (auto) costs a fresh trace per configuration. The params do not depend on
+  the scan (test_init_does_not_depend_on_the_scan)."""
   return init_layer(layer.clone(scan_impl="reference"), u, seed)
 
 
@@ -116,7 +116,8 @@ def test_layer_matches_oracle(conj_sym, bidirectional, discretization, c_init, c
   assert np.max(np.abs(other - expected)) > 1e-3 * np.max(np.abs(expected))  # clipping matters
 
 
-# Reference scan: resets and intervals alone and together; default scan: together (one compile each).
+# Reference scan: resets and intervals alone and together; default scan: together (one compile
+# each).
 RESET_COMBOS = [combo + (extra, "reference") for combo, extra in itertools.product(
     itertools.product([True, False], [False, True], ["zoh", "bilinear"]),
     ["reset", "intervals", "both"])]
@@ -277,7 +278,8 @@ def test_gradients_are_finite():
 
 
 # One tiny case (a float64 compile costs seconds): the default scan (auto), which defines its own
-# backward pass, with every feature on. The reference scan's gradient is that of JAX's associative_scan.
+# backward pass, with every feature on. The reference scan's gradient is that of JAX's
+# associative_scan.
 GRADIENT_CASES = [(True, True, "zoh", "auto")]
 
 

@@ -1,4 +1,4 @@
-"""The chunked XLA linear recurrence x_k = a_k ⊙ x_{k∓1} + b_k in planar real arithmetic, and its VJP.
+"""The chunked XLA linear recurrence x_k = a_k ⊙ x_{k∓1} + b_k in planar arithmetic, and its VJP.
 
 The differentiable entry point and the choice among implementations are in recurrence.py.
 
@@ -155,10 +155,12 @@ def chunked_backward(reverse: bool, num_chunks: int | None, residuals, states_co
   if not varying:
     # Each adjoint step's carried-in keep_{k+1} G_{k+1} (k-1 when reverse), times conj(x_k), is
     # one term of dL/da, so the loop sums them as it goes.
-    adjoint, multipliers_cotangent = chunked_states(adjoint_multipliers, states_cotangent, adjoint_keep,
-                                           not reverse, num_chunks, correlate=states)
+    adjoint, multipliers_cotangent = chunked_states(adjoint_multipliers, states_cotangent,
+                                                    adjoint_keep, not reverse, num_chunks,
+                                                    correlate=states)
   else:
-    adjoint = chunked_states(adjoint_multipliers, states_cotangent, adjoint_keep, not reverse, num_chunks)
+    adjoint = chunked_states(adjoint_multipliers, states_cotangent, adjoint_keep, not reverse,
+                             num_chunks)
     # Per step, dL/da_k = keep_k G_k conj(x_prev(k)), with x_prev = 0 at the sequence's start.
     previous_states = shift_toward_start(states, not reverse)
     multipliers_cotangent = complex_multiply(conjugate(previous_states), adjoint)

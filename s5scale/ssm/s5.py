@@ -64,8 +64,9 @@ def scan_states(lambda_bar, bu, *, bidirectional: bool, reset=None, impl: str = 
   directions = [False, True] if bidirectional else [False]
   bu_planar, multipliers = to_planar(bu), to_planar(lambda_bar)
   keeps = recurrence.keep_masks(reset, bidirectional)
-  states = [from_planar(recurrence.linear_recurrence_planar(
-      multipliers, bu_planar, keep, reverse, impl=impl)) for reverse, keep in zip(directions, keeps)]
+  states = [from_planar(recurrence.linear_recurrence_planar(multipliers, bu_planar, keep, reverse,
+                                                            impl=impl))
+            for reverse, keep in zip(directions, keeps)]
   return jnp.concatenate(states, axis=-1) if bidirectional else states[0]
 
 
