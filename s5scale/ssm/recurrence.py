@@ -96,8 +96,9 @@ def _pick(impl: str, chunked, pallas):
     return chunked
   if impl == "pallas":
     return pallas
-  # "auto": both are traced; lowering keeps only the target platform's branch.
-  return lambda *args: jax.lax.platform_dependent(*args, tpu=pallas, default=chunked)
+  if impl == "auto":  # both are traced; lowering keeps only the target platform's branch
+    return lambda *args: jax.lax.platform_dependent(*args, tpu=pallas, default=chunked)
+  raise ValueError(f"no recurrence kernel for impl {impl!r}")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
