@@ -10,10 +10,19 @@ config_schema.field; constraints: Int, Real, OneOf, Bool, Text, Check). A rule t
 together is one `Rule((keys...), lambda *values: ..., "what must hold")` in RULES. A key declared
 without a constraint fails at import; tests/test_config_validation.py then asks for a value that
 the new constraint must refuse (BAD_VALUES).
+
+A choice that names a code path is read from the module that implements it (`OneOf(*NORMS)`), so
+the code defines each enumeration once; this imports ssm/ and nn/ (jax, flax).
 """
 
 from s5scale.config_schema import Bool, Int, OneOf, Real, Rule, Text, build_config, constraints_of
 from s5scale.config_schema import field as f
+from s5scale.data.audio import QUANTIZATIONS
+from s5scale.nn.blocks import ACTIVATIONS, LAYERS, NORMS
+from s5scale.nn.model import REMAT_POLICIES
+from s5scale.ssm.discretize import DISCRETIZATIONS
+from s5scale.ssm.init import C_INITS, S4D_INITS
+from s5scale.ssm.recurrence import IMPLS as SCAN_IMPLS
 
 Count = Int(ge=1)          # steps, sizes, counts: at least one
 NonNegative = Int(ge=0)    # 0 means "off" or "use the default" (said beside the key)
@@ -22,9 +31,9 @@ Seed = Int(ge=0)
 
 MODEL = dict(
     task=f("lm", OneOf("lm", "classify")),          # next-token or classification
-    layer=f("s5", OneOf("s5", "s4d")),              # MIMO S5 (P states) or S4D (H SISO SSMs)
+    layer=f("s5", OneOf(*LAYERS)),                  # MIMO S5 (P states) or S4D (H SISO SSMs)
     s4d_state_size=f(64, Int(ge=2)),                # S4D: N per channel (even), the S4 papers' 64
-    s4d_init=f("legs", OneOf("legs", "lin")),       # S4D: HiPPO-N eigenvalues (as S5) or S4D-Lin
+    s4d_init=f("legs", OneOf(*S4D_INITS)),          # S4D: HiPPO-N eigenvalues (as S5) or S4D-Lin
     input_kind=f("tokens", OneOf("tokens", "continuous")),  # embedding or linear encoder
     vocab_size=f(260, Count),                       # tokens; at least the data's (bytes: 260)
     num_classes=f(0, NonNegative),                    # classify: 0 = the label folders in data.source
@@ -34,23 +43,22 @@ MODEL = dict(
     blocks=f(4, Count),                             # J; S5
     conj_sym=f(True, Bool()),
     bidirectional=f(False, Bool()),
-    discretization=f("zoh", OneOf("zoh", "bilinear")),
-    c_init=f("trunc_standard_normal",
-             OneOf("trunc_standard_normal", "lecun_normal", "complex_normal")),
+    discretization=f("zoh", OneOf(*DISCRETIZATIONS)),
+    c_init=f("trunc_standard_normal", OneOf(*C_INITS)),
     dt_min=f(1e-3, Real(gt=0)),
     dt_max=f(1e-1, Real(gt=0)),
     clip_eigs=f(False, Bool()),
     step_rescale=f(1.0, Real(gt=0)),
-    scan_impl=f("auto", OneOf("auto", "chunked", "pallas", "reference")),  # auto: Pallas on TPU
-    norm=f("layer", OneOf("layer", "rms", "batch")),
+    scan_impl=f("auto", OneOf(*SCAN_IMPLS)),        # auto: Pallas on TPU, chunked elsewhere
+    norm=f("layer", OneOf(*NORMS)),
     prenorm=f(True, Bool()),
-    activation=f("half_glu1", OneOf("full_glu", "half_glu1", "half_glu2", "gelu")),
+    activation=f("half_glu1", OneOf(*ACTIVATIONS)),
     mlp_ratio=f(0, NonNegative),                      # 0: no MLP after the SSM
     dropout=f(0.0, Real(ge=0, lt=1)),
     pooling=f("mean", OneOf("mean", "last")),       # classify
     compute_dtype=f("float32", OneOf("float32", "bfloat16")),  # matmuls; parameters stay f32
     scan_layers=f(True, Bool()),                    # nn.scan over depth: compile time flat
-    remat=f("none", OneOf("none", "full", "dots", "offload")),  # per layer; offload: block
+    remat=f("none", OneOf(*REMAT_POLICIES)),        # per layer; offload: block
                                                     # inputs saved in host memory (TPU)
     residual_dtype=f("float32", OneOf("float32", "bfloat16")),  # the stream between blocks
 )
@@ -67,7 +75,7 @@ DATA = dict(
     seed=f(0, Seed),
     heldout_fraction=f(0.05, Real(ge=0, lt=1)),
     sample_rate=f(16000, Count),                    # audio
-    quantization=f("mulaw", OneOf("mulaw", "linear")),  # audio
+    quantization=f("mulaw", OneOf(*QUANTIZATIONS)),  # audio codes: mu-law or linear
     bits=f(8, Int(ge=1, le=16)),                    # audio quantization bits (vocab 2**bits)
     long_audio_seconds=f(30.0, Real(ge=0)),         # files this long: crops seek; 0 = never
     bandlimit_prob=f(0.0, Real(ge=0, le=1)),        # classify: share of training clips band-limited

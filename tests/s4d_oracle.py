@@ -1,4 +1,4 @@
-"""Float64 NumPy oracle for S4D, written from the equations in DESIGN.md §1b.
+"""Float64 NumPy oracle for S4D, written from the equations in docs/design.md, "S4D".
 
 The recurrence as an explicit Python loop over time (vectorised over batch, channels and states),
 nothing imported from s5scale. Conventions as tests/ssm_oracle.py: the backward direction is

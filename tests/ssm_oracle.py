@@ -1,4 +1,5 @@
-"""Float64 NumPy oracle for the S5 layer, written from the equations in DESIGN.md §1.
+"""Float64 NumPy oracle for the S5 layer, written from the equations of
+docs/design.md, "The recurrence and its implementations".
 
 Deliberately naive: eigendecompositions with numpy, discretization elementwise, and the recurrence
 as an explicit Python loop over time (vectorised only over batch). Nothing here imports s5scale, so
@@ -151,3 +152,44 @@ def assert_close(actual, expected, rtol=1e-5):
   expected = np.asarray(expected)
   np.testing.assert_allclose(np.asarray(actual), expected, rtol=rtol,
                              atol=rtol * np.max(np.abs(expected)))
+
+
+# ----------------------------------------------------------------------------- linear recurrence
+
+def loop_recurrence(a, b, keep=None, reverse=False):
+  """a: (P,) or (..., L, P) complex; b: (..., L, P) complex; keep: (..., L) or None.
+
+  Returns x (..., L, P) complex128, one explicit step at a time.
+  """
+  b = np.asarray(b, np.complex128)
+  a = np.broadcast_to(np.asarray(a, np.complex128), b.shape)
+  keep = np.ones(b.shape[:-1]) if keep is None else np.asarray(keep, np.float64)
+  length = b.shape[-2]
+  states = np.zeros_like(b)
+  state = np.zeros(b.shape[:-2] + b.shape[-1:], np.complex128)
+  for k in (reversed(range(length)) if reverse else range(length)):
+    state = a[..., k, :] * keep[..., k, None] * state + b[..., k, :]
+    states[..., k, :] = state
+  return states
+
+
+def planar(z):
+  """(..., P) complex -> (..., 2, P) real [re; im], NumPy."""
+  return np.stack([z.real, z.imag], axis=-2)
+
+
+def unplanar(x):
+  return x[..., 0, :] + 1j * x[..., 1, :]
+
+
+def random_problem(rng, leading, length, num_states, *, varying, with_keep):
+  """Stable multipliers (|a| in [0.8, 0.999], any phase), inputs, and a keep mask with resets."""
+  a_shape = leading + (length, num_states) if varying else (num_states,)
+  a = rng.uniform(0.8, 0.999, a_shape) * np.exp(1j * rng.uniform(-np.pi, np.pi, a_shape))
+  b = rng.normal(size=leading + (length, num_states)) + 1j * rng.normal(
+      size=leading + (length, num_states))
+  keep = None
+  if with_keep:
+    keep = (rng.random(leading + (length,)) > 0.2).astype(np.float64)
+    keep[..., length // 2] = 0.0  # at least one reset mid-sequence in every row
+  return a, b, keep

@@ -3,7 +3,7 @@
     forward:  x_k = a_k keep_k x_{k-1} + b_k        reverse: x_k = a_k keep_k x_{k+1} + b_k
 
 On CPU the kernel runs in Pallas' interpreter: values in float32 under the TPU interpreter
-(pltpu.InterpretParams, TPU semantics) against the float64 NumPy loop of test_fast_scan, and
+(pltpu.InterpretParams, TPU semantics) against the float64 NumPy loop of test_chunked_scan, and
 gradients in float64 (interpret=True) against central differences of that loop, so the kernel's
 adjoint is checked against nothing but the forward equation. Lengths are not multiples of the
 time tile. Compiling for TPU needs libtpu (compile-only devices, no TPU): only those tests are
@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from s5scale.ssm import pallas_scan
 from s5scale.ssm import recurrence
-from tests.test_fast_scan import loop_recurrence, planar, random_problem, unplanar
+from tests.ssm_oracle import loop_recurrence, planar, random_problem, unplanar
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(

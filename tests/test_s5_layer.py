@@ -1,7 +1,7 @@
 """The Flax S5 layer against the float64 NumPy oracle (tests/ssm_oracle.py).
 
 The oracle gets the layer's own parameters (inputs, not outputs) and recomputes the layer from
-DESIGN.md §1: clip, discretize, loop over time, read out.
+docs/design.md, "The recurrence": clip, discretize, loop over time, read out.
 """
 
 import itertools
@@ -14,12 +14,12 @@ import pytest
 
 from s5scale import ssm
 from s5scale.nn.s5 import S5
+from s5scale.ssm.init import C_INITS
 from tests import ssm_oracle as oracle
 from tests.ssm_oracle import assert_close
 
 H, P, BATCH, LENGTH = 8, 16, 2, 64
 SCAN_IMPLS = ["auto", "reference"]
-C_INITS = ["trunc_standard_normal", "lecun_normal", "complex_normal"]
 
 
 def random_inputs(seed, batch=BATCH, length=LENGTH, features=H, dtype=np.float32):
@@ -56,8 +56,8 @@ def oracle_output(layer, variables, u, reset=None, intervals=None, step_rescale=
 
 def init_cheaply(layer, u, seed):
   """Params for `layer`, initialised through its reference-scan twin: init runs a forward pass,
-  and the fast scan costs a fresh trace per configuration. The params do not depend on the scan
-  (test_init_does_not_depend_on_the_scan)."""
+  and the default scan (auto) costs a fresh trace per configuration. The params do not depend on
+  the scan (test_init_does_not_depend_on_the_scan)."""
   return init_layer(layer.clone(scan_impl="reference"), u, seed)
 
 
@@ -70,7 +70,7 @@ def ssm_part_is_significant(variables, u, expected):
 # ----------------------------------------------------------------------------- parallel mode
 
 def forward_combos():
-  """Every combination for the reference scan. The fast scan costs a fresh compile per
+  """Every combination for the reference scan. The default scan (auto) costs a fresh compile per
   configuration, so it gets every combination of the flags that reach the scan itself
   (conj_sym, bidirectional) crossed with the discretization, while clip_eigs, the C init and
   the blocks (which only change Lambda, B, C before the scan) rotate through their values."""
@@ -116,7 +116,8 @@ def test_layer_matches_oracle(conj_sym, bidirectional, discretization, c_init, c
   assert np.max(np.abs(other - expected)) > 1e-3 * np.max(np.abs(expected))  # clipping matters
 
 
-# Reference scan: resets and intervals alone and together; fast scan: together (one compile each).
+# Reference scan: resets and intervals alone and together; default scan: together (one compile
+# each).
 RESET_COMBOS = [combo + (extra, "reference") for combo, extra in itertools.product(
     itertools.product([True, False], [False, True], ["zoh", "bilinear"]),
     ["reset", "intervals", "both"])]
@@ -240,8 +241,8 @@ def test_init_does_not_depend_on_the_scan():
   """What init_cheaply relies on, checked once: same key, same params, whichever scan."""
   layer = S5(d_model=H, ssm_size=P, blocks=2, bidirectional=True, c_init="lecun_normal")
   u, _, _ = random_inputs(22)
-  fast, reference = init_layer(layer, u, 23), init_cheaply(layer, u, 23)
-  for name, value in fast["params"].items():
+  default, reference = init_layer(layer, u, 23), init_cheaply(layer, u, 23)
+  for name, value in default["params"].items():
     np.testing.assert_array_equal(np.asarray(value), np.asarray(reference["params"][name]))
 
 
@@ -257,7 +258,7 @@ def test_complex_normal_c_init_has_half_variance_per_part():
 # ----------------------------------------------------------------------------- gradients
 
 def test_gradients_are_finite():
-  """float32, every feature on, through the fast scan that training uses."""
+  """float32, every feature on, through the default scan (auto) that training uses."""
   layer = S5(d_model=H, ssm_size=P, blocks=2, bidirectional=True, clip_eigs=True)
   u, reset, intervals = random_inputs(14)
   variables = init_cheaply(layer, u, 15)
@@ -276,8 +277,9 @@ def test_gradients_are_finite():
     assert np.max(np.abs(grad)) > 0, name
 
 
-# One tiny case (a float64 compile costs seconds): the fast scan, which may define its own backward
-# pass, with every feature on. The reference scan's gradient is that of JAX's associative_scan.
+# One tiny case (a float64 compile costs seconds): the default scan (auto), which defines its own
+# backward pass, with every feature on. The reference scan's gradient is that of JAX's
+# associative_scan.
 GRADIENT_CASES = [(True, True, "zoh", "auto")]
 
 

@@ -1,7 +1,8 @@
 """s5scale.ssm's pure functions against the float64 NumPy oracle (tests/ssm_oracle.py).
 
 The first tests check the oracle itself against hand-derived values, so that the rest compare the
-implementation with something known to follow DESIGN.md §1.
+implementation with something known to follow docs/design.md,
+"The recurrence and its implementations".
 """
 
 import itertools

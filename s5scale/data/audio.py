@@ -11,7 +11,6 @@ import struct
 import numpy as np
 import soundfile
 
-QUANTIZATIONS = ("mulaw", "linear")
 
 
 class UnreadableAudio(ValueError):
@@ -184,22 +183,25 @@ def linear_decode(codes: np.ndarray, bits: int = 8) -> np.ndarray:
   return (2 * np.asarray(codes, np.float64) / (2**bits - 1) - 1).astype(np.float32)
 
 
+# data.quantization -> (encode, decode)
+CODECS = {"mulaw": (mulaw_encode, mulaw_decode), "linear": (linear_encode, linear_decode)}
+QUANTIZATIONS = tuple(CODECS)
+
+
 def quantize(waveform: np.ndarray, method: str, bits: int) -> np.ndarray:
-  """Dispatch on data.quantization ("mulaw" or "linear")."""
-  if method == "mulaw":
-    return mulaw_encode(waveform, bits)
-  if method == "linear":
-    return linear_encode(waveform, bits)
-  raise ValueError(f"data.quantization must be one of {QUANTIZATIONS}, got {method!r}")
+  """float waveform -> int codes by data.quantization ("mulaw" or "linear")."""
+  return _codec(method)[0](waveform, bits)
 
 
 def dequantize(codes: np.ndarray, method: str, bits: int) -> np.ndarray:
   """Inverse of quantize, float32 in [-1, 1]."""
-  if method == "mulaw":
-    return mulaw_decode(codes, bits)
-  if method == "linear":
-    return linear_decode(codes, bits)
-  raise ValueError(f"data.quantization must be one of {QUANTIZATIONS}, got {method!r}")
+  return _codec(method)[1](codes, bits)
+
+
+def _codec(method: str):
+  if method not in CODECS:
+    raise ValueError(f"data.quantization must be one of {QUANTIZATIONS}, got {method!r}")
+  return CODECS[method]
 
 
 def silence_code(method: str, bits: int) -> int:

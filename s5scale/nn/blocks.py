@@ -64,11 +64,13 @@ class Norm(nn.Module):
       return nn.LayerNorm(dtype=self.dtype)(x)
     if self.kind == "rms":
       return nn.RMSNorm(dtype=self.dtype)(x)
-    # Statistics pool every (batch, time) position (all axes but features), as in the paper.
-    # Momentum 0.9 as in the paper's code: with flax's 0.99 the running statistics still hold a
-    # third of their initial value after 100 steps, and a short run evaluates badly.
-    return nn.BatchNorm(use_running_average=not self.train, axis=-1,
-                        momentum=BATCH_NORM_MOMENTUM, dtype=self.dtype)(x)
+    if self.kind == "batch":
+      # Statistics pool every (batch, time) position (all axes but features), as in the paper.
+      # Momentum 0.9 as in the paper's code: with flax's 0.99 the running statistics still hold
+      # a third of their initial value after 100 steps, and a short run evaluates badly.
+      return nn.BatchNorm(use_running_average=not self.train, axis=-1,
+                          momentum=BATCH_NORM_MOMENTUM, dtype=self.dtype)(x)
+    raise ValueError(f"norm must be one of {NORMS}, got {self.kind!r}")
 
 
 class ResidualBlock(nn.Module):

@@ -25,7 +25,7 @@ class S5(nn.Module):
   dt_max: float = 1e-1
   clip_eigs: bool = False
   step_rescale: float = 1.0
-  scan_impl: str = "auto"           # ssm.IMPLS: "auto", "chunked", "pallas", "reference"
+  scan_impl: str = "auto"           # one of ssm.IMPLS (recurrence.py)
   param_dtype: jnp.dtype = jnp.float32
 
   def setup(self):

@@ -1,7 +1,8 @@
-"""Pure S5 and S4D math: HiPPO-N init, discretisation, the linear recurrence (recurrence.py picks
-its implementation), parallel and recurrent scans, S4D kernels.
+"""Pure S5 and S4D math: HiPPO-N init (hippo.py, init.py), discretisation (discretize.py), the S5
+operator (s5.py), S4D (s4d.py), and the linear recurrence they share (recurrence.py picks its
+implementation: chunked_scan.py or pallas_scan.py, in planar_complex.py's arithmetic).
 
-Imports nothing from the rest of s5scale (DESIGN.md §2).
+Imports nothing from the rest of s5scale (docs/design.md, "Layout").
 """
 
 from s5scale.ssm.discretize import (clip_real_part, discretization_factors, discretize_bilinear,
@@ -13,7 +14,7 @@ from s5scale.ssm.init import (S4D_INITS, make_s4d_lambda, validate_s4d_args,
 from s5scale.ssm.recurrence import IMPLS, linear_recurrence, linear_recurrence_planar
 from s5scale.ssm.s4d import (bidirectional_conv, causal_conv, s4d_chunked, s4d_conv, s4d_kernel,
                              s4d_recurrence, s4d_states, s4d_step)
-from s5scale.ssm.scan import apply_ssm, project_input, project_output, scan_states, step
+from s5scale.ssm.s5 import apply_ssm, project_input, project_output, scan_states, step
 
 __all__ = [
     "IMPLS", "apply_ssm", "bidirectional_conv", "causal_conv", "clip_real_part",

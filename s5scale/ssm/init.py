@@ -1,5 +1,5 @@
 """Initialisers for B̃, C̃ and log Δ, and argument validation (S5 paper, App. B); S4D's Λ, C and
-log Δ (DESIGN.md §1b).
+log Δ (docs/design.md, "S4D").
 
 Complex parameters are stored as a trailing (real, imaginary) axis of size 2, as in the paper's
 reference code, so optimisers and checkpoints only ever see real arrays.
@@ -87,7 +87,7 @@ def init_log_step(key, num_states: int, dt_min: float, dt_max: float, dtype=jnp.
   return jax.random.uniform(key, (num_states, 1), dtype, np.log(dt_min), np.log(dt_max))
 
 
-# ----------------------------------------------------------------------------- S4D (DESIGN.md §1b)
+# ------------------------------------------------------------ S4D (docs/design.md, "S4D")
 
 S4D_INITS = ("legs", "lin")
 

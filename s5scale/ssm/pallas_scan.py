@@ -6,7 +6,7 @@ Layout. One time step of one row is a (2, P tile) slab; the grid is (rows, P til
 run in order ("arbitrary") and the carried state stays in a VMEM scratch buffer between them, as
 in recurrentgemma's Pallas LRU scan; rows and P tiles are independent ("parallel"). Each input
 element is read from HBM once and each state written once: the kernel is a single pass over
-memory, where the chunked XLA scan (fast_scan.py) makes two.
+memory, where the chunked XLA scan (chunked_scan.py) makes two.
 
 Backward: for a real loss, G = dL/dRe x + i dL/dIm x obeys G_k = g_k + conj(a_{k+1}) G_{k+1}
 (reverse of the primal direction), so the same kernel runs the other way:
@@ -29,7 +29,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec
 
-from s5scale.ssm import fast_scan
+from s5scale.ssm import chunked_scan
+from s5scale.ssm.planar_complex import complex_multiply, conjugate
 
 LANES = 128
 MAX_STATE_TILE = 1024     # lanes of P per grid step
@@ -311,8 +312,8 @@ def backward(reverse: bool, residuals, states_cotangent, *, time_tile: int | Non
     adjoint = _run("adjoint", effective, states_cotangent, None, not reverse, time_tile,
                    interpret, sharding)
     # dL/da_k = G_k conj(x_{k-1}) (x_{k+1} when reverse): one fused elementwise pass.
-    previous = fast_scan.shift_toward_start(states, not reverse)
-    effective_cotangent = fast_scan.complex_multiply(fast_scan.conjugate(previous), adjoint)
+    previous = chunked_scan.shift_toward_start(states, not reverse)
+    effective_cotangent = complex_multiply(conjugate(previous), adjoint)
     if keep is not None:
       effective_cotangent = effective_cotangent * keep[..., None, None]
     multipliers_cotangent = (effective_cotangent if multipliers.ndim == 4

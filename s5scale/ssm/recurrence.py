@@ -6,7 +6,7 @@ Implementations (`impl`, the config key model.scan_impl):
                program is compiled for (lax.platform_dependent), not from the host's default
                backend, so compiling ahead of time for a TPU topology on a CPU host (tools/
                aot_compile.py) gets the kernel, and a CPU run never traces into Mosaic.
-  "chunked"    three passes of XLA loops over chunks of time (fast_scan.py); any platform.
+  "chunked"    three passes of XLA loops over chunks of time (chunked_scan.py); any platform.
   "pallas"     one pass of a Pallas TPU kernel that keeps the state in VMEM (pallas_scan.py);
                TPU only, or interpret=True (tests) on CPU.
   "reference"  the paper's formulation: jax.lax.associative_scan over complex (a, b) pairs, with
@@ -15,7 +15,7 @@ Implementations (`impl`, the config key model.scan_impl):
 the reverse recurrence G_k = g_k + conj(a_{k+1} keep_{k+1}) G_{k+1} (see each implementation).
 
 Planar: a complex (..., P) array is held as a real (..., 2, P) array, [real parts; imaginary
-parts] (fast_scan.to_planar).
+parts] (planar_complex.py).
 """
 
 import dataclasses
@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from s5scale.ssm import fast_scan
+from s5scale.ssm import chunked_scan
 from s5scale.ssm import pallas_scan
+from s5scale.ssm.planar_complex import from_planar, to_planar
 
 IMPLS = ("auto", "chunked", "pallas", "reference")
 
@@ -35,6 +36,27 @@ IMPLS = ("auto", "chunked", "pallas", "reference")
 def check_impl(impl: str) -> None:
   if impl not in IMPLS:
     raise ValueError(f"scan_impl must be one of {IMPLS}, got {impl!r}")
+
+
+def keep_masks(reset, bidirectional: bool):
+  """Per-direction `keep` arguments of linear_recurrence_planar from reset flags: 0 where the
+  carried state is dropped.
+
+  Forward, reset[k] drops the state carried into k. Backward, the document ends where the next step
+  resets, so reset[k+1] drops the state carried from k+1 into k.
+
+  Args:
+    reset: (..., L) bool or None.
+  Returns:
+    [forward keep] or [forward keep, backward keep], each (..., L) float32 or None.
+  """
+  if reset is None:
+    return [None, None] if bidirectional else [None]
+  forward = 1 - reset.astype(jnp.float32)
+  if not bidirectional:
+    return [forward]
+  backward = jnp.concatenate([forward[..., 1:], jnp.ones_like(forward[..., :1])], axis=-1)
+  return [forward, backward]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +70,7 @@ class _Options:
 
 def _forward(options: _Options, multipliers, inputs, keep, reverse: bool):
   def chunked(multipliers, inputs, keep):
-    return fast_scan.chunked_states(multipliers, inputs, keep, reverse, options.num_chunks)
+    return chunked_scan.chunked_states(multipliers, inputs, keep, reverse, options.num_chunks)
 
   def pallas(multipliers, inputs, keep):
     return pallas_scan.forward(multipliers, inputs, keep, reverse, time_tile=options.time_tile,
@@ -59,7 +81,7 @@ def _forward(options: _Options, multipliers, inputs, keep, reverse: bool):
 
 def _backward(options: _Options, reverse: bool, residuals, states_cotangent):
   def chunked(residuals, states_cotangent):
-    return fast_scan.chunked_backward(reverse, options.num_chunks, residuals, states_cotangent)
+    return chunked_scan.chunked_backward(reverse, options.num_chunks, residuals, states_cotangent)
 
   def pallas(residuals, states_cotangent):
     return pallas_scan.backward(reverse, residuals, states_cotangent,
@@ -74,8 +96,9 @@ def _pick(impl: str, chunked, pallas):
     return chunked
   if impl == "pallas":
     return pallas
-  # "auto": both are traced; lowering keeps only the target platform's branch.
-  return lambda *args: jax.lax.platform_dependent(*args, tpu=pallas, default=chunked)
+  if impl == "auto":  # both are traced; lowering keeps only the target platform's branch
+    return lambda *args: jax.lax.platform_dependent(*args, tpu=pallas, default=chunked)
+  raise ValueError(f"no recurrence kernel for impl {impl!r}")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -97,16 +120,16 @@ _recurrence.defvjp(_recurrence_forward, _recurrence_backward)
 
 def _associative_scan(multipliers, inputs, keep, reverse: bool):
   """The reference: complex (a, b) pairs combined by jax.lax.associative_scan, plain autodiff."""
-  a = jnp.broadcast_to(fast_scan.from_planar(multipliers), inputs.shape[:-2] + inputs.shape[-1:])
+  a = jnp.broadcast_to(from_planar(multipliers), inputs.shape[:-2] + inputs.shape[-1:])
   if keep is not None:
     a = a * keep[..., None]
 
   def combine(earlier, later):
     return later[0] * earlier[0], later[0] * earlier[1] + later[1]
 
-  _, states = jax.lax.associative_scan(combine, (a, fast_scan.from_planar(inputs)),
+  _, states = jax.lax.associative_scan(combine, (a, from_planar(inputs)),
                                        reverse=reverse, axis=1)
-  return fast_scan.to_planar(states)
+  return to_planar(states)
 
 
 def linear_recurrence_planar(multipliers, inputs, keep=None, reverse: bool = False, *,
@@ -121,7 +144,7 @@ def linear_recurrence_planar(multipliers, inputs, keep=None, reverse: bool = Fal
     keep: (..., L) real, 0 where the carried state is dropped (a reset), 1 elsewhere; or None.
     reverse: run from the last step to the first.
     impl: one of IMPLS (module docstring).
-    num_chunks: chunked only: C, a divisor of L; None picks fast_scan.num_chunks_for(L).
+    num_chunks: chunked only: C, a divisor of L; None picks chunked_scan.num_chunks_for(L).
     time_tile: pallas only: steps per grid step; None picks pallas_scan.time_tile_for.
     interpret: pallas only: run the kernel in Pallas' interpreter (CPU tests).
     sharding: pallas only: PartitionSpec of the (rows, L, 2, P) operands (leading dims flattened
@@ -164,5 +187,5 @@ def linear_recurrence(multipliers, bu, reverse: bool = False, *, impl: str = "au
   Returns:
     (..., L, P') complex states.
   """
-  return fast_scan.from_planar(linear_recurrence_planar(
-      fast_scan.to_planar(multipliers), fast_scan.to_planar(bu), reverse=reverse, impl=impl))
+  return from_planar(linear_recurrence_planar(
+      to_planar(multipliers), to_planar(bu), reverse=reverse, impl=impl))

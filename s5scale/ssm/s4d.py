@@ -1,4 +1,4 @@
-"""S4D (Gu, Gupta, Goel, Ré 2022), DESIGN.md §1b: H independent single-input single-output
+"""S4D (Gu, Gupta, Goel, Ré 2022; docs/design.md, S4D): H independent single-input single-output
 diagonal SSMs, N/2 complex states per channel (conjugate pairs kept once), B folded into C.
 
 Per channel h, with Δ_h = step_rescale · exp(log Δ_h) and Λ̄ = exp(Δ_h Λ_h) (ZOH):
@@ -23,8 +23,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from s5scale.ssm import fast_scan, fast_ssm, recurrence
+from s5scale.ssm import recurrence
 from s5scale.ssm.discretize import zoh_factors
+from s5scale.ssm.planar_complex import to_planar
 
 # The kernel's GEMM must not drop to bfloat16 passes on TPU: K feeds every output of the layer.
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -215,7 +216,7 @@ def _forward_chunked(Lambda, C, log_step, u, reset, chunk: int, step_rescale):
   local = jnp.einsum("...ash,sphn->...aphn", chunks * to_end[..., None].astype(dtype), into_end,
                      precision=_HIGHEST)                                     # (..., A, 2, H, N/2)
   local = local.reshape(local.shape[:-2] + (-1,))
-  chunk_decay = fast_scan.to_planar((lambda_bar ** chunk).reshape(-1)).astype(dtype)
+  chunk_decay = to_planar((lambda_bar ** chunk).reshape(-1)).astype(dtype)
   ends = run_recurrence(chunk_decay, local, carried[..., -1].astype(dtype), reverse=False)
   entering = jnp.concatenate([jnp.zeros_like(ends[..., :1, :, :]), ends[..., :-1, :, :]], axis=-3)
   entering = entering.reshape(entering.shape[:-1] + Lambda.shape)            # (..., A, 2, H, N/2)
@@ -293,8 +294,8 @@ def s4d_states(Lambda, log_step, u, *, reset=None, intervals=None, step_rescale=
   delta = channel_steps(log_step, step_rescale, intervals)[..., None]   # (H, 1) or (..., L, H, 1)
   lambda_bar, input_factor = zoh_factors(Lambda, delta)
   inputs = _planar_inputs(input_factor, u).astype(u.dtype)
-  multipliers = fast_scan.to_planar(lambda_bar.reshape(lambda_bar.shape[:-2] + (-1,)))
-  keep = fast_ssm.keep_masks(reset, bidirectional=True)[int(reverse)]
+  multipliers = to_planar(lambda_bar.reshape(lambda_bar.shape[:-2] + (-1,)))
+  keep = recurrence.keep_masks(reset, bidirectional=True)[int(reverse)]
   states = run_recurrence(multipliers, inputs, keep, reverse)
   return states.reshape(states.shape[:-1] + Lambda.shape)
 

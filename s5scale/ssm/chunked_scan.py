@@ -1,10 +1,8 @@
-"""The chunked XLA linear recurrence x_k = a_k ⊙ x_{k∓1} + b_k in planar real arithmetic, and its VJP.
+"""The chunked XLA linear recurrence x_k = a_k ⊙ x_{k∓1} + b_k in planar arithmetic, and its VJP.
 
 The differentiable entry point and the choice among implementations are in recurrence.py.
 
-Planar: a complex (..., P) array is held as a real (..., 2, P) array, [real parts; imaginary
-parts]. The S5 projections then are real GEMMs, the recurrence runs on contiguous real lanes, and
-an axis P sharded across devices keeps each state's two parts on the same device.
+Planar: a complex (..., P) array is held as a real (..., 2, P) array (planar_complex.py).
 
 Forward, in three passes over L = C chunks of T steps (the chunk count is chosen per length):
   1. all chunks at once run T steps from a zero state, keeping only each chunk's end state;
@@ -23,63 +21,8 @@ them anyway), where autodiff of an associative scan keeps every level of its tre
 import jax.numpy as jnp
 from jax import lax
 
-
-def to_planar(z):
-  """(..., P) complex -> (..., 2, P) real."""
-  return jnp.stack([z.real, z.imag], axis=-2)
-
-
-def from_planar(x):
-  """(..., 2, P) real -> (..., P) complex."""
-  return lax.complex(x[..., 0, :], x[..., 1, :])
-
-
-# Products are written with a swap of the two parts (a reverse along the axis of 2) and a
-# broadcast of one part, never by slicing parts apart and stacking them again: XLA fuses the
-# former with the step's other arithmetic and its in-place write, while a stack (concatenate)
-# stays a separate op with its own copy on every step of the loops.
-
-def _swap_parts(x):
-  """(..., 2, P): [re; im] -> [im; re]."""
-  return jnp.flip(x, axis=-2)
-
-
-def _multiplier_parts(m):
-  """(..., 2, P) m -> ([Re m; Re m], [−Im m; Im m]): m ⊙ x = same * x + cross * swap(x)."""
-  sign = jnp.array([[-1], [1]], m.dtype)
-  return jnp.broadcast_to(m[..., :1, :], m.shape), m[..., 1:, :] * sign
-
-
-def _conjugate_parts(y):
-  """(..., 2, P) y -> ([Re y; Re y], [Im y; −Im y]): x ⊙ conj(y) = same * x + cross * swap(x)."""
-  sign = jnp.array([[1], [-1]], y.dtype)
-  return jnp.broadcast_to(y[..., :1, :], y.shape), y[..., 1:, :] * sign
-
-
-def _apply_parts(parts, x):
-  same, cross = parts
-  return same * x + cross * _swap_parts(x)
-
-
-def complex_multiply(m, x):
-  """Planar m ⊙ x; m (..., 2, P) broadcasts against x (..., 2, P)."""
-  return _apply_parts(_multiplier_parts(m), x)
-
-
-def conjugate(m):
-  """Planar conj(m). m: (..., 2, P)."""
-  return m * jnp.array([[1], [-1]], m.dtype)
-
-
-def _power(m, exponent: int):
-  """Planar m ** exponent by repeated squaring. m: (2, P)."""
-  result = jnp.zeros_like(m).at[0].set(1)
-  while exponent:
-    if exponent & 1:
-      result = complex_multiply(m, result)
-    m = complex_multiply(m, m)
-    exponent >>= 1
-  return result
+from s5scale.ssm.planar_complex import (apply_parts, complex_multiply, conjugate, conjugate_parts,
+                                         multiplier_parts, power)
 
 
 def num_chunks_for(length: int) -> int:
@@ -124,7 +67,7 @@ def chunked_states(multipliers, inputs, keep, reverse: bool, num_chunks: int | N
   if varying:
     multipliers = split(multipliers)
   else:
-    fixed_parts = _multiplier_parts(multipliers)
+    fixed_parts = multiplier_parts(multipliers)
   if keep is not None:
     keep = split(keep)
 
@@ -136,8 +79,8 @@ def chunked_states(multipliers, inputs, keep, reverse: bool, num_chunks: int | N
     k = position(t)
     if keep is not None:
       state = state * row(keep, k)[..., None, None]
-    parts = _multiplier_parts(row(multipliers, k)) if varying else fixed_parts
-    return state, _apply_parts(parts, state)
+    parts = multiplier_parts(row(multipliers, k)) if varying else fixed_parts
+    return state, apply_parts(parts, state)
 
   def advance(t, state, buffer):
     return carried(t, state)[1] + row(buffer, position(t))
@@ -157,7 +100,7 @@ def chunked_states(multipliers, inputs, keep, reverse: bool, num_chunks: int | N
       ends, transfers = lax.fori_loop(0, chunk, local_step, (zeros, zeros.at[..., 0, :].set(1)))
     else:
       ends = lax.fori_loop(0, chunk, lambda t, state: advance(t, state, buffer), zeros)
-      transfers = _power(multipliers, chunk)
+      transfers = power(multipliers, chunk)
       if keep is not None:  # a reset anywhere in a chunk cuts its transfer
         transfers = transfers * jnp.prod(keep, axis=2)[..., None, None, None]
     transfers = jnp.broadcast_to(transfers, row_shape)
@@ -177,7 +120,7 @@ def chunked_states(multipliers, inputs, keep, reverse: bool, num_chunks: int | N
     kept_state, propagated = carried(t, state)
     state = propagated + row(buffer, position(t))
     if correlate is not None:
-      correlation = correlation + _apply_parts(_conjugate_parts(row(correlate, position(t))),
+      correlation = correlation + apply_parts(conjugate_parts(row(correlate, position(t))),
                                                kept_state)
     return state, lax.dynamic_update_slice_in_dim(buffer, state, position(t), 2), correlation
 
@@ -212,10 +155,12 @@ def chunked_backward(reverse: bool, num_chunks: int | None, residuals, states_co
   if not varying:
     # Each adjoint step's carried-in keep_{k+1} G_{k+1} (k-1 when reverse), times conj(x_k), is
     # one term of dL/da, so the loop sums them as it goes.
-    adjoint, multipliers_cotangent = chunked_states(adjoint_multipliers, states_cotangent, adjoint_keep,
-                                           not reverse, num_chunks, correlate=states)
+    adjoint, multipliers_cotangent = chunked_states(adjoint_multipliers, states_cotangent,
+                                                    adjoint_keep, not reverse, num_chunks,
+                                                    correlate=states)
   else:
-    adjoint = chunked_states(adjoint_multipliers, states_cotangent, adjoint_keep, not reverse, num_chunks)
+    adjoint = chunked_states(adjoint_multipliers, states_cotangent, adjoint_keep, not reverse,
+                             num_chunks)
     # Per step, dL/da_k = keep_k G_k conj(x_prev(k)), with x_prev = 0 at the sequence's start.
     previous_states = shift_toward_start(states, not reverse)
     multipliers_cotangent = complex_multiply(conjugate(previous_states), adjoint)

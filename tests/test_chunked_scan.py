@@ -1,4 +1,5 @@
-"""The fast (default) linear recurrence against a float64 NumPy loop written from its equation.
+"""The chunked linear recurrence (chunked_scan.py) against a float64 NumPy loop written from its
+equation.
 
     forward:  x_k = a_k keep_k x_{k-1} + b_k        reverse: x_k = a_k keep_k x_{k+1} + b_k
 
@@ -14,55 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from s5scale.ssm import fast_scan
+from s5scale.ssm import chunked_scan
 from s5scale.ssm import recurrence
-from s5scale.ssm import scan
+from s5scale.ssm import s5
+from tests.ssm_oracle import loop_recurrence, planar, random_problem, unplanar
 
 chunked_recurrence = functools.partial(recurrence.linear_recurrence_planar, impl="chunked")
 
 
-# ----------------------------------------------------------------------------- float64 oracle
-
-def loop_recurrence(a, b, keep=None, reverse=False):
-  """a: (P,) or (..., L, P) complex; b: (..., L, P) complex; keep: (..., L) or None.
-
-  Returns x (..., L, P) complex128, one explicit step at a time.
-  """
-  b = np.asarray(b, np.complex128)
-  a = np.broadcast_to(np.asarray(a, np.complex128), b.shape)
-  keep = np.ones(b.shape[:-1]) if keep is None else np.asarray(keep, np.float64)
-  length = b.shape[-2]
-  states = np.zeros_like(b)
-  state = np.zeros(b.shape[:-2] + b.shape[-1:], np.complex128)
-  for k in (reversed(range(length)) if reverse else range(length)):
-    state = a[..., k, :] * keep[..., k, None] * state + b[..., k, :]
-    states[..., k, :] = state
-  return states
-
-
-def planar(z):
-  """(..., P) complex -> (..., 2, P) real [re; im], NumPy."""
-  return np.stack([z.real, z.imag], axis=-2)
-
-
-def unplanar(x):
-  return x[..., 0, :] + 1j * x[..., 1, :]
-
-
-def random_problem(rng, leading, length, num_states, *, varying, with_keep):
-  """Stable multipliers (|a| in [0.8, 0.999], any phase), inputs, and a keep mask with resets."""
-  a_shape = leading + (length, num_states) if varying else (num_states,)
-  a = rng.uniform(0.8, 0.999, a_shape) * np.exp(1j * rng.uniform(-np.pi, np.pi, a_shape))
-  b = rng.normal(size=leading + (length, num_states)) + 1j * rng.normal(
-      size=leading + (length, num_states))
-  keep = None
-  if with_keep:
-    keep = (rng.random(leading + (length,)) > 0.2).astype(np.float64)
-    keep[..., length // 2] = 0.0  # at least one reset mid-sequence in every row
-  return a, b, keep
-
-
-def fast_states(a, b, keep, reverse, num_chunks, dtype):
+def chunked_complex_states(a, b, keep, reverse, num_chunks, dtype):
   """The code under test, complex in and out, computed in dtype."""
   states = chunked_recurrence(
       jnp.asarray(planar(a), dtype), jnp.asarray(planar(b), dtype),
@@ -97,7 +58,7 @@ def test_float32_states_match_float64_loop(leading, length, num_chunks, reverse,
   rng = np.random.default_rng(length * 7 + 3)
   a, b, keep = random_problem(rng, leading, length, 4, varying=varying, with_keep=with_keep)
   expected = loop_recurrence(a, b, keep, reverse)
-  actual = fast_states(a, b, keep, reverse, num_chunks, jnp.float32)
+  actual = chunked_complex_states(a, b, keep, reverse, num_chunks, jnp.float32)
   scale = np.max(np.abs(expected))
   np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * scale)
 
@@ -107,10 +68,10 @@ def test_reset_drops_exactly_the_carried_state():
   a = np.ones(1, np.complex128)
   b = np.ones((1, 5, 1), np.complex128)
   keep = np.array([[1.0, 1.0, 1.0, 0.0, 1.0]])
-  forward = fast_states(a, b, keep, False, None, jnp.float32)[0, :, 0]
+  forward = chunked_complex_states(a, b, keep, False, None, jnp.float32)[0, :, 0]
   np.testing.assert_allclose(forward, [1, 2, 3, 1, 2])
   # Reverse, keep_k gates the state carried from k+1 into k.
-  backward = fast_states(a, b, keep, True, None, jnp.float32)[0, :, 0]
+  backward = chunked_complex_states(a, b, keep, True, None, jnp.float32)[0, :, 0]
   np.testing.assert_allclose(backward, [4, 3, 2, 1, 1])
 
 
@@ -133,8 +94,8 @@ def test_scan_states_chunked_follows_reset_convention(bidirectional):
   a, b, _ = random_problem(rng, (2,), 30, 3, varying=False, with_keep=False)
   reset = rng.random((2, 30)) < 0.2
   reset[:, 11] = True
-  states = scan.scan_states(jnp.asarray(a, jnp.complex64), jnp.asarray(b, jnp.complex64),
-                            bidirectional=bidirectional, reset=jnp.asarray(reset), impl="chunked")
+  states = s5.scan_states(jnp.asarray(a, jnp.complex64), jnp.asarray(b, jnp.complex64),
+                          bidirectional=bidirectional, reset=jnp.asarray(reset), impl="chunked")
   keep = 1.0 - reset
   expected = loop_recurrence(a, b, keep)
   if bidirectional:
@@ -195,7 +156,7 @@ def test_float64_gradients_match_finite_differences(reverse, varying, with_keep,
 
 def test_complex_gradients_follow_jax_convention():
   """For a real loss of complex z, JAX's gradient is ∂L/∂Re z − i ∂L/∂Im z (what autodiff of
-  the reference associative scan returns); the fast scan's custom VJP must give the same."""
+  the reference associative scan returns); the chunked scan's custom VJP must give the same."""
   rng = np.random.default_rng(13)
   a, b, _ = random_problem(rng, (2,), 10, 2, varying=False, with_keep=False)
   weights = rng.normal(size=b.shape) + 1j * rng.normal(size=b.shape)
@@ -240,15 +201,15 @@ def test_mismatched_shapes_are_rejected():
 
 @pytest.mark.parametrize("length", [1, 7, 12, 1000, 16384, 16382])
 def test_chunk_count_divides_the_length(length):
-  chunks = fast_scan.num_chunks_for(length)
+  chunks = chunked_scan.num_chunks_for(length)
   assert 1 <= chunks <= length and length % chunks == 0
 
 
 # ----------------------------------------------------------------------------- sharding
 
 def test_states_sharded_over_model_scan_without_collectives():
-  """DESIGN.md §4: with P' sharded over `model` and batch over `data`, every device scans its own
-  states: no collective inside any loop (the real and imaginary parts of a state stay together)."""
+  """docs/design.md, mesh: with P' sharded over `model` and batch over `data`, every device scans
+  its own states: no collective inside any loop (the real and imaginary parts of a state stay together)."""
   import re  # pylint: disable=g-import-not-at-top
   from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
@@ -264,8 +225,8 @@ def test_states_sharded_over_model_scan_without_collectives():
           put(u, "data"), put(reset, "data"))
 
   def loss(lambda_bar, b_bar, c_tilde, u, reset):
-    return jnp.sum(scan.apply_ssm(lambda_bar, b_bar, c_tilde, u, conj_sym=True,
-                                  bidirectional=False, reset=reset, impl="chunked") ** 2)
+    return jnp.sum(s5.apply_ssm(lambda_bar, b_bar, c_tilde, u, conj_sym=True,
+                                bidirectional=False, reset=reset, impl="chunked") ** 2)
 
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(*args).compile().as_text()
   computations = {block.split(" ", 1)[0].lstrip("%"): block for block in hlo.split("\n\n")}
@@ -295,7 +256,7 @@ def test_states_are_written_in_place():
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(multipliers, inputs, inputs).compile()
   assert compiled.memory_analysis().temp_size_in_bytes <= 2 * inputs.nbytes
   hlo = compiled.as_text()
-  chunks = fast_scan.num_chunks_for(length)
+  chunks = chunked_scan.num_chunks_for(length)
   whole_buffer = f"f32[{batch},{chunks},{length // chunks},2,{num_states}]"
   for body in set(re.findall(r"body=%([\w.\-]+)", hlo)):
     text = hlo[hlo.index(f"%{body} "):]

@@ -1,0 +1,233 @@
+"""The S5 operator: the recurrence x_k = Λ̄_k ⊙ x_{k−1} + B̄_k u_k and its readout
+y_k = C̃ x_k + D u_k, in two formulations with the same numbers.
+
+Reference (impl="reference"): the paper's complex arithmetic throughout (project_input,
+scan_states, project_output), and `step`, the O(1) recurrent form.
+
+Planar (every other impl): B̄ and C̃ as one real GEMM each around the planar recurrence
+(planar_complex.py). With planar states x = [Re x; Im x] (2, P'):
+  B̄u     = u @ [Re B̄ᵀ; Im B̄ᵀ]     (N, H) @ (H, 2, P') -> (N, 2, P')
+  Re(C̃x) = x @ [Re C̃ᵀ; −Im C̃ᵀ]   (N, 2, P') @ (2, P', H) -> (N, H)
+with N = batch × L, so no complex tensor of length L is ever built.
+
+apply_ssm is the public entry point and picks the formulation from impl (recurrence.py).
+Shapes lead with any batch dims: u (..., L, H) real; states (..., L, P') complex.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from s5scale.ssm import recurrence
+from s5scale.ssm.planar_complex import complex_multiply, from_planar, to_planar
+
+
+def project_input(b_bar, u):
+  """B̄u per step.
+
+  Args:
+    b_bar: (P', H) complex, or (..., L, P', H) when it varies along time.
+    u: (..., L, H) real.
+  Returns:
+    (..., L, P') complex.
+  """
+  if b_bar.ndim == 2:
+    return jnp.einsum("...lh,ph->...lp", u, b_bar)
+  return jnp.einsum("...lph,...lh->...lp", b_bar, u)
+
+
+def project_output(c_tilde, states, conj_sym: bool):
+  """Re(C̃ x), doubled with conj_sym because each kept state stands for a conjugate pair.
+
+  Args:
+    c_tilde: (H, P'') complex.
+    states: (..., L, P'') complex.
+  Returns:
+    (..., L, H) real.
+  """
+  y = jnp.einsum("hp,...lp->...lh", c_tilde, states).real
+  return 2 * y if conj_sym else y
+
+
+def scan_states(lambda_bar, bu, *, bidirectional: bool, reset=None, impl: str = "auto"):
+  """All states of the recurrence; bidirectional concatenates the reversed scan's states.
+
+  Args:
+    lambda_bar: (P',) or (..., L, P') complex.
+    bu: (..., L, P') complex.
+    reset: (..., L) bool or None.
+    impl: recurrence.IMPLS ("auto": Pallas on TPU, chunked elsewhere; "reference":
+      associative_scan with plain autodiff).
+  Returns:
+    (..., L, P') complex, or (..., L, 2P') when bidirectional.
+  """
+  recurrence.check_impl(impl)
+  directions = [False, True] if bidirectional else [False]
+  bu_planar, multipliers = to_planar(bu), to_planar(lambda_bar)
+  keeps = recurrence.keep_masks(reset, bidirectional)
+  states = [from_planar(recurrence.linear_recurrence_planar(multipliers, bu_planar, keep, reverse,
+                                                            impl=impl))
+            for reverse, keep in zip(directions, keeps)]
+  return jnp.concatenate(states, axis=-1) if bidirectional else states[0]
+
+
+def apply_ssm(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirectional: bool, D=None,
+              reset=None, input_scale=None, impl: str = "auto", sharding=None):
+  """One S5 SSM over a whole sequence (parallel mode).
+
+  Args:
+    lambda_bar: (P',) complex, or (..., L, P') with per-step intervals.
+    b_bar: (P', H) complex, or (..., L, P', H).
+    c_tilde: (H, P') complex, or (H, 2P') when bidirectional.
+    u: (..., L, H) real.
+    D: (H,) real feedthrough, or None.
+    reset: (..., L) bool; True at step k zeroes the state carried into step k.
+    input_scale: (..., L, P') complex or None: step k then uses B̄_k = input_scale_k ⊙ b_bar (a
+      time-varying B̄ without an (L, P', H) tensor).
+    impl: recurrence.IMPLS. "reference" is the paper's formulation throughout (complex B̄u, an
+      associative scan, complex readout); the others are real GEMMs around the planar
+      recurrence (apply_ssm_planar), which impl runs.
+    sharding: PartitionSpec of the planar states (batch, L, 2, P') over the tracing context's
+      mesh, for the Pallas kernel's shard_map; None: not sharded.
+  Returns:
+    y: (..., L, H) real.
+  """
+  recurrence.check_impl(impl)
+  if impl != "reference":
+    return apply_ssm_planar(lambda_bar, b_bar, c_tilde, u, conj_sym=conj_sym,
+                            bidirectional=bidirectional, D=D, reset=reset,
+                            input_scale=input_scale, impl=impl, sharding=sharding)
+  bu = project_input(b_bar, u)
+  if input_scale is not None:
+    bu = bu * input_scale
+  states = scan_states(lambda_bar, bu, bidirectional=bidirectional, reset=reset, impl=impl)
+  y = project_output(c_tilde, states, conj_sym)
+  return y if D is None else y + D * u
+
+
+def step(lambda_bar, b_bar, c_tilde, state, u_t, *, conj_sym: bool, D=None):
+  """One recurrent step: O(1) in the length of the context.
+
+  Args:
+    lambda_bar: (P',) or (..., P') complex.
+    b_bar: (P', H) or (..., P', H) complex.
+    c_tilde: (H, P') complex.
+    state: (..., P') complex, x_{k-1}.
+    u_t: (..., H) real.
+  Returns:
+    (state x_k (..., P') complex, y_k (..., H) real).
+  """
+  state = lambda_bar * state + jnp.einsum("...ph,...h->...p", b_bar, u_t)
+  y = jnp.einsum("hp,...p->...h", c_tilde, state).real
+  y = 2 * y if conj_sym else y
+  return state, (y if D is None else y + D * u_t)
+
+
+# ----------------------------------------------------------------------------- planar
+
+def input_matrix(b_bar):
+  """(P', H) complex B̄ -> (H, 2, P') real: u @ it is planar B̄u."""
+  return jnp.stack([b_bar.real.T, b_bar.imag.T], axis=1)
+
+
+def output_matrix(c_tilde, conj_sym: bool):
+  """(H, P') complex C̃ -> (2, P', H) real: planar x @ it is Re(C̃x), doubled with conj_sym."""
+  matrix = jnp.stack([c_tilde.real.T, -c_tilde.imag.T], axis=0)
+  return 2 * matrix if conj_sym else matrix
+
+
+# The projections define their own VJP only to choose the operand order of each gradient GEMM:
+# XLA's CPU dot reads "nh,ncp->hcp" (the weight gradient, contracting the long axis N) in place,
+# while the order that autodiff derives makes it transpose the whole (N, 2, P') operand first.
+
+@jax.custom_vjp
+def _rows_to_planar(rows, matrix):
+  """(N, H) @ (H, 2, P') -> (N, 2, P')."""
+  return jnp.einsum("nh,hcp->ncp", rows, matrix)
+
+
+def _rows_to_planar_forward(rows, matrix):
+  return _rows_to_planar(rows, matrix), (rows, matrix)
+
+
+def _rows_to_planar_backward(residuals, cotangent):
+  rows, matrix = residuals
+  return (jnp.einsum("ncp,hcp->nh", cotangent, matrix).astype(rows.dtype),
+          jnp.einsum("nh,ncp->hcp", rows, cotangent).astype(matrix.dtype))
+
+
+_rows_to_planar.defvjp(_rows_to_planar_forward, _rows_to_planar_backward)
+
+
+@jax.custom_vjp
+def _planar_to_rows(states, matrix):
+  """(N, 2, P') @ (2, P', H) -> (N, H)."""
+  return jnp.einsum("ncp,cph->nh", states, matrix)
+
+
+def _planar_to_rows_forward(states, matrix):
+  return _planar_to_rows(states, matrix), (states, matrix)
+
+
+def _planar_to_rows_backward(residuals, cotangent):
+  states, matrix = residuals
+  matrix_cotangent = jnp.einsum("nh,ncp->hcp", cotangent, states).transpose(1, 2, 0)
+  return (jnp.einsum("nh,cph->ncp", cotangent, matrix).astype(states.dtype),
+          matrix_cotangent.astype(matrix.dtype))
+
+
+_planar_to_rows.defvjp(_planar_to_rows_forward, _planar_to_rows_backward)
+
+
+def project_input_planar(b_bar, u):
+  """(P', H) complex B̄, (..., L, H) real u -> planar B̄u (..., L, 2, P'), as one GEMM."""
+  rows = u.reshape(-1, u.shape[-1])
+  matrix = input_matrix(b_bar)
+  dtype = jnp.result_type(rows, matrix)
+  return _rows_to_planar(rows.astype(dtype), matrix.astype(dtype)).reshape(
+      u.shape[:-1] + matrix.shape[1:])
+
+
+def project_output_planar(c_tilde, states, conj_sym: bool):
+  """(H, P') complex C̃, planar (..., L, 2, P') x -> Re(C̃x) (..., L, H), as one GEMM."""
+  rows = states.reshape((-1,) + states.shape[-2:])
+  matrix = output_matrix(c_tilde, conj_sym)
+  dtype = jnp.result_type(rows, matrix)
+  return _planar_to_rows(rows.astype(dtype), matrix.astype(dtype)).reshape(
+      states.shape[:-2] + matrix.shape[-1:])
+
+
+def apply_ssm_planar(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirectional: bool, D=None,
+                     reset=None, input_scale=None, impl: str = "auto", sharding=None):
+  """One S5 SSM over a whole sequence, as apply_ssm, computed with real GEMMs.
+
+  Args:
+    lambda_bar: (P',) complex, or (..., L, P') with per-step intervals.
+    b_bar: (P', H) complex, or (..., L, P', H).
+    c_tilde: (H, P') complex, or (H, 2P') when bidirectional.
+    u: (..., L, H) real.
+    D: (H,) real feedthrough, or None.
+    reset: (..., L) bool; True at step k zeroes the state carried into step k.
+    input_scale: (..., L, P') complex or None. If given, step k uses B̄_k = input_scale_k ⊙ b_bar:
+      a time-varying B̄ without an (L, P', H) tensor.
+    impl, sharding: how the recurrence runs (recurrence.linear_recurrence_planar).
+  Returns:
+    y: (..., L, H), u's dtype.
+  """
+  if b_bar.ndim == 2:
+    bu = project_input_planar(b_bar, u)
+  else:
+    bu = to_planar(jnp.einsum("...lph,...lh->...lp", b_bar, u))
+  if input_scale is not None:
+    bu = complex_multiply(to_planar(input_scale), bu)
+  multipliers = to_planar(lambda_bar)
+  num_states = bu.shape[-1]
+  directions = [False, True] if bidirectional else [False]
+  y = None
+  keeps = recurrence.keep_masks(reset, bidirectional)
+  for direction, (reverse, keep) in enumerate(zip(directions, keeps)):
+    states = recurrence.linear_recurrence_planar(multipliers, bu, keep, reverse, impl=impl,
+                                                 sharding=sharding)
+    readout = c_tilde[:, direction * num_states:(direction + 1) * num_states]
+    direction_y = project_output_planar(readout, states, conj_sym)
+    y = direction_y if y is None else y + direction_y
+  return y if D is None else y + D * u
