@@ -45,7 +45,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   app.call_after_init(backend.choose_platform)
   if any(arg in ("--help", "-h", "--helpshort", "-?") for arg in argv[1:]):
     print_help_and_exit()
-  argv, config = define_config_flag(argv)
+  config = load_config(argv)
+  # The file is read here, so absl must not see --config=PATH: it would read it again as a
+  # config dict, and skip registering the --config.* overrides.
+  argv = without_flag(argv, "config")
   overridden = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
   keys = sorted(config_schema.flat_values(config)) if config is not None else []
   if overridden and not keys:
@@ -55,9 +58,13 @@ def parse_flags(argv: list[str]) -> list[str]:
   if unknown:
     exit_bad_input("\n".join(unknown_key_message(k, keys) for k in unknown))
   try:
+    if config is None:  # sample_quality --samples_dir: no config at all
+      flags.DEFINE_string("config", None, CONFIG_HELP)
+    else:  # registers a flag per override and parses its value now
+      config_flags.DEFINE_config_dict("config", config, CONFIG_HELP, lock_config=True,
+                                      sys_argv=argv)
     remaining = FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
-    # ml_collections reports an unknown override key as AttributeError/KeyError.
     named = [k for k in overridden if f"config.{k}=" in str(error)]
     exit_bad_input(f"bad flag or config override: {error}" + "".join(
         f"\n  {k} must be {config_check.allowed(k)}" for k in named))
@@ -66,32 +73,23 @@ def parse_flags(argv: list[str]) -> list[str]:
   return remaining
 
 
-def define_config_flag(argv: list[str]):
-  """Defines --config from where the config comes from; returns argv without --config=PATH, and
-  the config before overrides (None: sample_quality --samples_dir has none)."""
+def load_config(argv: list[str]):
+  """The config before overrides: --config=configs/X.py or a config.json, else the workdir's
+  config.json; None when neither is given and the program can do without (sample_quality
+  --samples_dir)."""
   path = flag_value(argv, "config")
   workdir = flag_value(argv, "workdir")
   try:
     if path is not None:
-      config = config_files.load_config_file(path)
-    elif workdir is not None and config_files.saved_run_config(workdir_path(workdir)) is not None:
-      config = config_files.load_run_config(workdir_path(workdir))
-    elif _CONFIG_REQUIRED:
+      return config_files.load_config_file(path)
+    if workdir is not None and config_files.saved_run_config(workdir_path(workdir)) is not None:
+      return config_files.load_run_config(workdir_path(workdir))
+    if _CONFIG_REQUIRED:
       raise ConfigError("give --config=configs/X.py, or --workdir of a training run (its "
                         "config.json is then the config)")
-    else:
-      config = None
+    return None
   except ConfigError as error:
     exit_bad_input(str(error))
-  # The file is read here, so absl must not see --config=PATH: it would read it again as a
-  # config dict, and skip registering the --config.* overrides.
-  argv = without_flag(argv, "config")
-  if config is None:  # sample_quality --samples_dir: no config at all
-    flags.DEFINE_string("config", None, CONFIG_HELP)
-  else:
-    config_flags.DEFINE_config_dict("config", config, CONFIG_HELP, lock_config=True,
-                                    sys_argv=argv)
-  return argv, config
 
 
 def flag_value(argv: list[str], name: str) -> str | None:

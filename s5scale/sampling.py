@@ -90,9 +90,9 @@ def write_samples(workdir: str, step: int, data_config, tokens: np.ndarray, writ
 
 def generate(config, workdir: str, step: int | None) -> int:
   """Writes generate.num_samples samples of `step` (default: the latest) to workdir/samples."""
-  cli.setup_logging(workdir, "generate")
   if config.model.task != "lm" or config.model.bidirectional:
     raise cli.ConfigError("generation needs model.task='lm' and model.bidirectional=False")
+  cli.setup_logging(workdir, "generate")
   model, variables, step, _ = inference.restore_model(workdir, config, step)
   settings = config.generate
   prompt = prompt_tokens(config.data, settings.prompt, settings.num_samples)

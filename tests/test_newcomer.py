@@ -75,8 +75,8 @@ REFUSED = {
         "train", [CONFIG, *TINY_RUN, "--config.data.heldout_fraction=0.2"], 2,
         "another held-out split"),
     "evaluate a folder with no run and no config": ("evaluate", [], 2, "give --config"),
-    "generate a classifier": (
-        "generate", ["--config.model.task=classify"], 2, "generation needs model.task='lm'"),
+    "generate from a bidirectional model": (
+        "generate", ["--config.model.bidirectional=true"], 2, "generation needs model.task='lm'"),
     "bad value": ("evaluate", ["--config.eval.max_batches=-1"], 2, "eval.max_batches=-1"),
 }
 
