@@ -65,7 +65,7 @@ MODEL = dict(
 
 DATA = dict(
     kind=f("text", OneOf("text", "audio")),
-    source=f("", Text()),                           # "" = embedded corpus; dir, glob, *.array_record
+    source=f("", Text()),                           # "" = embedded corpus; file, dir, glob, shards
     mixture=f("", Text()),                          # "" = data.source alone; "[name=]src:w,..."
     text_extensions=f("", Text()),                  # text dir: "" = every non-hidden file; ".py,.md"
     jsonl_field=f("text", Text(nonempty=True)),     # .jsonl key (Parquet column) of each document
@@ -73,7 +73,11 @@ DATA = dict(
     batch_size=f(8, Count),                         # global, across all processes
     seq_len=f(256, Count),
     seed=f(0, Seed),
-    heldout_fraction=f(0.05, Real(ge=0, lt=1)),
+    heldout_fraction=f(0.05, Real(ge=0, lt=1)),     # share of data.source held out, by hash
+    heldout_source=f("", Text()),                   # "" = that hash split; else held-out data
+                                                    # as data.source takes it, read whole, and
+                                                    # train reads all of data.source: one named
+                                                    # held-out set, no hash share withheld
     sample_rate=f(16000, Count),                    # audio
     quantization=f("mulaw", OneOf(*QUANTIZATIONS)),  # audio codes: mu-law or linear
     bits=f(8, Int(ge=1, le=16)),                    # audio quantization bits (vocab 2**bits)
@@ -180,6 +184,9 @@ RULES = [
     Rule(("data.mixture", "data.source", "data.task"),
          lambda mixture, source, task: not mixture or (not source and task == "lm"),
          "data.source='' and data.task='lm' when data.mixture is set"),
+    Rule(("data.mixture", "data.heldout_source"),
+         lambda mixture, heldout: not (mixture and heldout),
+         "data.heldout_source='' when data.mixture is set (each source is split by hash)"),
     Rule(("data.kind", "data.task"), lambda kind, task: task == "lm" or kind == "audio",
          "data.task='lm' for text (classification needs audio folders)"),
     Rule(("model.dt_min", "model.dt_max"), lambda lo, hi: lo < hi,

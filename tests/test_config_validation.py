@@ -60,6 +60,7 @@ BAD_VALUES = {
     "data.seq_len": [0, -1],
     "data.seed": [-1, 0.5],
     "data.heldout_fraction": [-0.1, 1.0],
+    "data.heldout_source": [None, 3],
     "data.sample_rate": [0, -16000],
     "data.quantization": ["alaw"],
     "data.bits": [0, 17],
@@ -129,6 +130,7 @@ CROSS_KEY = [
     ({"model.layer": "s4d", "model.s4d_state_size": 63}, "model.s4d_state_size"),
     ({"model.layer": "s4d", "model.discretization": "bilinear"}, "model.discretization"),
     ({"data.mixture": "a=x:1,b=y:1", "data.source": "z"}, "data.source"),
+    ({"data.mixture": "a=x:1,b=y:1", "data.heldout_source": "z"}, "data.heldout_source"),
     ({"data.kind": "text", "data.task": "classify"}, "data.kind"),               # an LM has no clips to filter
 ]
 

@@ -1,6 +1,7 @@
 """make_iterator: the grain graph from a data config, split and process layout.
 
   items of the split in id order (split.py)                              MapDataset, random access
+    (data.heldout_source set: train is all of data.source, held-out all of heldout_source)
     → shuffle(data.seed) per epoch (train) → repeat(num_epochs)
     → [data.mixture] tag each source's items, mix them by weight (train) or concatenate
       (held-out) with grain (mixture.py)
@@ -47,11 +48,18 @@ class Component(NamedTuple):
   weight: float
 
 
-def components(data_config) -> list[Component]:
-  """The sources read: data.source alone, or each entry of data.mixture (mixture.py)."""
+def components(data_config, split: str = "train") -> list[Component]:
+  """The sources a split reads: data.source alone (data.heldout_source for "heldout" when it is
+  set), or each entry of data.mixture (mixture.py)."""
   entries = mixture.parse(data_config.mixture)
+  if entries and (data_config.source or data_config.heldout_source):
+    # defaults.RULES say so too; in-process callers skip that check.
+    raise ValueError(f"data.mixture={data_config.mixture!r} names the sources, so data.source "
+                     f"(got {data_config.source!r}) and data.heldout_source (got "
+                     f"{data_config.heldout_source!r}) must be '': each mixture source is "
+                     "split by data.heldout_fraction")
   if not entries:
-    return [Component("", transforms.make_spec(data_config), 1.0)]
+    return [Component("", transforms.make_spec(data_config, split), 1.0)]
   parts = []
   for entry in entries:
     source_config = data_config.copy_and_resolve_references().unlock()
@@ -68,10 +76,15 @@ def heldout_splits(data_config) -> list[str]:
 def _items(data_config, split, number, spec, num_epochs):
   """MapDataset of (source number, item index) over one source's split, shuffled for train."""
   listed = spec.source.listed_split
-  indices = split_lib.split_indices(spec.source.ids, split, data_config.heldout_fraction, listed)
+  if data_config.heldout_source:
+    # Named held-out data: each split is all of its own source (components() picked it).
+    indices = np.arange(len(spec.source), dtype=np.int64)
+  else:
+    indices = split_lib.split_indices(spec.source.ids, split, data_config.heldout_fraction, listed)
   indices = indices[np.isin(indices, spec.usable_indices)]
   if indices.size == 0:
-    rule = ("its testing_list.txt" if listed is not None
+    rule = (f"data.heldout_source={data_config.heldout_source!r}" if data_config.heldout_source
+            else "its testing_list.txt" if listed is not None
             else f"data.heldout_fraction={data_config.heldout_fraction}")
     raise bad_data.DataError(f"the {split} split of {spec.source.description} is empty ({rule}, "
                              f"{len(spec.source)} items)")
@@ -128,8 +141,8 @@ def make_iterator(data_config, split, *, process_index=0, process_count=1, num_e
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   batch_size = local_batch_size(data_config, process_count)
-  parts = components(data_config)
   split, _, source_name = split.partition("/")     # "heldout/<name>": one mixture source
+  parts = components(data_config, split)
   if source_name:
     parts = [part for part in parts if part.name == source_name]
     if not parts or split != "heldout":

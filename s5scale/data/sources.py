@@ -2,6 +2,8 @@
 
 data.source may be
   ""                      the embedded default corpus (Python stdlib .py files / procedural audio);
+  a file                  one text or audio file, whatever its extension (.jsonl: one document
+                          per line, .parquet: one per row), or one .array_record shard;
   a directory             searched recursively for audio (.wav .flac .ogg) or text (every
                           non-hidden file, or those ending in data.text_extensions; a .jsonl
                           file gives one document per line, a .parquet file one per row);
@@ -163,11 +165,12 @@ def _walk(root: str, skip_hidden: bool):
       yield os.fspath(path)
 
 
-def _list_files(source: str, extensions) -> tuple[str, list[str]]:
-  """(root, sorted paths relative to root) for a directory or a glob (all matches).
+def _list_files(source: str, extensions, key: str) -> tuple[str, list[str]]:
+  """(root, sorted paths relative to root) for a file, a directory or a glob (all matches).
 
-  A directory keeps the files whose lower-cased extension is in `extensions`, or every
-  non-hidden regular file when `extensions` is None.
+  A file named on its own is taken whatever its extension, as a glob's matches are (its root is
+  its folder, so its id is its name). A directory keeps the files whose lower-cased extension is
+  in `extensions`, or every non-hidden regular file when `extensions` is None.
 
   Globs may use ** locally; cloud globs are single-level (etils.epath refuses ** there, since it
   would mean one request per folder).
@@ -180,8 +183,10 @@ def _list_files(source: str, extensions) -> tuple[str, list[str]]:
       matches = [path for path in glob_lib.glob(source, recursive=True) if os.path.isfile(path)]
   else:
     root = source
+    if epath.Path(source).is_file():
+      return os.fspath(epath.Path(source).parent), [epath.Path(source).name]
     if not epath.Path(root).is_dir():
-      raise DataError(f"data.source {source!r} is not a directory, glob or .array_record file")
+      raise DataError(f"{key} {source!r} is not a file, directory, glob or .array_record shard")
     matches = [path for path in _walk(root, skip_hidden=extensions is None)
                if extensions is None or os.path.splitext(path)[1].lower() in extensions]
   prefix = root.rstrip("/") + "/"
@@ -195,7 +200,7 @@ def _array_record_paths(source: str) -> list[str] | None:
   if source.endswith(ARRAY_RECORD_EXTENSION):
     if not _has_glob(source):
       return [source]
-    root, relpaths = _list_files(source, ())
+    root, relpaths = _list_files(source, (), "data.source")
     return [os.fspath(epath.Path(root, relpath)) for relpath in relpaths]
   if not _has_glob(source) and epath.Path(source).is_dir():
     return sorted(os.fspath(p) for p in epath.Path(source).glob("*" + ARRAY_RECORD_EXTENSION)
@@ -270,37 +275,42 @@ def parse_extensions(text_extensions: str):
   return tuple(name if name.startswith(".") else "." + name for name in names) or None
 
 
-def _no_files_message(kind: str, source: str, extensions) -> str:
+def _no_files_message(kind: str, source: str, extensions, key: str) -> str:
   looked_for = ("every non-hidden file" if extensions is None
                 else "files ending " + ", ".join(extensions))
   example = "**/*" + (extensions[0] if extensions else ".txt")
-  hint = (f"; to read other files, pass a glob such as data.source="
+  hint = (f"; to read other files, pass a glob such as {key}="
           f"'{source.rstrip('/')}/{example}'")
   if kind == "text" and extensions is not None:
     hint += " or set data.text_extensions='' (every file)"
-  return f"data.source {source!r} has no {kind} files (looked for {looked_for}){hint}"
+  return f"{key} {source!r} has no {kind} files (looked for {looked_for}){hint}"
 
 
 @functools.lru_cache(maxsize=8)
-def open_source(kind: str, source: str, sample_rate: int, text_extensions: str = ""):
+def open_source(kind: str, source: str, sample_rate: int, text_extensions: str = "",
+                key: str = "data.source"):
   """The item list for data.kind / data.source. Raises DataError when nothing matches.
 
   text_extensions: data.text_extensions; "" lets a text directory take every regular file.
+  key: the config key that names `source`, for messages ("data.heldout_source" reads no
+  testing_list.txt: all of it is held out).
   """
   if kind not in ("text", "audio"):
     raise ValueError(f"data.kind must be 'text' or 'audio', got {kind!r}")
   if not source:
     opened = _stdlib_source() if kind == "text" else ProceduralAudioSource(sample_rate)
+  elif not _has_glob(source) and not epath.Path(source).exists():
+    raise DataError(f"{key} {source!r} does not exist")
   elif (shards := _array_record_paths(source)) is not None:
     if not shards:
-      raise DataError(f"data.source {source!r}: no ArrayRecord shards match")
-    opened = _open_array_records(shards, f"data.source {source!r}")
+      raise DataError(f"{key} {source!r}: no ArrayRecord shards match")
+    opened = _open_array_records(shards, f"{key} {source!r}")
   else:
     extensions = AUDIO_EXTENSIONS if kind == "audio" else parse_extensions(text_extensions)
-    root, relpaths = _list_files(source, extensions)
-    description = f"data.source {source!r}"
+    root, relpaths = _list_files(source, extensions, key)
+    description = f"{key} {source!r}"
     if not relpaths:
-      raise DataError(_no_files_message(kind, source, extensions))
+      raise DataError(_no_files_message(kind, source, extensions, key))
     if kind == "text":
       opened = index_text(root, relpaths, description)
     else:
@@ -309,5 +319,5 @@ def open_source(kind: str, source: str, sample_rate: int, text_extensions: str =
     raise DataError(f"{opened.description} has no items")
   is_directory = bool(source) and not _has_glob(source) and epath.Path(source).is_dir()
   opened.listed_split = (_read_listed_split(source, opened.ids, opened.description)
-                         if kind == "audio" and is_directory else None)
+                         if kind == "audio" and is_directory and key == "data.source" else None)
   return opened

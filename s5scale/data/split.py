@@ -9,6 +9,7 @@ of one speaker's clips, in every word folder, land in the same split and held-ou
 measures unseen voices. Prepared shards store the same relative paths as ids: the same split.
 
 A Speech Commands root with its own testing_list.txt replaces the hash (sources.ListedSplit).
+data.heldout_source replaces both: held-out is all of it, train all of data.source (pipeline.py).
 """
 
 import hashlib

@@ -204,17 +204,29 @@ class Spec:
             "target_bytes": (batch["token_bytes"][:, 1:] * mask).astype(np.int32)}
 
 
-def make_spec(data_config) -> Spec:
-  source = sources.open_source(data_config.kind, data_config.source, data_config.sample_rate,
-                               data_config.text_extensions)
+def _open(data_config, key: str):
+  return sources.open_source(data_config.kind, data_config[key], data_config.sample_rate,
+                             data_config.text_extensions, key=f"data.{key}")
+
+
+def make_spec(data_config, split: str = "train") -> Spec:
+  """The spec of data.source, or for split "heldout" with data.heldout_source set, of that
+  source, labelled with data.source's classes (the model's head has no others)."""
+  explicit = split == "heldout" and data_config.heldout_source
+  source = _open(data_config, "heldout_source" if explicit else "source")
   usable = np.arange(len(source))
   label_names = []
   if data_config.kind == "audio":
-    label_names = sorted({name for name in source.labels if usable_label(name)})
+    train_source = _open(data_config, "source")
+    label_names = sorted({name for name in train_source.labels if usable_label(name)})
   if data_config.task == "classify":
     if not label_names:
-      raise bad_data.DataError(f"{source.description} has no label folders; classification "
+      raise bad_data.DataError(f"{train_source.description} has no label folders; classification "
                                "expects root/<label>/*.wav (the Speech Commands layout)")
+    unknown = {name for name in source.labels if usable_label(name)} - set(label_names)
+    if unknown:
+      raise bad_data.DataError(f"{source.description} has classes {sorted(unknown)} that "
+                               f"{train_source.description} has no folders for")
     usable = np.asarray([i for i, name in enumerate(source.labels) if usable_label(name)])
   tokenizer = text.make_tokenizer(data_config.tokenizer) if data_config.kind == "text" else None
   return Spec(data_config, source, usable, label_names, tokenizer)
