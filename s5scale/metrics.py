@@ -1,5 +1,6 @@
 """Metrics to metrics.jsonl and tensorboardX, a progress line with ETA, throughput and MFU."""
 
+import itertools
 import json
 import math
 import os
@@ -18,6 +19,9 @@ PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v
               "NVIDIA A100": 312e12}
 
 
+_WRITER_IDS = itertools.count()
+
+
 class MetricsWriter:
   """Appends one JSON object per call to `jsonl_path` and mirrors scalars to tensorboard.
 
@@ -31,7 +35,9 @@ class MetricsWriter:
     if self.enabled:
       os.makedirs(os.path.dirname(jsonl_path) or ".", exist_ok=True)
       from tensorboardX import SummaryWriter  # imported lazily: it is slow to import
-      self._tb = SummaryWriter(tb_dir)
+      # Event files are named by the second they were opened in: two writers opened within one
+      # second (an eval per checkpoint, a trainer and an eval job) would overwrite each other.
+      self._tb = SummaryWriter(tb_dir, filename_suffix=f".{os.getpid()}.{next(_WRITER_IDS)}")
 
   def write(self, step: int, scalars: dict, **extra) -> None:
     if not self.enabled:

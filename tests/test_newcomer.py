@@ -67,7 +67,7 @@ REFUSED = {
         "--config=configs/text_small.py: no such file"),
     "key typo": ("train", [CONFIG, "--config.model.d_modle=32"], 2,
                  "did you mean model.d_model"),
-    "unknown section": ("train", [CONFIG, "--config.modle.d_model=32"], 2,
+    "unknown section": ("train", [CONFIG, "--config.xyz.d_model=32"], 2,
                         "valid sections: checkpoint, data"),
     "resume with another architecture": (
         "train", [CONFIG, *TINY_RUN, "--config.model.d_model=32"], 2, "another architecture"),
