@@ -233,3 +233,11 @@ def test_sigterm_during_a_failing_inline_eval_ends_with_a_checkpoint(tmp_path):
   assert steps == ["2"], steps                 # the save of step 2 finished, none left as tmp
   saved = json.load(open(workdir / "checkpoints" / "2" / "meta" / "metadata"))
   assert saved["step"] == 2
+
+
+def test_an_undecodable_audio_file_is_described_without_a_stream_repr():
+  from s5scale.data import audio  # pylint: disable=g-import-not-at-top
+  with pytest.raises(audio.UnreadableAudio) as raised:
+    audio.load_waveform(b"RIFF but not really a wave file" * 4, 16000)
+  assert "object at 0x" not in str(raised.value)
+  assert str(raised.value).startswith("not decodable audio: Error opening the file")

@@ -6,6 +6,7 @@ Waveforms are float32 NumPy arrays of shape (num_samples,) in [-1, 1]. Tokens ar
 
 import io
 import math
+import re
 import struct
 
 import numpy as np
@@ -50,7 +51,7 @@ def decode(payload: bytes) -> tuple[np.ndarray, int]:
   try:
     waveform, sample_rate = soundfile.read(io.BytesIO(payload), dtype="float32", always_2d=True)
   except (soundfile.SoundFileError, RuntimeError, EOFError) as error:
-    raise UnreadableAudio(f"not decodable audio: {error}") from None
+    raise undecodable(error) from None
   if waveform.shape[0] == 0:
     raise UnreadableAudio("no samples")
   if not np.all(np.isfinite(waveform)):
@@ -117,7 +118,14 @@ def open_sound(stream) -> soundfile.SoundFile:
   try:
     return soundfile.SoundFile(io.BytesIO(stream) if isinstance(stream, bytes) else stream)
   except (soundfile.SoundFileError, RuntimeError, EOFError) as error:
-    raise UnreadableAudio(f"not decodable audio: {error}") from None
+    raise undecodable(error) from None
+
+
+def undecodable(error: Exception) -> UnreadableAudio:
+  """soundfile's message without the in-memory stream's repr ("Error opening <_io.BytesIO object
+  at 0x...>"): the bad-data log already names the file."""
+  message = re.sub(r"<_io\.\w+ object at 0x[0-9a-f]+>", "the file", str(error))
+  return UnreadableAudio(f"not decodable audio: {message}")
 
 
 def num_samples_at(sound: soundfile.SoundFile, target_rate: int) -> int:
