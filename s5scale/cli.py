@@ -167,7 +167,10 @@ def workdir_path(workdir: str) -> str:
 
 def setup_logging(workdir: str, name: str) -> None:
   """INFO to stderr and to WORKDIR/NAME.*.log; orbax's per-save INFO chatter is dropped."""
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as error:
+    raise ConfigError(f"--workdir={workdir} cannot be used as a folder: {error}") from None
   handler = logging.get_absl_handler()
   handler.use_absl_log_file(name, workdir)
   handler.addFilter(lambda record: record.levelno > logging.converter.STANDARD_INFO

@@ -65,6 +65,8 @@ REFUSED = {
     "relative config from another folder": (
         "train", ["--config=configs/text_small.py", *TINY_RUN], 2,
         "--config=configs/text_small.py: no such file"),
+    "evaluate into a workdir that is a file": (
+        "evaluate", [CONFIG], 2, "cannot be used as a folder"),
     "key typo": ("train", [CONFIG, "--config.model.d_modle=32"], 2,
                  "did you mean model.d_model"),
     "unknown section": ("train", [CONFIG, "--config.xyz.d_model=32"], 2,
@@ -85,7 +87,7 @@ REFUSED = {
 def test_refused_runs_exit_2_with_a_message_and_leave_the_workdir_alone(
     case, trained, six_text_files, tmp_path):
   module, args, code, fragment = REFUSED[case]
-  if case == "workdir is a file":
+  if case in ("workdir is a file", "evaluate into a workdir that is a file"):
     workdir = tmp_path / "a_file"
     workdir.write_text("not a folder")
   elif case.startswith(("resume", "generate", "bad value", "key typo")):
