@@ -21,6 +21,7 @@ import numpy as np
 
 from s5scale import cli, config_files, data, inference, steps
 from s5scale.data import audio as audio_lib
+from s5scale.data import transforms
 from s5scale.nn.model import S5Model
 
 
@@ -32,14 +33,18 @@ def fixed_length(waveform: np.ndarray, length: int) -> tuple[np.ndarray, np.ndar
   return clip, mask
 
 
-def read_wav_dir(directory: str, sample_rate: int, length: int):
-  """Every audio file directly in `directory` (sorted) -> clips (N, length), masks, paths.
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 
-  A file that cannot be decoded is skipped and logged (bad data: skip, count, log).
-  """
+
+def _audio_files(directory: str) -> list[str]:
+  return sorted(p for p in glob.glob(os.path.join(directory, "*"))
+                if os.path.splitext(p)[1].lower() in AUDIO_EXTENSIONS and os.path.isfile(p))
+
+
+def _read_clips(paths: list[str], sample_rate: int, length: int, where: str):
+  """clips (N, length), masks and the paths kept; an undecodable file is skipped and logged
+  (bad data: skip, count, log); none readable at all is a DataError."""
   from absl import logging  # pylint: disable=g-import-not-at-top
-  paths = sorted(p for p in glob.glob(os.path.join(directory, "*"))
-                 if os.path.splitext(p)[1].lower() in (".wav", ".flac", ".ogg"))
   clips, masks, kept = [], [], []
   for path in paths:
     with open(path, "rb") as f:
@@ -51,11 +56,37 @@ def read_wav_dir(directory: str, sample_rate: int, length: int):
     clip, mask = fixed_length(waveform, length)
     clips.append(clip), masks.append(mask), kept.append(path)
   if not clips:
-    raise data.DataError(f"no readable audio files (.wav, .flac, .ogg) in {directory}")
+    raise data.DataError(f"no readable audio files ({', '.join(AUDIO_EXTENSIONS)}) in {where}")
   if len(kept) < len(paths):
     logging.warning("%d of %d files in %s were unreadable", len(paths) - len(kept), len(paths),
-                    directory)
+                    where)
   return np.stack(clips), np.stack(masks), kept
+
+
+def read_wav_dir(directory: str, sample_rate: int, length: int):
+  """Every audio file directly in `directory` (sorted) -> clips (N, length), masks, paths."""
+  return _read_clips(_audio_files(directory), sample_rate, length, directory)
+
+
+def read_clip_tree(directory: str, sample_rate: int, length: int):
+  """The audio files directly in `directory` and in its class folders, laid out as a dataset
+  (directory/<word>/*.wav) -> clips (N, length), masks, paths, and each clip's folder name ("" for
+  a top-level file). Folders the data pipeline would not take as classes (_background_noise_,
+  hidden ones) are left out. Only reads: nothing is created in `directory`."""
+  if not os.path.isdir(directory):
+    raise data.DataError(f"{directory} is not a directory")
+  folders = sorted(name for name in os.listdir(directory) if transforms.usable_label(name)
+                   and os.path.isdir(os.path.join(directory, name)))
+  paths = _audio_files(directory)
+  names = [""] * len(paths)
+  for folder in folders:
+    files = _audio_files(os.path.join(directory, folder))
+    paths += files
+    names += [folder] * len(files)
+  clips, masks, kept = _read_clips(paths, sample_rate, length,
+                                   f"{directory} or its class folders")
+  folder_of = dict(zip(paths, names))
+  return clips, masks, kept, [folder_of[path] for path in kept]
 
 
 def white_noise(num_clips: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

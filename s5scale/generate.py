@@ -1,7 +1,11 @@
 """Samples audio or text from a checkpoint in recurrent mode:
 `python -m s5scale.generate --config=... --workdir=DIR [--step=N]`.
 
-Writes DIR/samples/ (WAV or .txt) and DIR/tb/samples; the sampler is s5scale/sampling.py.
+Each run writes a new DIR/samples/run_<N>/ (N one above the largest existing run; nothing
+earlier is overwritten): the samples (WAV or .txt), the prompt as the model saw it (prompt.txt,
+or prompt.wav when an audio prompt was given) and settings.json; and DIR/tb/samples. The prompt,
+--config.generate.prompt, is a text prefix, or `@FILE` to read the text prefix from FILE; for
+audio models it is an audio file path. The sampler is s5scale/sampling.py.
 """
 
 import sys
@@ -21,5 +25,7 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
   cli.define_flags()
+  FLAGS["config"].help += (" --config.generate.prompt=TEXT is a text prefix, =@FILE reads it from "
+                           "FILE (an audio model's prompt is an audio file path).")
   flags.DEFINE_integer("step", None, "Checkpoint step to sample from (default: the latest).")
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

@@ -2,8 +2,11 @@
 
   python -m s5scale.sample_quality --config=configs/spoken_digits_lm.py --workdir=LM_WORKDIR \
       --classifier_workdir=CLASSIFIER_WORKDIR [--step=N | --all | --watch] [--num_samples=N]
-  python -m s5scale.sample_quality --samples_dir=DIR_OF_WAVS --classifier_workdir=... \
-      --reference=DATA_SOURCE          # score any directory of clips
+  python -m s5scale.sample_quality --samples_dir=DIR_OF_WAVS --workdir=RECORDS_DIR \
+      --classifier_workdir=... --reference=DATA_SOURCE     # score any directory of clips
+
+DIR_OF_WAVS is only read: its clips, and those of its class folders DIR_OF_WAVS/<word>/*.wav
+(which also give samples/accuracy against the folder names); logs and records go to RECORDS_DIR.
 
 What is sampled, scored and recorded: s5scale/sample_scoring.py.
 """
@@ -38,7 +41,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("recompute_batch_stats", -1, "BatchNorm statistics of the classifier "
                        "recomputed on N training batches; 0: as saved; -1: its "
                        "eval.recompute_batch_stats.")
-  flags.DEFINE_string("samples_dir", None, "Score the audio files in this directory instead.")
+  flags.DEFINE_string("samples_dir", None, "Score the audio files in this directory and in its "
+                      "class folders (DIR/<word>/*.wav) instead; DIR is only read.")
   flags.DEFINE_string("reference", None, "Data source whose held-out clips are the real data "
                       "(default: the LM config's data.source).")
   flags.DEFINE_integer("num_samples", None, "Clips per checkpoint (default generate.num_samples).")

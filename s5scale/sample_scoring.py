@@ -4,15 +4,15 @@ The library behind `python -m s5scale.sample_quality` (s5scale/sample_quality.py
 
   python -m s5scale.sample_quality --config=configs/spoken_digits_lm.py --workdir=LM_WORKDIR \
       --classifier_workdir=CLASSIFIER_WORKDIR [--step=N | --all | --watch] [--num_samples=N]
-  python -m s5scale.sample_quality --samples_dir=DIR_OF_WAVS --classifier_workdir=... \
-      --reference=DATA_SOURCE          # score any directory of clips
+  python -m s5scale.sample_quality --samples_dir=DIR_OF_WAVS --workdir=RECORDS_DIR \
+      --classifier_workdir=... --reference=DATA_SOURCE     # score any directory of clips
 
 The first form samples --num_samples clips of generate.length from each LM checkpoint with the
 project's recurrent sampler (s5scale/sampling.py; generate.temperature, generate.top_p and
 generate.seed apply), writes them to LM_WORKDIR/samples/quality/ and scores those WAV files; the
-second scores the audio files in DIR. Either way a file is read exactly as the classifier's own
-data is (s5scale/clip_scorer.py), and the classifier's architecture and data settings come from
-CLASSIFIER_WORKDIR/config.json.
+second scores the audio files in DIR and its class folders. Either way a file is read exactly as
+the classifier's own data is (s5scale/clip_scorer.py), and the classifier's architecture and data
+settings come from CLASSIFIER_WORKDIR/config.json.
 
 Every run also scores, with the same classifier, the same number of clips of two fixed
 references: held-out real clips of the reference source (the ceiling) and white noise (the floor).
@@ -27,8 +27,11 @@ num_samples,class_counts,silent_fraction} (silent: no sample above -40 dBFS, whi
 may still call a digit with confidence, so read IS beside it), samples/ceiling/...,
 samples/noise/..., and the sampling settings `temperature`, `top_p` and `seed`
 (and tensorboard scalars and the first few clips under WORKDIR/tb/samples). The --samples_dir
-form records into --workdir if given, else DIR itself, at --step (default 0). Each result is
-also printed as one JSON line; the last line on stdout holds is, mis, am, fid and num_samples.
+form reads DIR's top-level clips and those of its class folders (DIR/<word>/*.wav, laid out as
+a dataset), writes nothing into DIR, and records into --workdir (required) at --step (default
+0); when the folder names are classes of the classifier, samples/accuracy is the fraction of
+those clips it calls by their folder's name. Each result is also printed as one JSON line; the
+last line on stdout holds is, mis, am, fid and num_samples.
 Exit 2 on a bad config, a missing checkpoint or unreadable data.
 """
 
@@ -170,10 +173,22 @@ class LMSampler:
 
 
 def score_directory(samples_dir: str, workdir: str, scorer, reference: str, step: int) -> int:
-  """The --samples_dir form: scores the audio files in samples_dir, records into workdir."""
-  clips, masks, _ = clip_scorer.read_wav_dir(samples_dir, scorer.sample_rate, scorer.clip_length)
+  """The --samples_dir form: scores the audio files in samples_dir and its class folders, and
+  records into workdir. Clips in folders named after the classifier's classes also give
+  samples/accuracy, the fraction the classifier calls by their folder's name."""
+  clips, masks, _, folders = clip_scorer.read_clip_tree(samples_dir, scorer.sample_rate,
+                                                        scorer.clip_length)
   references = reference_scores(scorer, reference, len(clips))
-  scores, _ = score_clips(scorer, clips, masks, references["real"])
+  scores, probs = score_clips(scorer, clips, masks, references["real"])
+  classes = data.label_names(scorer.config.data)
+  labelled = sorted({name for name in folders if name})
+  if labelled and set(labelled) <= set(classes):
+    rows = np.array([i for i, name in enumerate(folders) if name])
+    labels = np.array([classes.index(folders[i]) for i in rows])
+    scores["accuracy"] = float(np.mean(np.argmax(probs[rows], axis=1) == labels))
+  elif labelled:
+    logging.warning("no samples/accuracy: folders %s are not all classes of the classifier (%s)",
+                    labelled, classes)
   record(workdir, step, scores, references, scorer, clips, scorer.sample_rate, sampling={})
   return 0
 
@@ -203,6 +218,20 @@ def score_checkpoints(config, workdir: str, scorer, reference: str, num_samples:
   return 0
 
 
+def _check_samples_dir(samples_dir: str, workdir: str | None) -> None:
+  """--samples_dir is only read (it may be read-only, or someone else's): records and logs go
+  to --workdir, which must be given and lie outside it."""
+  if not workdir:
+    raise cli.ConfigError("--samples_dir needs --workdir=DIR for the logs, eval/ and tb/ (nothing "
+                          "is written into --samples_dir)")
+  if not os.path.isdir(samples_dir):
+    raise data.DataError(f"--samples_dir {samples_dir} does not exist or is not a directory")
+  read_only = os.path.realpath(samples_dir)
+  if os.path.commonpath([os.path.realpath(workdir), read_only]) == read_only:
+    raise cli.ConfigError(f"--workdir {workdir} lies inside --samples_dir {samples_dir}, which "
+                          "is never written into")
+
+
 def run_sample_quality(config, workdir: str | None, classifier_workdir: str, *,
                        samples_dir: str | None = None, reference: str | None = None,
                        classifier_step: int | None = None,
@@ -212,7 +241,7 @@ def run_sample_quality(config, workdir: str | None, classifier_workdir: str, *,
   """Both forms of `python -m s5scale.sample_quality` (module docstring): the LM checkpoints of
   workdir sampled and scored, or the clips of samples_dir scored."""
   if samples_dir:
-    workdir = workdir or samples_dir
+    _check_samples_dir(samples_dir, workdir)
   elif config is None or workdir is None:
     raise cli.ConfigError("give --config and --workdir (sample an LM), or --samples_dir")
   cli.setup_logging(workdir, "sample_quality")

@@ -1,11 +1,14 @@
 """Recurrent-mode sampling of audio or text from a checkpoint (`python -m s5scale.generate`).
 
 A prompt (text prefix or audio file) is processed with the parallel scan; each new sample then
-costs one recurrent step, O(1) in the context length. Writes samples/ (WAV and .txt) and
-tensorboard (add_audio, add_text).
+costs one recurrent step, O(1) in the context length. Each run writes a new folder
+samples/run_<N>/ (WAV or .txt samples, the prompt as the model saw it, settings.json) and
+tensorboard (add_audio, add_text); an earlier run's folder is never written again.
 """
 
+import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -88,21 +91,81 @@ def write_samples(workdir: str, step: int, data_config, tokens: np.ndarray, writ
   return paths
 
 
+def read_prompt(data_config, prompt: str) -> tuple[str, str]:
+  """The prompt, and where it came from ("none", "inline" or "file:<path>").
+
+  A text prompt "@path" is the contents of that file (UTF-8, taken exactly, newlines included),
+  so a long or multi-line prompt needs no shell quoting. An audio prompt is always a file path,
+  read later by data.encode_prompt.
+  """
+  if not prompt:
+    return prompt, "none"
+  if data_config.kind != "text":
+    return prompt, f"file:{cli.workdir_path(prompt)}"
+  if not prompt.startswith("@"):
+    return prompt, "inline"
+  path = prompt[1:]
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read(), f"file:{os.path.abspath(path)}"
+  except (OSError, UnicodeDecodeError) as error:
+    reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+    raise cli.ConfigError(f"prompt file {path} (from --config.generate.prompt=@{path}) cannot "
+                          f"be read: {reason}") from None
+
+
+def new_run_dir(workdir: str) -> str:
+  """Creates and returns workdir/samples/run_<N>, N one above the largest existing run number,
+  so a deleted run's number is not reused; a concurrent run that takes N first moves us on."""
+  samples = os.path.join(workdir, "samples")
+  os.makedirs(samples, exist_ok=True)
+  numbers = [int(m.group(1)) for m in map(re.compile(r"run_(\d+)$").match, os.listdir(samples))
+             if m]
+  number = max(numbers, default=0) + 1
+  while True:
+    path = os.path.join(samples, f"run_{number}")
+    try:
+      os.mkdir(path)
+      return path
+    except FileExistsError:
+      number += 1
+
+
+def write_prompt(run_dir: str, data_config, prompt: np.ndarray, given: bool) -> None:
+  """prompt.txt (text: always, the decoded prompt tokens) or prompt.wav (audio, if given)."""
+  decoded = data.decode_tokens(data_config, prompt)
+  if data_config.kind == "text":
+    with open(os.path.join(run_dir, "prompt.txt"), "w", encoding="utf-8") as f:
+      f.write(decoded)
+  elif given:
+    soundfile.write(os.path.join(run_dir, "prompt.wav"), np.asarray(decoded, np.float32),
+                    data_config.sample_rate)
+
+
 def generate(config, workdir: str, step: int | None) -> int:
-  """Writes generate.num_samples samples of `step` (default: the latest) to workdir/samples."""
+  """Writes generate.num_samples samples of `step` (default: the latest) to a new
+  workdir/samples/run_<N>/, beside the prompt and the settings that made them."""
   if config.model.task != "lm" or config.model.bidirectional:
     raise cli.ConfigError("generation needs model.task='lm' and model.bidirectional=False")
   cli.setup_logging(workdir, "generate")
-  model, variables, step, _ = inference.restore_model(workdir, config, step)
   settings = config.generate
-  prompt = prompt_tokens(config.data, settings.prompt, settings.num_samples)
+  prompt_text, prompt_source = read_prompt(config.data, settings.prompt)  # fails before restoring
+  model, variables, step, _ = inference.restore_model(workdir, config, step)
+  prompt = prompt_tokens(config.data, prompt_text, settings.num_samples)
   sampler = make_sampler(model, settings.length, settings.temperature, settings.top_p)
   logging.info("sampling %d x %d tokens from step %d (prompt %d tokens)", settings.num_samples,
                settings.length, step, prompt.shape[1])
   tokens = np.asarray(sampler(variables, prompt, settings.seed))
+  run_dir = new_run_dir(workdir)
+  write_prompt(run_dir, config.data, prompt[0], bool(prompt_text))
+  with open(os.path.join(run_dir, "settings.json"), "w", encoding="utf-8") as f:
+    json.dump({"step": step, "temperature": settings.temperature, "top_p": settings.top_p,
+               "seed": settings.seed, "length": settings.length,
+               "num_samples": settings.num_samples, "prompt_source": prompt_source}, f, indent=2)
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   writer = SummaryWriter(os.path.join(workdir, "tb", "samples"))
-  paths = write_samples(workdir, step, config.data, tokens, writer)
+  paths = write_samples(workdir, step, config.data, tokens, writer,
+                        subdir=os.path.basename(run_dir))
   writer.close()
-  logging.info("wrote %s", ", ".join(paths))
+  logging.info("wrote run folder %s: %s", run_dir, ", ".join(map(os.path.basename, paths)))
   return 0

@@ -1,8 +1,8 @@
 """The eval job and sampling. Oracles: a float64 NumPy cross-entropy of the training-
-mode forward pass, the parallel model's logits, files on disk and a training process running
-beside the eval job."""
+mode forward pass, the parallel model's logits, files on disk (bytes before and after, a prompt
+written by hand) and a training process running beside the eval job."""
 
-import os
+import json
 import subprocess
 import time
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from s5scale import checkpoint, data, evaluation, inference, parallel
+from s5scale import checkpoint, data, evaluation, inference, parallel, sampling
 from s5scale.nn.model import S5Model
 from tests import helpers
 from tests.helpers import tiny_config
@@ -100,21 +100,85 @@ def test_recurrent_logits_match_parallel_model():
 
 
 @pytest.mark.slow
-def test_generated_wav_reads_back(tmp_path):
+def test_generated_wav_reads_back_beside_its_prompt(tmp_path):
   flags = helpers.overrides(train__num_steps=2, checkpoint__every_steps=2)
   result = helpers.run("train", "audio_small.py", tmp_path, flags)
   assert result.returncode == 0, result.stderr[-3000:]
+  time = np.arange(1600) / 16000
+  tone = np.sin(2 * np.pi * 440 * time)
+  soundfile.write(tmp_path / "prompt_in.wav", tone, 16000, subtype="FLOAT")
   result = helpers.run("generate", "audio_small.py", tmp_path,
                     flags + ["--config.generate.length=800", "--config.generate.num_samples=2",
-                             "--config.generate.top_p=0.9"])
+                             "--config.generate.top_p=0.9",
+                             f"--config.generate.prompt={tmp_path / 'prompt_in.wav'}"])
   assert result.returncode == 0, result.stderr[-3000:]
-  wavs = sorted(os.listdir(tmp_path / "samples"))
+  run = tmp_path / "samples" / "run_1"
+  wavs = sorted(p.name for p in run.glob("step_*"))
   assert wavs == ["step_2_sample_0.wav", "step_2_sample_1.wav"]
   for name in wavs:
-    info = soundfile.info(tmp_path / "samples" / name)
+    info = soundfile.info(run / name)
     assert (info.samplerate, info.frames, info.channels) == (16000, 800, 1)
-    waveform, _ = soundfile.read(tmp_path / "samples" / name)
+    waveform, _ = soundfile.read(run / name)
     assert np.all(np.abs(waveform) <= 1.0) and np.std(waveform) > 0
+  # The prompt as the model saw it: the peak-normalised tone, through 8-bit quantization.
+  prompt, rate = soundfile.read(run / "prompt.wav")
+  assert rate == 16000 and prompt.shape == tone.shape
+  np.testing.assert_allclose(prompt, tone / np.abs(tone).max(), atol=0.05)
+  settings = json.loads((run / "settings.json").read_text())
+  assert settings["prompt_source"] == f"file:{tmp_path / 'prompt_in.wav'}"
+
+
+def _run_folder(run):
+  """name -> bytes of every file in a samples/run_<N> folder."""
+  return {p.name: p.read_bytes() for p in sorted(run.iterdir())}
+
+
+def test_generate_writes_a_new_run_folder_each_time_with_its_prompt(trained_text, tmp_path):
+  flags = helpers.overrides(train__num_steps=2, model__dropout=0.2) + [
+      "--config.generate.length=12", "--config.generate.num_samples=2",
+      "--config.generate.temperature=0.7", "--config.generate.seed=5"]
+  samples = trained_text / "samples"
+  result = helpers.run("generate", "text_small.py", trained_text,
+                       flags + ["--config.generate.prompt=def main("])
+  assert result.returncode == 0, result.stderr[-3000:]
+  first = _run_folder(samples / "run_1")
+  assert sorted(first) == ["prompt.txt", "settings.json", "step_2_sample_0.txt",
+                           "step_2_sample_1.txt"]
+  assert first["prompt.txt"].decode() == "def main("
+  assert json.loads(first["settings.json"]) == {
+      "step": 2, "temperature": 0.7, "top_p": 1.0, "seed": 5, "length": 12, "num_samples": 2,
+      "prompt_source": "inline"}
+  assert str(samples / "run_1") in result.stderr            # the folder is logged
+
+  # A prompt read from a file, newlines and all; a second run never touches the first.
+  prompt = "import os\nimport sys\n\n\ndef main(argv):\n  del argv\n"
+  (tmp_path / "prompt.py").write_text(prompt)
+  result = helpers.run("generate", "text_small.py", trained_text,
+                       flags + [f"--config.generate.prompt=@{tmp_path / 'prompt.py'}"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert _run_folder(samples / "run_1") == first
+  second = _run_folder(samples / "run_2")
+  assert second["prompt.txt"].decode() == prompt
+  assert json.loads(second["settings.json"])["prompt_source"] == f"file:{tmp_path / 'prompt.py'}"
+  for index in range(2):
+    # The samples are the continuation only: 12 new bytes, shorter than the prompt.
+    sample = second[f"step_2_sample_{index}.txt"].decode()
+    assert len(sample) <= 12 < len(prompt)
+
+  missing = tmp_path / "no_such_prompt.txt"
+  result = helpers.run("generate", "text_small.py", trained_text,
+                       flags + [f"--config.generate.prompt=@{missing}"])
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert str(missing) in result.stderr and "Traceback" not in result.stderr
+  assert sorted(p.name for p in samples.iterdir()) == ["run_1", "run_2"]
+
+
+def test_run_numbers_continue_above_the_largest_and_are_never_reused(tmp_path):
+  for name in ("run_2", "run_9", "run_x", "quality"):
+    (tmp_path / "samples" / name).mkdir(parents=True)
+  (tmp_path / "samples" / "run_12").write_text("a file, not a run, but its number is taken")
+  assert sampling.new_run_dir(str(tmp_path)) == str(tmp_path / "samples" / "run_13")
+  assert sampling.new_run_dir(str(tmp_path)) == str(tmp_path / "samples" / "run_14")
 
 
 def test_relative_workdir(tmp_path):

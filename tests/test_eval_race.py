@@ -49,8 +49,9 @@ def test_watch_beside_a_trainer_that_keeps_one_step(tmp_path):
   assert len(steps) == len(set(steps)) and set(steps) <= saved
   for record in records:
     assert record["split"] == "heldout"
+    assert record["data"] == data_keys_on_disk(tmp_path), record
     if "skipped" in record:
-      assert set(record) == {"step", "split", "skipped"} and record["skipped"], record
+      assert set(record) == {"step", "split", "data", "skipped"} and record["skipped"], record
     else:
       assert math.isfinite(record["heldout/loss"]) and record["heldout/num_batches"] == 1
   final = [r for r in records if r["step"] == NUM_STEPS]
@@ -58,6 +59,12 @@ def test_watch_beside_a_trainer_that_keeps_one_step(tmp_path):
   assert len(records) >= 2, "the watcher read no step while the trainer was running"
   if saved - set(steps):  # rotation deleted steps the watcher never saw: it says so
     assert "missed" in watch_log and "Raise checkpoint.keep (now 1)" in watch_log
+
+
+def data_keys_on_disk(workdir) -> dict:
+  """The data a record scored: the split keys of the run's config.json as written on disk."""
+  data = json.loads((workdir / "config.json").read_text())["data"]
+  return {key: data[key] for key in ("source", "mixture", "heldout_fraction", "heldout_source")}
 
 
 def save_tiny_step(manager, step: int) -> None:
@@ -143,5 +150,6 @@ def test_removed_part_of_a_step_is_a_skip_or_exit_2_naming_it(trained, tmp_path,
   records = helpers.read_jsonl(records_path) if records_path.exists() else []
   assert all("skipped" in r for r in records)  # no evaluation of an incomplete step
   if records:
-    assert records == [{"step": 2, "split": "heldout", "skipped": records[0]["skipped"]}]
+    assert records == [{"step": 2, "split": "heldout", "data": data_keys_on_disk(workdir),
+                        "skipped": records[0]["skipped"]}]
     assert part in records[0]["skipped"]

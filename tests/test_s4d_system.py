@@ -109,7 +109,7 @@ def test_checkpoint_evaluates_zero_shot_and_generates(tmp_path):
   assert plain["step"] == rescaled["step"] == 2
   assert np.isfinite(rescaled["heldout_step_rescale2/loss"])
   assert rescaled["heldout_step_rescale2/loss"] != plain["heldout/loss"]   # Δ really changed
-  samples = sorted(p.name for p in (tmp_path / "samples").iterdir())
+  samples = sorted(p.name for p in (tmp_path / "samples" / "run_1").glob("step_*"))
   assert samples == ["step_2_sample_0.txt", "step_2_sample_1.txt"]
 
 

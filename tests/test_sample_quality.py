@@ -7,6 +7,8 @@ the entry points run as subprocesses.
 """
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -160,31 +162,39 @@ FRACTION = 0.3
 
 
 @pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory):
-  """A two-word synthetic Speech Commands tree, a classifier and an audio LM trained on it."""
+def classifier_run(tmp_path_factory):
+  """A two-word synthetic Speech Commands tree and a classifier trained on it."""
   root = tmp_path_factory.mktemp("runs")
   source = root / "sc"
   speech_commands_tree(source)
   shared = helpers.overrides(data__source=source, data__heldout_fraction=FRACTION,
                           data__sample_rate=SAMPLE_RATE, data__batch_size=4, eval__every_steps=0)
-  classifier, lm = root / "classifier", root / "lm"
+  classifier = root / "classifier"
   classifier_flags = shared + ["--config.data.seq_len=400", "--config.train.num_steps=30",
                                 "--config.model.dropout=0"]
   result = helpers.run("train", "speech_commands.py", classifier, classifier_flags + [
       "--config.checkpoint.every_steps=30", "--config.optim.learning_rate=1e-2"])
   assert result.returncode == 0, result.stderr[-3000:]
-  lm_flags = shared + ["--config.data.seq_len=64", "--config.train.num_steps=4",
-                       "--config.model.d_model=64", "--config.model.ssm_size=64",
-                       "--config.checkpoint.every_steps=2", "--config.generate.length=400"]
+  return dict(root=root, source=source, classifier=classifier, shared=shared,
+              classifier_flags=classifier_flags)
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(classifier_run):
+  """The classifier's tree and classifier, and an audio LM trained on that tree."""
+  lm = classifier_run["root"] / "lm"
+  lm_flags = classifier_run["shared"] + [
+      "--config.data.seq_len=64", "--config.train.num_steps=4", "--config.model.d_model=64",
+      "--config.model.ssm_size=64", "--config.checkpoint.every_steps=2",
+      "--config.generate.length=400"]
   result = helpers.run("train", "spoken_digits_lm.py", lm, lm_flags)
   assert result.returncode == 0, result.stderr[-3000:]
-  return dict(source=source, classifier=classifier, lm=lm, classifier_flags=classifier_flags,
-              lm_flags=lm_flags)
+  return dict(classifier_run, lm=lm, lm_flags=lm_flags)
 
 
 @pytest.mark.slow
-def test_sample_quality_scores_lm_samples_and_a_wav_dir_against_ceiling_and_floor(tiny_runs):
-  source, classifier, lm = tiny_runs["source"], tiny_runs["classifier"], tiny_runs["lm"]
+def test_sample_quality_scores_lm_samples_against_ceiling_and_floor(tiny_runs):
+  classifier, lm = tiny_runs["classifier"], tiny_runs["lm"]
   classifier_flags, lm_flags = tiny_runs["classifier_flags"], tiny_runs["lm_flags"]
   heldout_clips = len(heldout_speakers(FRACTION)) * len(WORDS)
 
@@ -227,23 +237,6 @@ def test_sample_quality_scores_lm_samples_and_a_wav_dir_against_ceiling_and_floo
   # other (the first two odd clips are the same word).
   assert records[-1]["samples/ceiling/label_counts"] == [1, 1]
 
-  # Any directory of clips, with no LM config: one word's real clips are all called that word.
-  # Run as a user would, with no JAX_PLATFORMS: libtpu (if installed) must not start and complain.
-  words = sorted(WORDS)
-  env = helpers.env_for(1)
-  del env["JAX_PLATFORMS"]
-  result = subprocess.run(
-      [sys.executable, "-m", "s5scale.sample_quality", f"--samples_dir={source / 'high'}",
-       f"--classifier_workdir={classifier}", f"--reference={source}"],
-      env=env, capture_output=True, text=True, timeout=600, cwd=helpers.REPO)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert [line for line in result.stderr.splitlines() if "E0000" in line] == []
-  last = json.loads(result.stdout.strip().splitlines()[-1])
-  assert last["num_samples"] == 12 and last["class_counts"][words.index("high")] == 12
-  assert last["is"] == pytest.approx(1.0, abs=1e-3)   # one class only: no diversity
-  assert last["silent_fraction"] == 0.0
-  assert helpers.read_jsonl(source / "high" / "eval" / "metrics.jsonl")[0]["split"] == "samples"
-
   # The classifier's eval diagnostics: recomputed BatchNorm statistics, low-passed clips.
   result = helpers.run("evaluate", "speech_commands.py", classifier, classifier_flags + [
       "--config.eval.recompute_batch_stats=2", "--config.eval.lowpass_hz=1500",
@@ -254,6 +247,76 @@ def test_sample_quality_scores_lm_samples_and_a_wav_dir_against_ceiling_and_floo
   assert record["split"] == split and record[f"{split}/num_predictions"] == heldout_clips
   # Both tones (200 Hz, 1.1 kHz) lie below the cutoff, so band-limiting leaves the task as easy.
   assert record[f"{split}/accuracy"] == 1.0
+
+
+def _score_dir(*flags, env=None) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "s5scale.sample_quality", *flags],
+                        env=env or helpers.env_for(1), capture_output=True, text=True,
+                        timeout=600, cwd=helpers.REPO)
+
+
+def _listing(root) -> dict:
+  """Every path under root, root included -> (mtime in ns, size)."""
+  paths = [os.path.join(folder, name) for folder, _, files in os.walk(root)
+           for name in ["", *files]]
+  return {os.path.relpath(p, root): (os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in paths}
+
+
+def _chmod_folders(root, mode: int) -> None:
+  for folder, _, _ in os.walk(root):
+    os.chmod(folder, mode)
+
+
+@pytest.mark.slow
+def test_samples_dir_is_only_read_and_its_class_folders_give_accuracy(classifier_run, tmp_path):
+  source, classifier = classifier_run["source"], classifier_run["classifier"]
+  low, high = sorted((source / "low").glob("*.wav")), sorted((source / "high").glob("*.wav"))
+  clips = tmp_path / "clips"
+  for folder in ("low", "high", "_background_noise_"):
+    (clips / folder).mkdir(parents=True)
+  for path in low[:3]:
+    shutil.copy(path, clips / "low")
+  shutil.copy(high[0], clips / "low" / "mislabelled.wav")   # a "high" tone filed under low
+  for path in high[1:5]:
+    shutil.copy(path, clips / "high")
+  shutil.copy(high[5], clips / "loose.wav")                 # top level: scored, no label
+  shutil.copy(low[3], clips / "_background_noise_")         # not a class folder: not read
+  scoring = [f"--samples_dir={clips}", f"--classifier_workdir={classifier}",
+             f"--reference={source}"]
+
+  for bad, named in [([], "--workdir"), ([f"--workdir={clips / 'records'}"], "inside"),
+                     ([f"--samples_dir={tmp_path / 'absent'}", f"--workdir={tmp_path / 'w'}"],
+                      str(tmp_path / "absent"))]:
+    result = _score_dir(*scoring, *bad)
+    assert result.returncode == 2 and named in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+  assert not (tmp_path / "absent").exists()
+
+  # Read-only folders; as root chmod does not stop writes, so the listing below is the check
+  # that holds either way.
+  before = _listing(clips)
+  _chmod_folders(clips, 0o555)
+  try:
+    # Run as a user would, with no JAX_PLATFORMS: libtpu (if installed) must not start and
+    # complain.
+    env = helpers.env_for(1)
+    del env["JAX_PLATFORMS"]
+    result = _score_dir(*scoring, f"--workdir={tmp_path / 'records'}", env=env)
+  finally:
+    _chmod_folders(clips, 0o755)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert [line for line in result.stderr.splitlines() if "E0000" in line] == []
+  assert _listing(clips) == before
+  record = helpers.read_jsonl(tmp_path / "records" / "eval" / "metrics.jsonl")[-1]
+  assert record["split"] == "samples" and record["samples/num_samples"] == 9
+  words = sorted(WORDS)
+  # The classifier tells the two tones apart (its ceiling accuracy is 1.0): 3 low, 6 high...
+  assert record["samples/class_counts"][words.index("low")] == 3
+  assert record["samples/class_counts"][words.index("high")] == 6
+  # ...so of the 8 clips in class folders, all but the mislabelled one match their folder.
+  assert record["samples/accuracy"] == pytest.approx(7 / 8)
+  last = json.loads(result.stdout.strip().splitlines()[-1])
+  assert last["accuracy"] == pytest.approx(7 / 8) and last["silent_fraction"] == 0.0
 
 
 @pytest.mark.slow
