@@ -25,7 +25,5 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
   cli.define_flags()
-  FLAGS["config"].help += (" --config.generate.prompt=TEXT is a text prefix, =@FILE reads it from "
-                           "FILE (an audio model's prompt is an audio file path).")
   flags.DEFINE_integer("step", None, "Checkpoint step to sample from (default: the latest).")
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

@@ -139,43 +139,37 @@ def output_matrix(c_tilde, conj_sym: bool):
 # XLA's CPU dot reads "nh,ncp->hcp" (the weight gradient, contracting the long axis N) in place,
 # while the order that autodiff derives makes it transpose the whole (N, 2, P') operand first.
 
-@jax.custom_vjp
-def _rows_to_planar(rows, matrix):
-  """(N, H) @ (H, 2, P') -> (N, 2, P')."""
-  return jnp.einsum("nh,hcp->ncp", rows, matrix)
+def _gemm_with_vjp(forward: str, lhs_gradient, rhs_gradient):
+  """einsum(forward, lhs, rhs) whose VJP is lhs_gradient(cotangent, rhs) and
+  rhs_gradient(lhs, cotangent), each cast back to its operand's dtype."""
+  @jax.custom_vjp
+  def gemm(lhs, rhs):
+    return jnp.einsum(forward, lhs, rhs)
+
+  def gemm_forward(lhs, rhs):
+    return gemm(lhs, rhs), (lhs, rhs)
+
+  def gemm_backward(residuals, cotangent):
+    lhs, rhs = residuals
+    return (lhs_gradient(cotangent, rhs).astype(lhs.dtype),
+            rhs_gradient(lhs, cotangent).astype(rhs.dtype))
+
+  gemm.defvjp(gemm_forward, gemm_backward)
+  return gemm
 
 
-def _rows_to_planar_forward(rows, matrix):
-  return _rows_to_planar(rows, matrix), (rows, matrix)
+# (N, H) @ (H, 2, P') -> (N, 2, P')
+_rows_to_planar = _gemm_with_vjp(
+    "nh,hcp->ncp",
+    lhs_gradient=lambda cotangent, matrix: jnp.einsum("ncp,hcp->nh", cotangent, matrix),
+    rhs_gradient=lambda rows, cotangent: jnp.einsum("nh,ncp->hcp", rows, cotangent))
 
-
-def _rows_to_planar_backward(residuals, cotangent):
-  rows, matrix = residuals
-  return (jnp.einsum("ncp,hcp->nh", cotangent, matrix).astype(rows.dtype),
-          jnp.einsum("nh,ncp->hcp", rows, cotangent).astype(matrix.dtype))
-
-
-_rows_to_planar.defvjp(_rows_to_planar_forward, _rows_to_planar_backward)
-
-
-@jax.custom_vjp
-def _planar_to_rows(states, matrix):
-  """(N, 2, P') @ (2, P', H) -> (N, H)."""
-  return jnp.einsum("ncp,cph->nh", states, matrix)
-
-
-def _planar_to_rows_forward(states, matrix):
-  return _planar_to_rows(states, matrix), (states, matrix)
-
-
-def _planar_to_rows_backward(residuals, cotangent):
-  states, matrix = residuals
-  matrix_cotangent = jnp.einsum("nh,ncp->hcp", cotangent, states).transpose(1, 2, 0)
-  return (jnp.einsum("nh,cph->ncp", cotangent, matrix).astype(states.dtype),
-          matrix_cotangent.astype(matrix.dtype))
-
-
-_planar_to_rows.defvjp(_planar_to_rows_forward, _planar_to_rows_backward)
+# (N, 2, P') @ (2, P', H) -> (N, H)
+_planar_to_rows = _gemm_with_vjp(
+    "ncp,cph->nh",
+    lhs_gradient=lambda cotangent, matrix: jnp.einsum("nh,cph->ncp", cotangent, matrix),
+    rhs_gradient=lambda states, cotangent: jnp.einsum("nh,ncp->hcp", cotangent,
+                                                      states).transpose(1, 2, 0))
 
 
 def project_input_planar(b_bar, u):
