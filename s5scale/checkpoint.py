@@ -16,7 +16,6 @@ import concurrent.futures
 import dataclasses
 import datetime
 import json
-import os
 import time
 
 import grain
@@ -28,7 +27,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 import s5scale
-from s5scale import defaults
+from s5scale import defaults, storage
 
 
 class CheckpointError(ValueError):
@@ -36,7 +35,7 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(workdir, "checkpoints")
+  return storage.join(workdir, "checkpoints")
 
 
 # An eval job killed mid-read leaves its pin behind; past this age the trainer ignores it.
@@ -249,7 +248,7 @@ def restore_latest(manager, abstract_state, data_iterator, config_dict: dict):
 def open_readonly(workdir_or_dir: str):
   """A manager that only reads: a workdir or its checkpoints/ directory."""
   directory = workdir_or_dir
-  if os.path.isdir(checkpoint_dir(workdir_or_dir)):
+  if storage.path(checkpoint_dir(workdir_or_dir)).is_dir():
     directory = checkpoint_dir(workdir_or_dir)
   return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
 
@@ -266,9 +265,8 @@ def restore_subset(manager, step: int, abstract_subset: dict) -> dict:
 def set_aside(manager, step: int) -> None:
   """Renames a damaged step (kept for inspection) so the resumed run can write that step again."""
   if jax.process_index() == 0:
-    source = os.path.join(str(manager.directory), str(step))
-    target = f"{source}.damaged-{int(time.time())}"
-    os.rename(source, target)
+    source = storage.path(manager.directory, str(step))
+    target = source.rename(f"{source}.damaged-{int(time.time())}")
     logging.warning("moved damaged checkpoint to %s", target)
   multihost_utils.sync_global_devices(f"set_aside_{step}")
   manager.reload()
@@ -284,5 +282,4 @@ def restore_init_params(workdir_or_dir: str, abstract_params):
 
 
 def dump_json(path: str, payload: dict) -> None:
-  with open(path, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
+  storage.write_json(path, payload)

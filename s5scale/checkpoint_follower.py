@@ -11,13 +11,12 @@ skip; the job goes on), and with `watch` polls until the trainer's final step is
     ...
 """
 
-import os
 import time
 from typing import Callable, Iterator
 
 from absl import logging
 
-from s5scale import checkpoint, inference
+from s5scale import checkpoint, inference, storage
 
 
 class StepSkipped(Exception):
@@ -73,9 +72,9 @@ class CheckpointFollower:
 
   def _open(self):
     directory = checkpoint.checkpoint_dir(self.workdir)
-    while self.watch and not os.path.isdir(directory):
+    while self.watch and not storage.path(directory).is_dir():
       time.sleep(self.poll_seconds)  # started before the training job wrote anything
-    if not os.path.isdir(directory):
+    if not storage.path(directory).is_dir():
       raise checkpoint.CheckpointError(f"no checkpoints in {self.workdir}")
     return checkpoint.open_readonly(self.workdir)
 

@@ -9,7 +9,6 @@ code is needed and a checkpoint trained on any mesh exports on one CPU.
 """
 
 import dataclasses
-import glob
 import os
 import re
 
@@ -17,7 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from s5scale import checkpoint
+from s5scale import checkpoint, storage
 
 # The trainer renames a damaged step N to "N.damaged-<unix time>" (checkpoint.set_aside).
 _SET_ASIDE = re.compile(r"^(\d+)\.damaged-\d+$")
@@ -33,7 +32,7 @@ class StepInfo:
 
 def state_metadata(manager, step: int) -> dict:
   """The saved train state's tree, each array leaf an orbax ArrayMetadata (shape, dtype)."""
-  directory = os.path.join(str(manager.directory), str(step), "state")
+  directory = storage.path(manager.directory, str(step), "state")
   return ocp.StandardCheckpointer().metadata(directory).item_metadata.tree
 
 
@@ -43,7 +42,7 @@ def list_steps(workdir: str) -> list[StepInfo]:
   manager = checkpoint.open_readonly(workdir)
   infos = []
   for step in manager.all_steps():
-    info = StepInfo(step, directory=os.path.join(str(manager.directory), str(step)))
+    info = StepInfo(step, directory=storage.join(manager.directory, str(step)))
     try:
       info.meta = manager.restore(step, args=ocp.args.Composite(
           meta=ocp.args.JsonRestore())).meta
@@ -51,10 +50,10 @@ def list_steps(workdir: str) -> list[StepInfo]:
     except Exception as error:  # orbax raises many types for damaged files; all mean "unusable"
       info.damaged = f"{type(error).__name__}: {str(error)[:200]}"
     infos.append(info)
-  for path in glob.glob(os.path.join(str(manager.directory), "*.damaged-*")):
-    if match := _SET_ASIDE.match(os.path.basename(path)):
+  for path in storage.path(manager.directory).glob("*.damaged-*"):
+    if match := _SET_ASIDE.match(path.name):
       infos.append(StepInfo(int(match.group(1)), damaged="set aside by the trainer as damaged",
-                            directory=path))
+                            directory=os.fspath(path)))
   return sorted(infos, key=lambda info: (info.step, info.damaged is not None))
 
 
@@ -62,7 +61,7 @@ def _check_arrays(tree: dict, directory: str) -> None:
   """Raises when the state's array store is missing: metadata alone can outlive the data."""
   if not any(isinstance(leaf, ocp.metadata.ArrayMetadata) for leaf in jax.tree.leaves(tree)):
     raise ValueError(f"no arrays recorded in {directory}/state")
-  if not os.path.isdir(os.path.join(directory, "state")):
+  if not storage.path(directory, "state").is_dir():
     raise FileNotFoundError(f"{directory}/state is missing")
 
 

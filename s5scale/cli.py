@@ -6,14 +6,17 @@ config_check.py; parse_flags runs that check, so no program compiles or reads an
 bad config.
 """
 
+import atexit
 import difflib
 import os
+import shutil
 import sys
+import tempfile
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from s5scale import backend, config_check, config_files, config_schema
+from s5scale import backend, config_check, config_files, config_schema, storage
 from s5scale.config_schema import ConfigError  # pylint: disable=unused-import  (re-exported)
 
 EXIT_BAD_INPUT = 2
@@ -162,17 +165,38 @@ def exit_code(program, *args) -> int:
 
 def workdir_path(workdir: str) -> str:
   """Absolute local path (orbax requires one); cloud paths such as gs://... pass unchanged."""
-  return workdir if "://" in workdir else os.path.abspath(workdir)
+  return workdir if storage.is_cloud(workdir) else os.path.abspath(workdir)
 
 
 def setup_logging(workdir: str, name: str) -> None:
-  """INFO to stderr and to WORKDIR/NAME.*.log; orbax's per-save INFO chatter is dropped."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as error:
-    raise ConfigError(f"--workdir={workdir} cannot be used as a folder: {error}") from None
+  """INFO to stderr and to WORKDIR/NAME.*.log; orbax's per-save INFO chatter is dropped.
+
+  absl logs only to local files: for a cloud workdir the log is written to a local temporary
+  folder and uploaded into the workdir when the program exits (a SIGTERM'd run exits normally).
+  """
+  if storage.is_cloud(workdir):
+    log_dir = tempfile.mkdtemp(prefix=f"s5scale-{name}-log-")
+    atexit.register(_upload_log, log_dir, workdir)
+  else:
+    log_dir = workdir
+    try:
+      os.makedirs(workdir, exist_ok=True)
+    except OSError as error:
+      raise ConfigError(f"--workdir={workdir} cannot be used as a folder: {error}") from None
   handler = logging.get_absl_handler()
-  handler.use_absl_log_file(name, workdir)
+  handler.use_absl_log_file(name, log_dir)
   handler.addFilter(lambda record: record.levelno > logging.converter.STANDARD_INFO
                     or "/orbax/" not in record.pathname)
   logging.set_stderrthreshold(logging.INFO)
+
+
+def _upload_log(log_dir: str, workdir: str) -> None:
+  """Copies the local log files (not absl's NAME.INFO symlinks) into the cloud workdir."""
+  logging.flush()
+  for entry in os.scandir(log_dir):
+    if entry.is_file(follow_symlinks=False):
+      try:
+        storage.path(workdir, entry.name).write_bytes(storage.path(entry.path).read_bytes())
+      except Exception as error:  # at exit, a failed upload must not turn exit 0 into a traceback
+        print(f"could not upload the log {entry.path} to {workdir}: {error}", file=sys.stderr)
+  shutil.rmtree(log_dir, ignore_errors=True)

@@ -12,14 +12,13 @@ data.sample_rate, peak-normalised, the first data.seq_len samples kept and short
 zero-padded with mask 0.
 """
 
-import glob
 import itertools
 import os
 
 import jax
 import numpy as np
 
-from s5scale import cli, config_files, data, inference, steps
+from s5scale import cli, config_files, data, inference, steps, storage
 from s5scale.data import audio as audio_lib
 from s5scale.data import transforms
 from s5scale.nn.model import S5Model
@@ -37,8 +36,8 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 
 
 def _audio_files(directory: str) -> list[str]:
-  return sorted(p for p in glob.glob(os.path.join(directory, "*"))
-                if os.path.splitext(p)[1].lower() in AUDIO_EXTENSIONS and os.path.isfile(p))
+  return sorted(os.fspath(p) for p in storage.path(directory).iterdir()
+                if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
 
 
 def _read_clips(paths: list[str], sample_rate: int, length: int, where: str):
@@ -47,12 +46,11 @@ def _read_clips(paths: list[str], sample_rate: int, length: int, where: str):
   from absl import logging  # pylint: disable=g-import-not-at-top
   clips, masks, kept = [], [], []
   for path in paths:
-    with open(path, "rb") as f:
-      try:
-        waveform = audio_lib.load_waveform(f.read(), sample_rate)
-      except audio_lib.UnreadableAudio as error:
-        logging.warning("skipping %s: %s", path, error)
-        continue
+    try:
+      waveform = audio_lib.load_waveform(storage.path(path).read_bytes(), sample_rate)
+    except audio_lib.UnreadableAudio as error:
+      logging.warning("skipping %s: %s", path, error)
+      continue
     clip, mask = fixed_length(waveform, length)
     clips.append(clip), masks.append(mask), kept.append(path)
   if not clips:
@@ -73,14 +71,14 @@ def read_clip_tree(directory: str, sample_rate: int, length: int):
   (directory/<word>/*.wav) -> clips (N, length), masks, paths, and each clip's folder name ("" for
   a top-level file). Folders the data pipeline would not take as classes (_background_noise_,
   hidden ones) are left out. Only reads: nothing is created in `directory`."""
-  if not os.path.isdir(directory):
+  if not storage.path(directory).is_dir():
     raise data.DataError(f"{directory} is not a directory")
-  folders = sorted(name for name in os.listdir(directory) if transforms.usable_label(name)
-                   and os.path.isdir(os.path.join(directory, name)))
+  folders = sorted(entry.name for entry in storage.path(directory).iterdir()
+                   if transforms.usable_label(entry.name) and entry.is_dir())
   paths = _audio_files(directory)
   names = [""] * len(paths)
   for folder in folders:
-    files = _audio_files(os.path.join(directory, folder))
+    files = _audio_files(storage.join(directory, folder))
     paths += files
     names += [folder] * len(files)
   clips, masks, kept = _read_clips(paths, sample_rate, length,

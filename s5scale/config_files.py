@@ -6,13 +6,12 @@ again. A saved config is read over today's defaults, so a key added since the ru
 default.
 """
 
-import json
 import os
 import runpy
 
 import ml_collections
 
-from s5scale import defaults
+from s5scale import defaults, storage
 from s5scale.config_schema import ConfigError
 
 RUN_CONFIG = "config.json"
@@ -21,7 +20,7 @@ RUN_CONFIG = "config.json"
 def load_config_file(path: str) -> ml_collections.ConfigDict:
   """configs/X.py (its get_config()) or a saved config.json; ConfigError naming the path when it
   is missing or is not a config."""
-  if not os.path.isfile(path):
+  if not storage.path(path).is_file():
     raise ConfigError(f"--config={path}: no such file (a relative path is read from "
                       f"{os.getcwd()})")
   if path.endswith(".json"):
@@ -35,8 +34,8 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """WORKDIR/config.json over today's defaults; ConfigError when the workdir has none."""
-  path = os.path.join(workdir, RUN_CONFIG)
-  if not os.path.isfile(path):
+  path = storage.join(workdir, RUN_CONFIG)
+  if not storage.path(path).is_file():
     raise ConfigError(f"{path} does not exist: {workdir} is not a training workdir (give "
                       "--config=configs/X.py)")
   return _over_defaults(_read_json(path))
@@ -44,14 +43,13 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 def saved_run_config(workdir: str) -> dict | None:
   """The workdir's config.json as written, or None before the first run wrote one."""
-  path = os.path.join(workdir, RUN_CONFIG)
-  return _read_json(path) if os.path.isfile(path) else None
+  path = storage.join(workdir, RUN_CONFIG)
+  return _read_json(path) if storage.path(path).is_file() else None
 
 
 def _read_json(path: str) -> dict:
   try:
-    with open(path) as f:
-      return json.load(f)
+    return storage.read_json(path)
   except (OSError, ValueError) as error:
     raise ConfigError(f"{path} is not a readable config: {error}") from None
 

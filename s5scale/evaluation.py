@@ -19,7 +19,6 @@ another Δ).
 
 import itertools
 import math
-import os
 import time
 
 import jax
@@ -28,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from s5scale import baselines, cli, config_check, config_files, data, inference, metrics
-from s5scale import parallel, steps
+from s5scale import parallel, steps, storage
 from s5scale.checkpoint_follower import CheckpointFollower
 from s5scale.data import audio as audio_lib
 from s5scale.nn.model import S5Model
@@ -141,8 +140,8 @@ class Evaluator:
     for split in data.heldout_splits(self.config.data):
       name = self.split + split[len(SPLIT):]      # e.g. heldout_step_rescale2/books
       all_results[name] = self.evaluate(params, batch_stats, split)
-    with metrics.MetricsWriter(os.path.join(workdir, "eval", "metrics.jsonl"),
-                               os.path.join(workdir, "tb", "eval")) as writer:
+    with metrics.MetricsWriter(storage.join(workdir, "eval", "metrics.jsonl"),
+                               storage.join(workdir, "tb", "eval")) as writer:
       for name, results in reversed(all_results.items()):
         writer.write(step, {f"{name}/{k}": v for k, v in results.items()}, split=name,
                      data=scored_data(self.config))
@@ -178,7 +177,7 @@ def scored_data(config) -> dict:
 def finished_steps(workdir: str, split: str, config) -> set[int]:
   """Steps with a record of `split` on config's data (a record from before records named their
   data scored the run's own, in its config.json)."""
-  records = metrics.read_jsonl(os.path.join(workdir, "eval", "metrics.jsonl"))
+  records = metrics.read_jsonl(storage.join(workdir, "eval", "metrics.jsonl"))
   saved = config_files.saved_run_config(workdir)
   unnamed = scored_data(config_files.load_run_config(workdir)) if saved else None
   wanted = scored_data(config)
@@ -188,8 +187,8 @@ def finished_steps(workdir: str, split: str, config) -> set[int]:
 
 def record_skip(workdir: str, step: int, split: str, config, why: str) -> None:
   logging.warning("skipping checkpoint step %d (%s): %s", step, split, why)
-  with metrics.MetricsWriter(os.path.join(workdir, "eval", "metrics.jsonl"),
-                             os.path.join(workdir, "tb", "eval")) as writer:
+  with metrics.MetricsWriter(storage.join(workdir, "eval", "metrics.jsonl"),
+                             storage.join(workdir, "tb", "eval")) as writer:
     writer.write(step, {}, split=split, data=scored_data(config), skipped=why)
 
 

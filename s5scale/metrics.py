@@ -1,7 +1,6 @@
 """Metrics to metrics.jsonl and tensorboardX, a progress line with ETA, throughput and MFU."""
 
 import itertools
-import json
 import math
 import os
 import time
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from s5scale import hlo_stats
+from s5scale import hlo_stats, storage
 
 # Dense bf16 peak FLOP/s per chip, for MFU on accelerators; CPUs are measured instead.
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
@@ -23,7 +22,7 @@ _WRITER_IDS = itertools.count()
 
 
 class MetricsWriter:
-  """Appends one JSON object per call to `jsonl_path` and mirrors scalars to tensorboard.
+  """Appends one JSON object per call (storage.append_jsonl) to `jsonl_path` and mirrors scalars to tensorboard.
 
   Only process 0 writes (every process computes the same global metrics).
   """
@@ -33,7 +32,7 @@ class MetricsWriter:
     self.jsonl_path = jsonl_path
     self._tb = None
     if self.enabled:
-      os.makedirs(os.path.dirname(jsonl_path) or ".", exist_ok=True)
+      storage.makedirs(storage.path(jsonl_path).parent)
       from tensorboardX import SummaryWriter  # imported lazily: it is slow to import
       # Event files are named by the second they were opened in: two writers opened within one
       # second (an eval per checkpoint, a trainer and an eval job) would overwrite each other.
@@ -43,8 +42,7 @@ class MetricsWriter:
     if not self.enabled:
       return
     plain = {k: _plain(v) for k, v in scalars.items()}
-    with open(self.jsonl_path, "a") as f:
-      f.write(json.dumps({"step": int(step), **plain, **extra}) + "\n")
+    storage.append_jsonl(self.jsonl_path, {"step": int(step), **plain, **extra})
     # After _plain, a 0-d array of any kind (jax.device_get returns those) is a Python number.
     for name, value in plain.items():
       if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -74,10 +72,7 @@ def _plain(value):
 
 
 def read_jsonl(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return storage.read_jsonl(path)
 
 
 class Progress:

@@ -7,7 +7,7 @@ flag parsing: config_check.py.)
 
 import os
 
-from s5scale import checkpoint, config_files, data
+from s5scale import checkpoint, config_files, data, storage
 from s5scale.config_schema import ConfigError
 
 # data.* keys that decide which examples of a source are held out. Resuming with other values
@@ -17,7 +17,7 @@ SPLIT_KEYS = ("heldout_fraction", "heldout_source")
 
 def check_workdir(workdir: str) -> None:
   """The workdir is a folder this process can create or write (cloud paths are not checked)."""
-  if "://" in workdir:
+  if storage.is_cloud(workdir):
     return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir={workdir} is a file, not a folder")
@@ -44,7 +44,7 @@ def check_heldout(config) -> None:
 def check_resume(config, workdir: str) -> None:
   """A workdir with a run in it is resumed only by the same model on the same split."""
   saved = config_files.saved_run_config(workdir)
-  if saved is None or not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+  if saved is None or not storage.path(checkpoint.checkpoint_dir(workdir)).is_dir():
     return
   differences = checkpoint.architecture_mismatch(saved, config.to_dict())
   if differences:

@@ -44,6 +44,7 @@ from absl import logging
 
 from s5scale import cli, clip_scorer, data, defaults, inference, metrics, sample_metrics
 from s5scale import sampling as sampling_lib
+from s5scale import storage
 from s5scale.checkpoint_follower import CheckpointFollower
 from s5scale.nn.model import S5Model
 
@@ -106,8 +107,8 @@ def record(workdir: str, step: int, scores: dict, references: dict, scorer, clip
   flat = {f"{SPLIT}/{k}": v for k, v in scores.items()}
   for name in ("ceiling", "noise"):
     flat.update({f"{SPLIT}/{name}/{k}": v for k, v in references[name].items()})
-  writer = metrics.MetricsWriter(os.path.join(workdir, "eval", "metrics.jsonl"),
-                                 os.path.join(workdir, "tb", SPLIT))
+  writer = metrics.MetricsWriter(storage.join(workdir, "eval", "metrics.jsonl"),
+                                 storage.join(workdir, "tb", SPLIT))
   writer.write(step, flat, split=SPLIT, classifier=scorer.workdir, classifier_step=scorer.step,
                **sampling)
   if writer.tensorboard is not None:
@@ -127,7 +128,7 @@ def record(workdir: str, step: int, scores: dict, references: dict, scorer, clip
 
 def done_steps(workdir: str, classifier_workdir: str, sampling: dict) -> set[int]:
   """LM steps already scored by this classifier at these sampling settings (one record each)."""
-  records = metrics.read_jsonl(os.path.join(workdir, "eval", "metrics.jsonl"))
+  records = metrics.read_jsonl(storage.join(workdir, "eval", "metrics.jsonl"))
   return {r["step"] for r in records
           if r.get("split") == SPLIT and r.get("classifier") == classifier_workdir
           and all(r.get(key) == value for key, value in sampling.items())}
@@ -167,9 +168,9 @@ class LMSampler:
     tag = "" if (sampling["temperature"], sampling["top_p"]) == (
         default.temperature, default.top_p) else "_t{temperature:g}_p{top_p:g}".format(**sampling)
     tag += f"_s{sampling['seed']}" if sampling["seed"] != default.seed else ""
-    subdir = os.path.join("quality", f"step_{step}{tag}")
+    subdir = f"quality/step_{step}{tag}"
     sampling_lib.write_samples(self.workdir, step, self.config.data, tokens, None, subdir=subdir)
-    return os.path.join(self.workdir, "samples", subdir)
+    return storage.join(self.workdir, "samples", subdir)
 
 
 def score_directory(samples_dir: str, workdir: str, scorer, reference: str, step: int) -> int:
@@ -224,12 +225,20 @@ def _check_samples_dir(samples_dir: str, workdir: str | None) -> None:
   if not workdir:
     raise cli.ConfigError("--samples_dir needs --workdir=DIR for the logs, eval/ and tb/ (nothing "
                           "is written into --samples_dir)")
-  if not os.path.isdir(samples_dir):
+  if not storage.path(samples_dir).is_dir():
     raise data.DataError(f"--samples_dir {samples_dir} does not exist or is not a directory")
-  read_only = os.path.realpath(samples_dir)
-  if os.path.commonpath([os.path.realpath(workdir), read_only]) == read_only:
+  if _inside(workdir, samples_dir):
     raise cli.ConfigError(f"--workdir {workdir} lies inside --samples_dir {samples_dir}, which "
                           "is never written into")
+
+
+def _inside(path: str, folder: str) -> bool:
+  """Whether path is folder or lies under it (local paths with symlinks resolved; URLs as
+  written)."""
+  if not storage.is_cloud(path) and not storage.is_cloud(folder):
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+  path, folder = path.rstrip("/"), folder.rstrip("/")
+  return path == folder or path.startswith(folder + "/")
 
 
 def run_sample_quality(config, workdir: str | None, classifier_workdir: str, *,

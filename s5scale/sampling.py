@@ -7,16 +7,13 @@ tensorboard (add_audio, add_text); an earlier run's folder is never written agai
 """
 
 import json
-import os
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import soundfile
 from absl import logging
 
-from s5scale import cli, data, inference
+from s5scale import cli, data, inference, storage
 from s5scale.data import audio as audio_lib
 from s5scale.nn.model import S5Model
 
@@ -70,21 +67,19 @@ def prompt_tokens(data_config, prompt: str, batch: int) -> np.ndarray:
 def write_samples(workdir: str, step: int, data_config, tokens: np.ndarray, writer,
                   subdir: str = "") -> list[str]:
   """One WAV or .txt per row into workdir/samples[/subdir]; writer (or None): tensorboard."""
-  out_dir = os.path.join(workdir, "samples", subdir)
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = storage.join(workdir, "samples", subdir)
   paths = []
   for index, row in enumerate(tokens):
     decoded = data.decode_tokens(data_config, row)
     if data_config.kind == "audio":
-      path = os.path.join(out_dir, f"step_{step}_sample_{index}.wav")
-      soundfile.write(path, np.asarray(decoded, np.float32), data_config.sample_rate)
+      path = storage.join(out_dir, f"step_{step}_sample_{index}.wav")
+      storage.write_wav(path, np.asarray(decoded, np.float32), data_config.sample_rate)
       if writer:
         writer.add_audio(f"samples/{index}", np.asarray(decoded, np.float32), step,
                          sample_rate=data_config.sample_rate)
     else:
-      path = os.path.join(out_dir, f"step_{step}_sample_{index}.txt")
-      with open(path, "w", encoding="utf-8") as f:
-        f.write(decoded)
+      path = storage.join(out_dir, f"step_{step}_sample_{index}.txt")
+      storage.write_text(path, decoded)
       if writer:
         writer.add_text(f"samples/{index}", decoded, step)
     paths.append(path)
@@ -106,8 +101,7 @@ def read_prompt(data_config, prompt: str) -> tuple[str, str]:
     return prompt, "inline"
   path = prompt[1:]
   try:
-    with open(path, encoding="utf-8") as f:
-      return f.read(), f"file:{os.path.abspath(path)}"
+    return storage.path(path).read_text(encoding="utf-8"), f"file:{cli.workdir_path(path)}"
   except (OSError, UnicodeDecodeError) as error:
     reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
     raise cli.ConfigError(f"prompt file {path} (from --config.generate.prompt=@{path}) cannot "
@@ -115,31 +109,18 @@ def read_prompt(data_config, prompt: str) -> tuple[str, str]:
 
 
 def new_run_dir(workdir: str) -> str:
-  """Creates and returns workdir/samples/run_<N>, N one above the largest existing run number,
-  so a deleted run's number is not reused; a concurrent run that takes N first moves us on."""
-  samples = os.path.join(workdir, "samples")
-  os.makedirs(samples, exist_ok=True)
-  numbers = [int(m.group(1)) for m in map(re.compile(r"run_(\d+)$").match, os.listdir(samples))
-             if m]
-  number = max(numbers, default=0) + 1
-  while True:
-    path = os.path.join(samples, f"run_{number}")
-    try:
-      os.mkdir(path)
-      return path
-    except FileExistsError:
-      number += 1
+  """workdir/samples/run_<N>, N one above the largest existing run number (storage.make_numbered_dir)."""
+  return storage.make_numbered_dir(storage.join(workdir, "samples"), "run_")
 
 
 def write_prompt(run_dir: str, data_config, prompt: np.ndarray, given: bool) -> None:
   """prompt.txt (text: always, the decoded prompt tokens) or prompt.wav (audio, if given)."""
   decoded = data.decode_tokens(data_config, prompt)
   if data_config.kind == "text":
-    with open(os.path.join(run_dir, "prompt.txt"), "w", encoding="utf-8") as f:
-      f.write(decoded)
+    storage.write_text(storage.join(run_dir, "prompt.txt"), decoded)
   elif given:
-    soundfile.write(os.path.join(run_dir, "prompt.wav"), np.asarray(decoded, np.float32),
-                    data_config.sample_rate)
+    storage.write_wav(storage.join(run_dir, "prompt.wav"), np.asarray(decoded, np.float32),
+                      data_config.sample_rate)
 
 
 def generate(config, workdir: str, step: int | None) -> int:
@@ -158,14 +139,14 @@ def generate(config, workdir: str, step: int | None) -> int:
   tokens = np.asarray(sampler(variables, prompt, settings.seed))
   run_dir = new_run_dir(workdir)
   write_prompt(run_dir, config.data, prompt[0], bool(prompt_text))
-  with open(os.path.join(run_dir, "settings.json"), "w", encoding="utf-8") as f:
-    json.dump({"step": step, "temperature": settings.temperature, "top_p": settings.top_p,
-               "seed": settings.seed, "length": settings.length,
-               "num_samples": settings.num_samples, "prompt_source": prompt_source}, f, indent=2)
+  storage.write_text(storage.join(run_dir, "settings.json"), json.dumps(
+      {"step": step, "temperature": settings.temperature, "top_p": settings.top_p,
+       "seed": settings.seed, "length": settings.length, "num_samples": settings.num_samples,
+       "prompt_source": prompt_source}, indent=2))
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-  writer = SummaryWriter(os.path.join(workdir, "tb", "samples"))
+  writer = SummaryWriter(storage.join(workdir, "tb", "samples"))
   paths = write_samples(workdir, step, config.data, tokens, writer,
-                        subdir=os.path.basename(run_dir))
+                        subdir=storage.path(run_dir).name)
   writer.close()
-  logging.info("wrote run folder %s: %s", run_dir, ", ".join(map(os.path.basename, paths)))
+  logging.info("wrote run folder %s: %s", run_dir, ", ".join(storage.path(p).name for p in paths))
   return 0

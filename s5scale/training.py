@@ -4,7 +4,6 @@
 resumes from the latest complete checkpoint.
 """
 
-import os
 import time
 
 import flax.linen as nn
@@ -12,7 +11,7 @@ import jax
 from absl import logging
 
 from s5scale import checkpoint, cli, config_check, data, evaluation, metrics, optim, parallel
-from s5scale import preflight, steps
+from s5scale import preflight, steps, storage
 from s5scale.nn.model import S5Model
 
 
@@ -39,7 +38,7 @@ def train(config, workdir: str, preemption) -> int:
   logging.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), mesh.size,
                jax.process_count())
   if is_main:
-    checkpoint.dump_json(os.path.join(workdir, "config.json"), config.to_dict())
+    checkpoint.dump_json(storage.join(workdir, "config.json"), config.to_dict())
 
   # ---------------------------------------------------------------- Data
   train_iter = data.make_iterator(config.data, "train", process_index=jax.process_index(),
@@ -81,8 +80,8 @@ def train(config, workdir: str, preemption) -> int:
   evaluator = evaluation.Evaluator(config, model, mesh) if config.eval.every_steps else None
 
   # ---------------------------------------------------------------- Loop
-  writer = metrics.MetricsWriter(os.path.join(workdir, "metrics.jsonl"),
-                                 os.path.join(workdir, "tb", "train"))
+  writer = metrics.MetricsWriter(storage.join(workdir, "metrics.jsonl"),
+                                 storage.join(workdir, "tb", "train"))
   progress = metrics.Progress(start_step, config.train.num_steps)
   step, last_saved, step_metrics, eval_results = start_step, start_step, None, None
   if preemption.signalled and jax.process_count() == 1:

@@ -23,6 +23,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from s5scale import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 from s5scale import checkpoint_info  # pylint: disable=g-import-not-at-top,wrong-import-position
+from s5scale import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _STEP = flags.DEFINE_integer("step", None, "Step to describe/export (default: newest readable).")
 _CONFIG = flags.DEFINE_string("config", None, "Config file: print only the saved config's "
@@ -81,7 +82,7 @@ def main(argv):
   if len(argv) != 2:
     _fail("usage: inspect_checkpoint.py WORKDIR [--step=N] [--config=FILE] [--export=FILE]")
   workdir = argv[1]
-  if not os.path.isdir(checkpoint.checkpoint_dir(workdir)) and not os.path.isdir(workdir):
+  if not storage.path(checkpoint.checkpoint_dir(workdir)).is_dir() and not storage.path(workdir).is_dir():
     _fail(f"{workdir!r} is not a workdir or checkpoint directory")
   infos = checkpoint_info.list_steps(workdir)
   if not infos:

@@ -12,11 +12,13 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 
 from array_record.python import array_record_module
 from etils import epath
 
+from s5scale import storage
 from s5scale.data import audio
 from s5scale.data import bad_data
 from s5scale.data import sources
@@ -113,6 +115,24 @@ def _encode_in_worker(index):
   return encode(source, index)
 
 
+def _local_shard_file(path: str) -> str:
+  """Where ArrayRecord's writer (local files only) writes shard `path` before it is published."""
+  if not storage.is_cloud(path):
+    return path + ".tmp"
+  descriptor, local = tempfile.mkstemp(suffix=".array_record", prefix="s5scale-shard-")
+  os.close(descriptor)
+  return local
+
+
+def _publish_shard(local: str, path: str) -> None:
+  """Moves the finished shard to its name (locally a rename; to the cloud one upload)."""
+  if not storage.is_cloud(path):
+    epath.Path(local).replace(path)
+    return
+  storage.upload(local, path)
+  os.remove(local)
+
+
 def write_shards(source, encode, output: str, num_shards: int, num_workers: int) -> dict:
   """Encodes every item of `source` with `encode(source, index) -> bytes | [bytes] | marker`
   into shards (a list: one record per chunk, ids suffixed #00000, #00001, ...).
@@ -122,7 +142,7 @@ def write_shards(source, encode, output: str, num_shards: int, num_workers: int)
 
   Returns {"written": records, "skipped": bad items, "shards_reused": already complete shards}.
   """
-  epath.Path(output).mkdir(parents=True, exist_ok=True)
+  storage.makedirs(output)
   ranges = shard_ranges(len(source), num_shards)
   pending = [k for k in range(num_shards)
              if not epath.Path(shard_path(output, k, num_shards) + SIDECAR_SUFFIX).exists()]
@@ -141,7 +161,8 @@ def write_shards(source, encode, output: str, num_shards: int, num_workers: int)
       items = ranges[k]
       encoded = (executor.map(_encode_in_worker, items, chunksize=8) if executor
                  else (encode(source, index) for index in items))
-      writer = array_record_module.ArrayRecordWriter(path + ".tmp", "group_size:1")
+      local = _local_shard_file(path)
+      writer = array_record_module.ArrayRecordWriter(local, "group_size:1")
       ids, labels, skipped = [], [], []
       for index, record in zip(items, encoded):
         if bad_data.is_marker(record):
@@ -158,7 +179,7 @@ def write_shards(source, encode, output: str, num_shards: int, num_workers: int)
           labels.append(source.labels[index])
         progress.advance()
       writer.close()
-      epath.Path(path + ".tmp").replace(path)
+      _publish_shard(local, path)
       sidecar = epath.Path(path + SIDECAR_SUFFIX + ".tmp")
       sidecar.write_text(json.dumps({"ids": ids, "labels": labels, "skipped": skipped}))
       sidecar.replace(path + SIDECAR_SUFFIX)

@@ -31,6 +31,7 @@ from typing import NamedTuple
 from etils import epath
 import numpy as np
 
+from s5scale import storage
 from s5scale.data import procedural_audio
 from s5scale.data.bad_data import DataError
 from s5scale.data.text_files import index_text
@@ -210,9 +211,10 @@ def _array_record_paths(source: str) -> list[str] | None:
 
 def _open_array_records(paths: list[str], description: str) -> ArrayRecordSource:
   import grain  # pylint: disable=g-import-not-at-top
-  ids, labels, shard_sizes = [], [], []
+  ids, labels, shard_sizes, local_paths = [], [], [], []
   for path in paths:
-    num_records = len(grain.sources.ArrayRecordDataSource([path]))
+    local_paths.append(storage.local_copy(path))  # ArrayRecord reads local files only
+    num_records = len(grain.sources.ArrayRecordDataSource([local_paths[-1]]))
     shard_sizes.append(num_records)
     sidecar = epath.Path(path + SIDECAR_SUFFIX)
     if sidecar.exists():
@@ -225,7 +227,7 @@ def _open_array_records(paths: list[str], description: str) -> ArrayRecordSource
     else:
       ids += [f"{os.path.basename(path)}:{i}" for i in range(num_records)]
       labels += [""] * num_records
-  return ArrayRecordSource(paths, shard_sizes, ids, labels, description)
+  return ArrayRecordSource(local_paths, shard_sizes, ids, labels, description)
 
 
 def _read_listed_split(root: str, ids: list[str], description: str) -> ListedSplit | None:
