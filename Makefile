@@ -7,7 +7,8 @@ export JAX_PLATFORMS ?= cpu
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# libtpu (the tpu extra) lets tests compile for TPU topologies ahead of time; optional.
+	# dev brings the gcs extra and a GCS emulator (tests/test_gcs.py). libtpu (the tpu extra) lets
+	# tests compile for TPU topologies ahead of time; optional.
 	$(PY) -m pip install -q -e ".[dev,tpu]" || $(PY) -m pip install -q -e ".[dev]"
 	touch $@
 

@@ -58,7 +58,8 @@ def main(argv):
   summary = shards.write_shards(source, encode, _OUTPUT.value, num_shards, _NUM_WORKERS.value)
   for name in (sources.TESTING_LIST, sources.VALIDATION_LIST):
     if _SOURCE.value and (listing := epath.Path(_SOURCE.value, name)).exists():
-      listing.copy(epath.Path(_OUTPUT.value, name), overwrite=True)
+      # Read and written whole: epath's copy cannot go from a local file to gs:// or back.
+      epath.Path(_OUTPUT.value, name).write_bytes(listing.read_bytes())
   logging.info("done: %s -> %s", summary, _OUTPUT.value)
   print(f"wrote {summary['written']} clips to {num_shards} shards in {_OUTPUT.value} "
         f"({summary['skipped']} bad files skipped, {summary['shards_reused']} shards reused)")
