@@ -47,7 +47,7 @@ def _free_port() -> int:
 def _wait_until_listening(port: int, server: subprocess.Popen, timeout: float = 60) -> None:
   deadline = time.time() + timeout
   while time.time() < deadline:
-    assert server.poll() is None, server.communicate()[0]
+    assert server.poll() is None, server.communicate()[1]
     try:
       socket.create_connection(("127.0.0.1", port), timeout=1).close()
       return
@@ -56,14 +56,39 @@ def _wait_until_listening(port: int, server: subprocess.Popen, timeout: float = 
   raise AssertionError("the GCS emulator never listened")
 
 
+# gcp-storage-emulator serves one request at a time with a listen backlog of 5: the trainer's
+# parallel tensorstore writes overflow it, and dropped connects back off until they time out.
+# Threads accept every connection at once; one lock still applies requests one at a time, as the
+# emulator's storage expects.
+_EMULATOR = """
+import sys, threading
+from http import server
+from gcp_storage_emulator import server as emulator
+
+class Threaded(server.ThreadingHTTPServer):
+  request_queue_size = 1024
+  daemon_threads = True
+
+emulator.server.HTTPServer = Threaded
+one_at_a_time, handle = threading.Lock(), emulator.Router.handle
+
+def serialised(router, method):
+  with one_at_a_time:
+    return handle(router, method)
+
+emulator.Router.handle = serialised
+host, port, bucket = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+emulator.create_server(host, port, in_memory=True, default_bucket=bucket).start()
+threading.Event().wait()
+"""
+
+
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
   """A bucket on a GCS emulator; os.environ points every client (and every child) at it."""
   port = _free_port()
-  server = subprocess.Popen(
-      [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
-       f"--port={port}", "--in-memory", f"--default-bucket={BUCKET}", "--quiet"],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  server = subprocess.Popen([sys.executable, "-c", _EMULATOR, "127.0.0.1", str(port), BUCKET],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   _wait_until_listening(port, server)
   url = f"http://127.0.0.1:{port}"
   saved = dict(os.environ)
@@ -132,15 +157,21 @@ def text_run(text_data):
   workdir = f"gs://{BUCKET}/run"
   reference = helpers.start("train", "text_small.py", f"gs://{BUCKET}/uninterrupted", TEXT_FLAGS)
   trainer = helpers.start("train", "text_small.py", workdir, TEXT_FLAGS)
-  wait_for_step(bucket, "run", 2, trainer)
-  watcher = helpers.start("evaluate", "text_small.py", workdir,
-                          TEXT_FLAGS + ["--watch", "--poll_seconds=0.5"])
-  trainer.send_signal(signal.SIGTERM)
-  preempted = trainer.communicate(timeout=300)[0]
-  checkpoints_after_sigterm = names(bucket, "run/checkpoints/")
-  resumed = helpers.run("train", "text_small.py", workdir, TEXT_FLAGS)
-  evaluated = watcher.communicate(timeout=300)[0]
-  uninterrupted = reference.communicate(timeout=300)[0]
+  watcher = None
+  try:
+    wait_for_step(bucket, "run", 2, trainer)
+    watcher = helpers.start("evaluate", "text_small.py", workdir,
+                            TEXT_FLAGS + ["--watch", "--poll_seconds=0.5"])
+    trainer.send_signal(signal.SIGTERM)
+    preempted = trainer.communicate(timeout=300)[0]
+    checkpoints_after_sigterm = names(bucket, "run/checkpoints/")
+    resumed = helpers.run("train", "text_small.py", workdir, TEXT_FLAGS)
+    evaluated = watcher.communicate(timeout=300)[0]
+    uninterrupted = reference.communicate(timeout=300)[0]
+  finally:
+    for proc in (reference, trainer, watcher):
+      if proc is not None and proc.poll() is None:
+        proc.kill()
   return dict(bucket=bucket, workdir=workdir, preempted=preempted, trainer=trainer,
               checkpoints_after_sigterm=checkpoints_after_sigterm, resumed=resumed,
               watcher=watcher, evaluated=evaluated, reference=reference,
@@ -214,8 +245,12 @@ def audio_runs(gcs, tmp_path_factory):
   classifier = helpers.start("train", "speech_commands.py", f"gs://{BUCKET}/classifier",
                              AUDIO_FLAGS + [f"--config.data.source=gs://{BUCKET}/sc",
                                             "--config.train.num_steps=4"])
-  lm = helpers.run("train", "spoken_digits_lm.py", f"gs://{BUCKET}/lm", LM_FLAGS)
-  classifier_output = classifier.communicate(timeout=300)[0]
+  try:
+    lm = helpers.run("train", "spoken_digits_lm.py", f"gs://{BUCKET}/lm", LM_FLAGS)
+    classifier_output = classifier.communicate(timeout=300)[0]
+  finally:
+    if classifier.poll() is None:
+      classifier.kill()
   return dict(bucket=gcs, local=local, prepared=prepared, classifier=classifier,
               classifier_output=classifier_output, lm=lm)
 
