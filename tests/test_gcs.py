@@ -1,6 +1,7 @@
 """Workdirs and data on gs://, end to end, against a real GCS API server on 127.0.0.1.
 
-The server is gcp-storage-emulator (pure Python, in the dev extra), started by a fixture. Every
+The server is gcp-storage-emulator (pure Python, in the dev extra), started by a fixture through
+tests/gcs_emulator.py, which adds what tensorstore needs and the stock emulator lacks. Every
 client is pointed at it the way users point them at any emulator: STORAGE_EMULATOR_HOST
 (google-cloud-storage, gcsfs) and TENSORSTORE_GCS_HTTP_URL (orbax's tensorstore). Nothing in the
 path layer is mocked. Oracles: the bucket's object listing through google-cloud-storage, an
@@ -47,7 +48,7 @@ def _free_port() -> int:
 def _wait_until_listening(port: int, server: subprocess.Popen, timeout: float = 60) -> None:
   deadline = time.time() + timeout
   while time.time() < deadline:
-    assert server.poll() is None, server.communicate()[1]
+    assert server.poll() is None, "the GCS emulator exited"
     try:
       socket.create_connection(("127.0.0.1", port), timeout=1).close()
       return
@@ -56,39 +57,13 @@ def _wait_until_listening(port: int, server: subprocess.Popen, timeout: float = 
   raise AssertionError("the GCS emulator never listened")
 
 
-# gcp-storage-emulator serves one request at a time with a listen backlog of 5: the trainer's
-# parallel tensorstore writes overflow it, and dropped connects back off until they time out.
-# Threads accept every connection at once; one lock still applies requests one at a time, as the
-# emulator's storage expects.
-_EMULATOR = """
-import sys, threading
-from http import server
-from gcp_storage_emulator import server as emulator
-
-class Threaded(server.ThreadingHTTPServer):
-  request_queue_size = 1024
-  daemon_threads = True
-
-emulator.server.HTTPServer = Threaded
-one_at_a_time, handle = threading.Lock(), emulator.Router.handle
-
-def serialised(router, method):
-  with one_at_a_time:
-    return handle(router, method)
-
-emulator.Router.handle = serialised
-host, port, bucket = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-emulator.create_server(host, port, in_memory=True, default_bucket=bucket).start()
-threading.Event().wait()
-"""
-
-
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
   """A bucket on a GCS emulator; os.environ points every client (and every child) at it."""
   port = _free_port()
-  server = subprocess.Popen([sys.executable, "-c", _EMULATOR, "127.0.0.1", str(port), BUCKET],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  log = open(tmp_path_factory.mktemp("emulator") / "emulator.log", "w")  # never a full pipe
+  server = subprocess.Popen([sys.executable, f"{helpers.REPO}/tests/gcs_emulator.py", "127.0.0.1",
+                             str(port), BUCKET], stdout=log, stderr=subprocess.STDOUT)
   _wait_until_listening(port, server)
   url = f"http://127.0.0.1:{port}"
   saved = dict(os.environ)
@@ -104,6 +79,7 @@ def gcs(tmp_path_factory):
     os.environ.update(saved)
     server.terminate()
     server.wait(timeout=30)
+    log.close()
 
 
 def _anonymous_credentials():
@@ -217,6 +193,16 @@ def test_generate_and_inspect_checkpoint_on_a_gs_workdir(text_run):
       env=helpers.env_for(1), capture_output=True, text=True, timeout=300, cwd=helpers.REPO)
   assert inspected.returncode == 0, inspected.stderr[-3000:]
   assert f"{NUM_STEPS}" in inspected.stdout and "total" in inspected.stdout
+
+
+@pytest.mark.slow
+def test_plot_metrics_reads_the_records_back_as_json_lines(text_run, tmp_path):
+  plotted = subprocess.run(
+      [sys.executable, f"{helpers.REPO}/tools/plot_metrics.py", f"--workdirs={text_run['workdir']}",
+       f"--output={tmp_path / 'curves.png'}"],
+      env=helpers.env_for(1), capture_output=True, text=True, timeout=300, cwd=helpers.REPO)
+  assert plotted.returncode == 0, plotted.stderr[-3000:]
+  assert f"at step {NUM_STEPS}" in plotted.stdout and (tmp_path / "curves.png").exists()
 
 
 @pytest.mark.slow

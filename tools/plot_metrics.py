@@ -22,7 +22,6 @@ plotted. Exit 2: a workdir without metrics.jsonl, or a metrics file that is not 
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -34,7 +33,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from s5scale import metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
+from s5scale import metrics, storage  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PANEL_INCHES = (6.0, 4.0)
 DPI = 100
@@ -106,20 +105,19 @@ def load(workdir: str) -> tuple[dict[str, Curve], int]:
   and "<split>/<metric>" for each eval split's loss, bits_per_byte, bits_per_sample, accuracy and
   compressor baselines ("<split>/xz_bits_per_byte", ...).
   """
-  train_path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(train_path):
+  train_path = storage.join(workdir, "metrics.jsonl")
+  if not storage.path(train_path).is_file():
     raise BadInput(f"{train_path}: no such file (is {workdir!r} a training workdir?)")
   train_records = read_records(train_path)
   if not train_records:
     raise BadInput(f"{train_path}: no training records")
-  config_path = os.path.join(workdir, "config.json")
+  config_path = storage.join(workdir, "config.json")
   config = {}
-  if os.path.isfile(config_path):
-    with open(config_path) as f:
-      try:
-        config = json.load(f)
-      except ValueError as error:
-        raise BadInput(f"{config_path}: not JSON ({error})") from error
+  if storage.path(config_path).is_file():
+    try:
+      config = storage.read_json(config_path)
+    except ValueError as error:
+      raise BadInput(f"{config_path}: not JSON ({error})") from error
 
   result = {}
   unit = train_unit(config)
@@ -129,7 +127,7 @@ def load(workdir: str) -> tuple[dict[str, Curve], int]:
   else:
     result["train/" + unit.replace("/", "_per_")] = Curve(steps, values / math.log(2), unit)
 
-  eval_records = read_records(os.path.join(workdir, "eval", "metrics.jsonl"))
+  eval_records = read_records(storage.join(workdir, "eval", "metrics.jsonl"))
   keys = sorted({k for record in eval_records for k in record if "/" in k})
   for key in keys:
     metric = key.split("/", 1)[1]
