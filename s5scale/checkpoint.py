@@ -12,7 +12,6 @@ appeared still deletes its condemned step. The eval job then finds the step gone
 and records a skip.
 """
 
-import concurrent.futures
 import dataclasses
 import datetime
 import json
@@ -75,6 +74,21 @@ class PinnedByEvalJobs(ocp.checkpoint_managers.PreservationPolicy):
     return [info.step in pinned for info in checkpoints]
 
 
+def save_policy(checkpoint_config) -> ocp.checkpoint_managers.SaveDecisionPolicy:
+  """When a save is due: every `every_steps` steps, or `every_minutes` after the last save.
+
+  Orbax's time policy reads process 0's clock and hands its answer to every process through the
+  jax.distributed key-value store, so all hosts decide alike. It also declines while a save is
+  still being written, and says yes on the first step of a run that has no checkpoint yet.
+  """
+  policies = [ocp.checkpoint_managers.FixedIntervalPolicy(checkpoint_config.every_steps)]
+  every_minutes = checkpoint_config.get("every_minutes", 0)
+  if every_minutes:
+    policies.append(ocp.checkpoint_managers.ContinuousCheckpointingPolicy(
+        minimum_interval_secs=max(1, round(every_minutes * 60))))
+  return ocp.checkpoint_managers.AnySavePolicy(policies)
+
+
 def make_manager(workdir: str, checkpoint_config=None, read_only: bool = False):
   keep = checkpoint_config.keep if checkpoint_config else None
   keep_every = checkpoint_config.keep_every if checkpoint_config else 0
@@ -82,8 +96,10 @@ def make_manager(workdir: str, checkpoint_config=None, read_only: bool = False):
   policies = [ocp.checkpoint_managers.LatestN(keep), PinnedByEvalJobs(workdir)]
   if keep_every:
     policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every))
+  saves = checkpoint_config and checkpoint_config.get("every_steps") and not read_only
   options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+      save_decision_policy=save_policy(checkpoint_config) if saves else None,
       enable_async_checkpointing=use_async, create=not read_only, read_only=read_only,
       cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
@@ -131,7 +147,8 @@ def save(manager, step: int, state, data_iterator, config_dict: dict, mesh) -> N
 
 
 class _FrozenIteratorState:
-  """An iterator state captured at save time; grain's handler only calls get_state()."""
+  """An iterator position fixed when the save is called, whenever orbax's handler reads it;
+  grain's handler only calls get_state()."""
 
   def __init__(self, state: dict):
     self._json = json.dumps(state).encode()
@@ -140,48 +157,45 @@ class _FrozenIteratorState:
     return self._json
 
 
-class BackgroundSaver:
-  """Keeps the training loop from waiting on orbax's blocking phase.
+class Saver:
+  """Saves from the training loop's own thread; orbax's async checkpointing writes the files.
 
-  The loop only snapshots the state on device (the next step donates the live buffers) and the
-  iterator position; a worker thread hands both to orbax, whose own async write follows. One save
-  is in flight at a time.
+  Orbax's save runs barriers across processes, and JAX computations with collectives must be
+  dispatched from one thread in the same order on every host: a save from a second thread, while
+  the loop dispatches train steps, can hang a multi-host job. So the loop calls `due` and `save`
+  itself, with its current step (which also feeds orbax's reached_preemption(step) calls).
+
+  The loop waits only for the on-device snapshot (the next step donates the live buffers) and
+  orbax's blocking phase; orbax then writes and finalises the step in the background.
   """
 
   def __init__(self, manager):
     self.manager = manager
-    # One long-lived worker: starting a thread per save costs tens of ms on a busy host.
-    self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
-    self._pending = None
     # One dispatch for the whole tree (per-leaf copies cost ~0.2 ms each on a busy host).
     self._snapshot = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
+  def due(self, step: int) -> bool:
+    """Whether the save policy (every_steps, every_minutes) wants `step` saved; every process
+    gets the same answer and must call this at the same steps."""
+    return self.manager.should_save(step)
+
   def save(self, step: int, state, data_iterator, config_dict: dict, mesh) -> None:
-    self.wait()
-    snapshot = self._snapshot(state)
+    """Starts saving `step`; waits first for the previous save, if it is still being written."""
     iterator_state = None if data_iterator is None else _FrozenIteratorState(
         data_iterator.get_state())
-    self._pending = self._worker.submit(
-        save, self.manager, step, snapshot, iterator_state, config_dict, mesh)
-
-  def wait(self) -> None:
-    """Waits until orbax has taken the pending save (its files may still be being written);
-    re-raises here any error the worker met."""
-    if self._pending is not None:
-      pending, self._pending = self._pending, None
-      pending.result()
+    save(self.manager, step, self._snapshot(state), iterator_state, config_dict, mesh)
 
   def wait_until_finished(self) -> None:
     """Waits until every started save is complete on disk."""
-    self.wait()
     self.manager.wait_until_finished()
 
   def __enter__(self):
     return self
 
   def __exit__(self, error_type, error, traceback) -> None:
-    """Finishes the save in flight, whatever ended the loop; an error in the save itself is
-    raised unless another error is already on its way (then it is logged)."""
+    """Finishes the save in flight, whatever ended the loop: an abandoned orbax save leaves a tmp
+    step behind and stalls the process's exit. An error in the save itself is raised unless
+    another error is already on its way (then it is logged)."""
     try:
       self.wait_until_finished()
     except Exception as save_error:  # pylint: disable=broad-except
@@ -189,8 +203,6 @@ class BackgroundSaver:
         raise
       logging.error("the checkpoint save in flight failed too: %s: %s",
                     type(save_error).__name__, save_error)
-    finally:
-      self._worker.shutdown(wait=False)
 
 
 def saved_config(manager, step: int) -> dict:
@@ -283,3 +295,23 @@ def restore_init_params(workdir_or_dir: str, abstract_params):
 
 def dump_json(path: str, payload: dict) -> None:
   storage.write_json(path, payload)
+
+
+RUN_STATUS = "run_status.json"
+
+
+def write_run_status(workdir: str, status: str, step: int) -> None:
+  """Process 0 records how the trainer ended ("finished" or "preempted") for a supervisor, which
+  reads it once every process has exited; written whole or not at all."""
+  if jax.process_index() != 0:
+    return
+  path = epath.Path(workdir) / RUN_STATUS
+  temporary = path.parent / f".{RUN_STATUS}.tmp"
+  temporary.write_text(json.dumps(dict(status=status, step=int(step))))
+  temporary.replace(path)
+
+
+def clear_run_status(workdir: str) -> None:
+  """At start-up: a marker left by the previous run must not describe this one if it crashes."""
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / RUN_STATUS).unlink(missing_ok=True)

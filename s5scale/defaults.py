@@ -116,6 +116,8 @@ MESH = dict(                                        # per-slice (ICI) sizes; -1 
 
 CHECKPOINT = dict(
     every_steps=f(200, Count),
+    every_minutes=f(0.0, Real(ge=0)),               # also save this long after the last save;
+                                                    # 0: steps only
     keep=f(3, Count),                               # newest steps kept (an eval job may pin more)
     keep_every=f(0, NonNegative),                     # 0: none kept permanently
     init_from=f("", Text()),                        # workdir or checkpoint dir: params only

@@ -31,6 +31,7 @@ def train(config, workdir: str, preemption) -> int:
   preflight.check_resume(config, workdir)
   preflight.check_heldout(config)
   cli.setup_logging(workdir, "train")
+  checkpoint.clear_run_status(workdir)
 
   # ---------------------------------------------------------------- Mesh
   mesh = parallel.make_mesh(config.mesh)
@@ -87,17 +88,19 @@ def train(config, workdir: str, preemption) -> int:
   if preemption.signalled and jax.process_count() == 1:
     logging.info("preempted before training started at step %d; checkpoints left as they were",
                  step)
+    checkpoint.write_run_status(workdir, "preempted", step)
     return 0
   logging.info("training from step %d to %d", step, config.train.num_steps)
   # Leaving the loop by any path, an error in an inline eval included, first finishes the save in
-  # flight: an abandoned orbax save leaves a tmp step behind and stalls the process's exit.
-  with writer, checkpoint.BackgroundSaver(manager) as saver:
+  # flight (Saver.__exit__).
+  with writer, checkpoint.Saver(manager) as saver:
     while step < config.train.num_steps:
       if preemption.reached(step):
         if step != last_saved:
           saver.save(step, state, train_iter, config.to_dict(), mesh)
         saver.wait_until_finished()  # also an async save of this step started just before
         logging.info("preempted at step %d, checkpoint saved", step)
+        checkpoint.write_run_status(workdir, "preempted", step)
         return 0
 
       step_start = time.perf_counter()
@@ -124,8 +127,8 @@ def train(config, workdir: str, preemption) -> int:
         return cli.EXIT_BAD_INPUT
 
       # No saves during a non-finite streak: rotation (checkpoint.keep) could drop the last good
-      # one.
-      due = step % config.checkpoint.every_steps == 0 or step == config.train.num_steps
+      # one. `due` is asked at every step on every process, as its policy requires.
+      due = saver.due(step) or step == config.train.num_steps
       if due and int(step_metrics["bad_steps"]) == 0:
         saver.save(step, state, train_iter, config.to_dict(), mesh)
         last_saved = step
@@ -135,6 +138,7 @@ def train(config, workdir: str, preemption) -> int:
   logging.info("finished: %d steps in %s; %s; final checkpoint at step %d in %s", step,
                metrics.format_duration(time.time() - started),
                summary(step_metrics, eval_results, evaluator), last_saved, workdir)
+  checkpoint.write_run_status(workdir, "finished", step)
   return 0
 
 

@@ -148,3 +148,14 @@ def speech_commands_tree(root):
 def heldout_speakers(fraction):
   return [s for s in SPEAKERS
           if int.from_bytes(hashlib.sha1(s.encode()).digest()[:8], "big") / 2**64 < fraction]
+
+
+def tree_digest(directory) -> dict[str, str]:
+  """{relative path: sha256} of every file below directory ({} when it does not exist)."""
+  digests = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        digests[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return digests

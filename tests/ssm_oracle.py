@@ -13,6 +13,8 @@ Conventions shared with the paper's reference code:
   k+1 into k when reset[k+1] (the document boundary lies between k and k+1).
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -193,3 +195,41 @@ def random_problem(rng, leading, length, num_states, *, varying, with_keep):
     keep = (rng.random(leading + (length,)) > 0.2).astype(np.float64)
     keep[..., length // 2] = 0.0  # at least one reset mid-sequence in every row
   return a, b, keep
+
+
+def weighted_state_sum(weights, keep, reverse):
+  """The loss L(a, b) = Σ weights · planar(x) of the loop recurrence, on planar a and b."""
+  def loss(a_planar, b_planar):
+    return np.sum(weights * planar(loop_recurrence(unplanar(a_planar), unplanar(b_planar), keep,
+                                                   reverse)))
+  return loss
+
+
+def assert_gradients_match_finite_differences(loss, point, gradients, eps=1e-6):
+  """Every coordinate of each gradient of loss at point (a tuple of arrays), against central
+  differences of the float64 loss."""
+  for which, analytic in enumerate(gradients):
+    numeric = np.zeros(point[which].shape)
+    for index in np.ndindex(numeric.shape):
+      plus, minus = [p.copy() for p in point], [p.copy() for p in point]
+      plus[which][index] += eps
+      minus[which][index] -= eps
+      numeric[index] = (loss(*plus) - loss(*minus)) / (2 * eps)
+    np.testing.assert_allclose(np.asarray(analytic), numeric, rtol=1e-6,
+                               atol=1e-7 * np.max(np.abs(numeric)))
+
+
+def assert_recurrence_gradients(recurrence, a, b, keep, reverse, weights):
+  """A float64 JAX recurrence(a_planar, b_planar, keep) -> planar states: its loss
+  L = Σ weights · states equals the loop's, and every coordinate of dL/da and dL/db equals
+  central differences of the loop's loss."""
+  a_planar, b_planar = planar(a), planar(b)
+  oracle_loss = weighted_state_sum(weights, keep, reverse)
+  with jax.enable_x64(True):
+    keep_jax = None if keep is None else jnp.asarray(keep)
+    value, gradients = jax.value_and_grad(
+        lambda a_, b_: jnp.sum(recurrence(a_, b_, keep_jax) * weights), argnums=(0, 1))(
+            jnp.asarray(a_planar), jnp.asarray(b_planar))
+    assert all(g.dtype == jnp.float64 for g in gradients)
+  np.testing.assert_allclose(float(value), oracle_loss(a_planar, b_planar), rtol=1e-12)
+  assert_gradients_match_finite_differences(oracle_loss, (a_planar, b_planar), gradients)

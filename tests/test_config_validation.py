@@ -88,6 +88,7 @@ BAD_VALUES = {
     "mesh.dcn_fsdp": [-5],
     "mesh.dcn_model": [0],
     "checkpoint.every_steps": [0, -200],
+    "checkpoint.every_minutes": [-1.0, "hourly"],
     "checkpoint.keep": [0, -1],
     "checkpoint.keep_every": [-1],
     "checkpoint.init_from": [None],

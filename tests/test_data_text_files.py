@@ -8,7 +8,6 @@ Oracle: the files written here, read back from disk by this test.
 import json
 import math
 
-import numpy as np
 import pytest
 
 from s5scale import data

@@ -3,7 +3,6 @@ a refused run leaves its workdir as it was, the workdir remembers its run, and T
 the loss. Oracles: exit codes and stderr of real processes, file hashes of the workdir before and
 after, metrics.jsonl against the TensorBoard event files read back with their own protobufs."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,17 +17,6 @@ import pytest
 from tests import helpers
 
 TINY_RUN = helpers.overrides(train__num_steps=4, checkpoint__every_steps=2, eval__every_steps=2)
-
-
-def tree_digest(path) -> dict[str, str]:
-  """{relative path: sha1} of every file below path ({} when it does not exist)."""
-  digest = {}
-  for root, _, files in os.walk(path):
-    for name in files:
-      full = os.path.join(root, name)
-      with open(full, "rb") as f:
-        digest[os.path.relpath(full, path)] = hashlib.sha1(f.read()).hexdigest()
-  return digest
 
 
 def program(module: str, *args, cwd=helpers.REPO, timeout=300) -> subprocess.CompletedProcess:
@@ -99,14 +87,14 @@ def test_refused_runs_exit_2_with_a_message_and_leave_the_workdir_alone(
   else:
     workdir = tmp_path / "fresh"
   args = [a.format(six=six_text_files) for a in args]
-  before = tree_digest(workdir)
+  before = helpers.tree_digest(workdir)
   started = time.time()
   result = program(module, f"--workdir={workdir}", *args, cwd=tmp_path)
   output = result.stderr + result.stdout
   assert result.returncode == code, output[-3000:]
   assert fragment in output, output[-3000:]
   assert "Traceback" not in output, output[-3000:]
-  assert tree_digest(workdir) == before      # nothing written: no log, config.json, checkpoint
+  assert helpers.tree_digest(workdir) == before      # no log, config.json or checkpoint
   if case == "empty held-out split":
     assert time.time() - started < 30
     assert not workdir.exists()
@@ -160,7 +148,7 @@ def test_workdir_alone_reproduces_the_full_command_line(trained, six_text_files,
             for r in helpers.read_jsonl(workdir / "eval" / "metrics.jsonl")]
 
   assert records(full) == records(alone) and len(records(full)) == 2
-  samples = {w: {p: digest for p, digest in tree_digest(w / "samples").items()}
+  samples = {w: {p: digest for p, digest in helpers.tree_digest(w / "samples").items()}
              for w in (full, alone)}
   assert samples[full] == samples[alone] and samples[full]
 

@@ -23,7 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from s5scale.ssm import pallas_scan
 from s5scale.ssm import recurrence
-from tests.ssm_oracle import loop_recurrence, planar, random_problem, unplanar
+from tests.ssm_oracle import (assert_recurrence_gradients, loop_recurrence, planar,
+                              random_problem, unplanar)
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(
@@ -80,37 +81,10 @@ def test_kernel_gradients_match_finite_differences(reverse, varying, with_keep, 
   """Every coordinate of dL/da and dL/db, L = Σ w · planar(x), by central differences."""
   rng = np.random.default_rng(length + 31 * varying + 7 * reverse + 3 * with_keep)
   a, b, keep = random_problem(rng, (2,), length, 2, varying=varying, with_keep=with_keep)
-  a_planar, b_planar = planar(a), planar(b)
-  weights = rng.normal(size=b_planar.shape)
-
-  def oracle_loss(a_planar, b_planar):
-    return np.sum(weights * planar(loop_recurrence(unplanar(a_planar), unplanar(b_planar), keep,
-                                                   reverse)))
-
-  with jax.enable_x64(True):
-    keep_jax = None if keep is None else jnp.asarray(keep)
-
-    def loss(a_planar, b_planar):
-      states = recurrence.linear_recurrence_planar(a_planar, b_planar, keep_jax, reverse=reverse,
-                                                   impl="pallas", time_tile=time_tile,
-                                                   interpret=True)
-      return jnp.sum(states * weights)
-
-    value, (grad_a, grad_b) = jax.value_and_grad(loss, argnums=(0, 1))(jnp.asarray(a_planar),
-                                                                       jnp.asarray(b_planar))
-    assert grad_a.dtype == jnp.float64 and grad_b.dtype == jnp.float64
-  np.testing.assert_allclose(float(value), oracle_loss(a_planar, b_planar), rtol=1e-12)
-
-  eps = 1e-6
-  for analytic, which in ((np.asarray(grad_a), 0), (np.asarray(grad_b), 1)):
-    point = [a_planar, b_planar]
-    numeric = np.zeros(point[which].shape)
-    for index in np.ndindex(numeric.shape):
-      shifted = [p.copy() for p in point], [p.copy() for p in point]
-      shifted[0][which][index] += eps
-      shifted[1][which][index] -= eps
-      numeric[index] = (oracle_loss(*shifted[0]) - oracle_loss(*shifted[1])) / (2 * eps)
-    np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-7 * np.max(np.abs(numeric)))
+  assert_recurrence_gradients(
+      lambda a_, b_, keep_: recurrence.linear_recurrence_planar(
+          a_, b_, keep_, reverse=reverse, impl="pallas", time_tile=time_tile, interpret=True),
+      a, b, keep, reverse, rng.normal(size=planar(b).shape))
 
 
 # ----------------------------------------------------------------------------- tiling

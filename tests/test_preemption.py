@@ -4,6 +4,7 @@ Oracles: an uninterrupted run in another process, the checkpoint files on disk (
 plain orbax, no s5scale code), and the processes' exit codes and logs.
 """
 
+import json
 import os
 import random
 import shutil
@@ -38,6 +39,11 @@ def saved_state(workdir, step: int) -> dict:
   as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                           reader.metadata(path).item_metadata.tree)
   return reader.restore(path, restore_args=as_numpy)
+
+
+def run_status(workdir) -> dict:
+  with open(os.path.join(workdir, "run_status.json")) as f:
+    return json.load(f)
 
 
 def assert_same_tree(a, b):
@@ -78,10 +84,12 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, uninterrupted):
   assert preempted and "checkpoint saved" in preempted[0], output[-3000:]
   stopped_at = int(preempted[0].split("preempted at step ")[1].split(",")[0])
   assert stopped_at < NUM_STEPS and stopped_at in complete_steps(tmp_path)
+  assert run_status(tmp_path) == {"status": "preempted", "step": stopped_at}
 
   resumed = helpers.run("train", "text_small.py", tmp_path, FLAGS)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"resumed from checkpoint step {stopped_at}" in resumed.stderr
+  assert run_status(tmp_path) == {"status": "finished", "step": NUM_STEPS}
   assert helpers.losses(tmp_path) == helpers.losses(uninterrupted)  # exact float equality
   assert_same_tree(saved_state(tmp_path, NUM_STEPS)["params"],
                    saved_state(uninterrupted, NUM_STEPS)["params"])
@@ -221,6 +229,8 @@ def test_sigterm_before_training_exits_0_leaving_checkpoints(tmp_path, uninterru
   assert proc.returncode == 0, output[-3000:]
   assert complete_steps(workdir) == steps_before
   assert max(helpers.losses(workdir)) == NUM_STEPS  # no step was trained
+  # The copied run's "finished" marker no longer describes this run.
+  assert run_status(workdir) == {"status": "preempted", "step": NUM_STEPS}
 
 
 def test_init_from_loads_parameters_only(tmp_path, uninterrupted):

@@ -160,7 +160,7 @@ def bench_checkpoint(args) -> dict:
   blocked = []
   with tempfile.TemporaryDirectory() as workdir:
     manager = checkpoint.make_manager(workdir, config.checkpoint)
-    saver = checkpoint.BackgroundSaver(manager)
+    saver = checkpoint.Saver(manager)
     for step in range(1, args.saves + 1):
       state, step_metrics = built["compiled"](state, built["batch"])
       jax.block_until_ready(step_metrics)

@@ -192,18 +192,9 @@ def project_output_planar(c_tilde, states, conj_sym: bool):
 
 def apply_ssm_planar(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirectional: bool, D=None,
                      reset=None, input_scale=None, impl: str = "auto", sharding=None):
-  """One S5 SSM over a whole sequence, as apply_ssm, computed with real GEMMs.
+  """One S5 SSM over a whole sequence, as apply_ssm (same arguments and shapes), computed with
+  real GEMMs around the planar recurrence that `impl` runs (recurrence.linear_recurrence_planar).
 
-  Args:
-    lambda_bar: (P',) complex, or (..., L, P') with per-step intervals.
-    b_bar: (P', H) complex, or (..., L, P', H).
-    c_tilde: (H, P') complex, or (H, 2P') when bidirectional.
-    u: (..., L, H) real.
-    D: (H,) real feedthrough, or None.
-    reset: (..., L) bool; True at step k zeroes the state carried into step k.
-    input_scale: (..., L, P') complex or None. If given, step k uses B̄_k = input_scale_k ⊙ b_bar:
-      a time-varying B̄ without an (L, P', H) tensor.
-    impl, sharding: how the recurrence runs (recurrence.linear_recurrence_planar).
   Returns:
     y: (..., L, H), u's dtype.
   """
