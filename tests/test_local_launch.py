@@ -152,8 +152,10 @@ def run_with_one_process_preempted(workdir, signal_after_step: int, victim: int,
       time.sleep(0.01)
     trainers = trainer_pids(launcher.pid) if launcher.poll() is None else {}
     if victim not in trainers:
-      os.killpg(launcher.pid, signal.SIGKILL)
-      pytest.fail(f"no trainer {victim} to signal\n{launcher.communicate()[0][-3000:]}")
+      if launcher.poll() is None:
+        os.killpg(launcher.pid, signal.SIGKILL)
+      pytest.fail(f"no trainer {victim} to signal at step {signal_after_step} (launcher exit "
+                  f"{launcher.poll()})\n{launcher.communicate()[0][-3000:]}")
     os.kill(trainers[victim], signal.SIGTERM)
     output = launcher.communicate(timeout=max(1.0, deadline - time.time()))[0]
   except subprocess.TimeoutExpired:
