@@ -11,6 +11,7 @@ import concurrent.futures
 import json
 import logging
 import math
+import multiprocessing
 import os
 import tempfile
 import time
@@ -153,8 +154,13 @@ def write_shards(source, encode, output: str, num_shards: int, num_workers: int)
   progress = _Progress(sum(len(ranges[k]) for k in pending))
   executor = None
   if num_workers > 1:
+    # gcsfs keeps an event loop on a thread that a forked child cannot use ("not fork-safe"), so
+    # cloud paths get freshly started workers; local ones keep the cheaper fork.
+    cloud = storage.is_cloud(output) or any(
+        storage.is_cloud(path) for path in getattr(source, "paths", [getattr(source, "root", "")]))
     executor = concurrent.futures.ProcessPoolExecutor(
-        num_workers, initializer=_start_worker, initargs=(encode, source))
+        num_workers, mp_context=multiprocessing.get_context("spawn") if cloud else None,
+        initializer=_start_worker, initargs=(encode, source))
   try:
     for k in pending:
       path = shard_path(output, k, num_shards)
