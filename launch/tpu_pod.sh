@@ -327,7 +327,8 @@ note_progress() {
 # Relaunches after OUTCOME dead/stopped/lost/start_failed, or exits 1 when MAX_RESTARTS restarts
 # in a row brought no progress. An eval job stopped by a notice has not failed: no restart used.
 restart() {
-  [[ $OUTCOME == start_failed ]] || collect_logs
+  # A clean stop copied its own logs, and a lost slice cannot be asked.
+  if [[ $OUTCOME == dead ]]; then collect_logs; fi
   local counted=1 how=recreate
   if [[ $MODE == eval && $OUTCOME == stopped ]]; then counted=0; fi
   if ((counted)); then

@@ -52,12 +52,18 @@ device_holders() {
   done | cut -d/ -f3 | sort -u
 }
 
+# Zombies do not count: where init is slow to reap, a finished job's shell lingers as one, and
+# kill -0 would still see it.
+alive() { ps -o stat= -p "$1" 2>/dev/null | grep -qv '^Z'; }
+# start_job's setsid makes the job's shell lead its own session and process group.
+group_alive() { ps -o stat= -s "$1" 2>/dev/null | grep -qv '^Z'; }
+
 # A relaunch on the same slice must not meet the previous trainer: the last job's process group
 # (it may hang in a collective after a peer died) and anything else still holding the TPU. They
 # get SIGTERM (a trainer that can still save does), then SIGKILL.
 stop_stale_trainers() {
   local pids=() pid waited=0
-  if [[ -f $RUN/pid ]] && kill -0 -- "-$(cat "$RUN/pid")" 2>/dev/null; then
+  if [[ -f $RUN/pid ]] && group_alive "$(cat "$RUN/pid")"; then
     echo "stopping the previous job (process group $(cat "$RUN/pid")) on $(hostname)" >&2
     kill -TERM -- "-$(cat "$RUN/pid")" 2>/dev/null || true
   fi
@@ -68,7 +74,7 @@ stop_stale_trainers() {
   fi
   while :; do
     mapfile -t pids < <(device_holders)
-    if [[ -f $RUN/pid ]] && kill -0 -- "-$(cat "$RUN/pid")" 2>/dev/null; then pids+=(group); fi
+    if [[ -f $RUN/pid ]] && group_alive "$(cat "$RUN/pid")"; then pids+=(group); fi
     ((${#pids[@]})) || break
     if ((waited >= STALE_GRACE_SECONDS * 10)); then
       echo "still running after ${STALE_GRACE_SECONDS}s; killing them" >&2
@@ -112,16 +118,15 @@ copy_log() {
     >/dev/null 2>&1 || echo "could not copy the log to $(cat "$RUN/log_dir")" >&2
 }
 
-# A maintenance notice gets the answer a preemption gets: SIGTERM, so the trainer saves and
-# exits 0. The file "signalled" tells status that the stop was asked for.
+# A maintenance notice gets the answer a preemption gets: SIGTERM to every process of the job
+# (this function's own shell shares the group), so the trainer saves and exits 0.
 watch_maintenance() {  # watch_maintenance PID
   local event
   while kill -0 "$1" 2>/dev/null; do
     event=$(curl -sf -m 5 -H 'Metadata-Flavor: Google' "$MAINTENANCE_URL" 2>/dev/null) || event=""
     if [[ -n $event && $event != NONE ]]; then
       echo "s5scale: maintenance event $event on $(hostname): stopping the job" >>"$RUN/job.log"
-      : >"$RUN/signalled"
-      kill -TERM "$1" 2>/dev/null || true
+      kill -TERM -- "-$$" 2>/dev/null || true
       return
     fi
     sleep "$MAINTENANCE_POLL_SECONDS"
@@ -130,24 +135,26 @@ watch_maintenance() {  # watch_maintenance PID
 
 # The job itself. Its exit code file is how tpu_pod.sh tells "exited" from "died"; it is written
 # then renamed so a status query never reads half of it. A preemption notice sends SIGTERM to
-# every process: the trap keeps this shell alive until the trainer has saved its checkpoint and
-# exited. (A trap, unlike an ignored signal, is not inherited by the trainer.) The log is opened
-# for appending by every writer, so the maintenance watcher's line is never overwritten.
+# every process: the traps keep this shell and the trainer's parent alive until the trainer has
+# saved its checkpoint and exited, and "signalled" records that the stop was asked for. (A trap,
+# unlike an ignored signal, is not inherited by the trainer.) The trainer's parent waits for it in
+# the foreground, the one wait that a signal cannot cut short, and records its status. Every
+# writer appends to the log, so the maintenance watcher's line is never overwritten.
 run_job() {  # run_job PYTHON_ARGS...
   trap ': >"$RUN/signalled"' TERM
   # s5scale.parallel.initialize_distributed then calls jax.distributed.initialize(), which reads
   # the slice (and multislice) layout from the TPU VM metadata. Harmless on a single host.
   export S5SCALE_DISTRIBUTED=1
-  local code=0 pid watcher
+  local code pid watcher
   : >"$RUN/job.log"
-  (cd "$CODE" && exec "$VENV/bin/python" "$@") >>"$RUN/job.log" 2>&1 &
+  (cd "$CODE" && trap : TERM && "$VENV/bin/python" "$@"; echo $? >"$RUN/job_code") \
+    >>"$RUN/job.log" 2>&1 &
   pid=$!
   watch_maintenance "$pid" &
   watcher=$!
-  wait "$pid" || code=$?
-  # A trapped SIGTERM interrupts `wait` while the trainer is still saving: wait again.
-  while kill -0 "$pid" 2>/dev/null; do code=0; wait "$pid" || code=$?; done
+  while kill -0 "$pid" 2>/dev/null; do wait "$pid" 2>/dev/null || true; done
   kill "$watcher" 2>/dev/null || true
+  code=$(cat "$RUN/job_code" 2>/dev/null || echo 255)  # 255: its parent was killed too
   copy_log
   echo "$code" >"$RUN/exit_code.tmp"
   mv "$RUN/exit_code.tmp" "$RUN/exit_code"
@@ -164,7 +171,7 @@ print_status() {  # print_status [HANG_SECONDS]
     if [[ $code != 0 ]]; then state="failed $code"
     elif [[ -f $RUN/signalled ]]; then state=stopped
     else state=exited; fi
-  elif [[ -f $RUN/pid ]] && kill -0 "$(cat "$RUN/pid")" 2>/dev/null; then
+  elif [[ -f $RUN/pid ]] && alive "$(cat "$RUN/pid")"; then
     state=running
     age=$(($(date +%s) - $(stat -c %Y "$RUN/job.log" 2>/dev/null || date +%s)))
     if ((hang > 0 && age >= hang)); then state="hung $age"; fi

@@ -13,9 +13,30 @@ import signal
 import subprocess
 import time
 
-from tests.test_launch_tpu_pod import (  # pylint: disable=unused-import
-    CONFIG, OVERRIDE, REPO, TPU_POD, bash_split, command_of, indices, launch_calls, make_cloud,
-    status_polls)
+import pytest
+
+from tests import test_launch_tpu_pod
+from tests.test_launch_tpu_pod import (
+    CONFIG, OVERRIDE, REPO, TPU_POD, bash_split, indices, launch_calls, status_polls)
+
+
+@pytest.fixture
+def make_cloud(tmp_path):
+  """The fake cloud, with the local config check stubbed out: it costs seconds of CPU per run,
+  and tests/test_launch_tpu_pod.py already holds the launcher to it."""
+  clouds = []
+
+  def make(scenario, **faults):
+    clouds.append(test_launch_tpu_pod.FakeCloud(tmp_path, scenario, **faults))
+    stub = clouds[-1].bin / "validate_ok"
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    clouds[-1].env["PYTHON"] = str(stub)
+    return clouds[-1]
+
+  yield make
+  for cloud in clouds:
+    cloud.kill_leftovers()
 
 FINISH_SECOND = {"2/2": ["before", "finish"]}
 
@@ -58,7 +79,7 @@ def test_25_preemptions_with_progress_finish_within_5_restarts(make_cloud):
   assert steps == [100 * k for k in range(1, 27)]  # a new step before every relaunch
   assert run_status(cloud) == {"status": "finished", "step": 2600}
   assert done.stderr.count("the restart count starts again") == 25 - 1  # not before the first
-  assert "restart 2/5" not in done.stderr
+  assert "restart 2/5" not in done.stderr and "job dead" not in done.stderr
 
 
 def test_restarts_without_progress_give_up_at_max_restarts(make_cloud):
@@ -80,6 +101,7 @@ def test_clean_stop_on_a_healthy_slice_relaunches_in_place(make_cloud):
   # Before relaunching it asked every node and was told READY.
   between = calls[launches[0]:launches[1]]
   assert any("tpu-vm" in c["argv"] and "describe" in c["argv"] and c["out"] == "READY\n" for c in between)
+  assert "job stopped (the trainers saved and stopped" in done.stderr and "job dead" not in done.stderr
   assert "relaunching in place" in done.stderr
 
 
@@ -123,7 +145,7 @@ def test_maintenance_notice_on_one_worker_stops_cleanly_and_resumes(make_cloud):
 
 def test_worker_3_traceback_is_printed_and_kept_in_the_workdir(make_cloud):
   cloud = make_cloud({"1/2": ["before", "traceback"], **FINISH_SECOND}, workers=4)
-  done = cloud.run(CONFIG, OVERRIDE)
+  done = cloud.run(CONFIG, OVERRIDE, DELETE_WHEN_DONE="0")
   assert done.returncode == 0, done.stderr
   assert "s5-test-w3| Traceback (most recent call last):" in done.stderr
   assert "s5-test-w3| RuntimeError: fake collective failed on s5-test-w3" in done.stderr

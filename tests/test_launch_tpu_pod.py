@@ -260,7 +260,7 @@ if verb == "scp" and rc == 0:
     names = sorted({n.lstrip("./").split("/")[0] for n in tar.getnames()} - {""})
   open(os.path.join(root, "scp.log"), "a").write(json.dumps(names) + "\n")
   with tarfile.open(words[4]) as tar:
-    files = sorted(m.name.lstrip("./") for m in tar.getmembers() if m.isfile())
+    files = sorted(m.name.removeprefix("./") for m in tar.getmembers() if m.isfile())
   open(os.path.join(root, "scp_files.log"), "a").write(json.dumps(files) + "\n")
   for home in homes(node):
     shutil.copy(words[4], os.path.join(home, words[5].split(":", 1)[1]))
