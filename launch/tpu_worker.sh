@@ -138,7 +138,7 @@ watch_maintenance() {  # watch_maintenance PID
 # every process: the traps keep this shell and the trainer's parent alive until the trainer has
 # saved its checkpoint and exited, and "signalled" records that the stop was asked for. (A trap,
 # unlike an ignored signal, is not inherited by the trainer.) The trainer's parent waits for it in
-# the foreground, the one wait that a signal cannot cut short, and records its status. Every
+# the foreground, the one wait that a signal cannot cut short, and records its exit code. Every
 # writer appends to the log, so the maintenance watcher's line is never overwritten.
 run_job() {  # run_job PYTHON_ARGS...
   trap ': >"$RUN/signalled"' TERM
@@ -147,8 +147,15 @@ run_job() {  # run_job PYTHON_ARGS...
   export S5SCALE_DISTRIBUTED=1
   local code pid watcher
   : >"$RUN/job.log"
-  (cd "$CODE" && trap : TERM && "$VENV/bin/python" "$@"; echo $? >"$RUN/job_code") \
-    >>"$RUN/job.log" 2>&1 &
+  # `|| rc=$?`: the subshell inherits set -e, which would otherwise end it before it records a
+  # failing trainer's code (a bad config's 2 would read as 255, a crash).
+  (
+    cd "$CODE"
+    trap : TERM
+    rc=0
+    "$VENV/bin/python" "$@" || rc=$?
+    echo "$rc" >"$RUN/job_code"
+  ) >>"$RUN/job.log" 2>&1 &
   pid=$!
   watch_maintenance "$pid" &
   watcher=$!
