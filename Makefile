@@ -4,8 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export JAX_PLATFORMS ?= cpu
 
-# requirements.lock pins every dependency; the TPU workers install with the same file, so CI's
-# fresh venv is the test that the lock installs.
+# requirements.lock pins every dependency; the TPU workers install with the same file, and
+# tests/test_pinned_install.py checks that a fresh venv installs from it.
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
