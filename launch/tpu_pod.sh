@@ -2,8 +2,9 @@
 # Runs s5scale training (or its eval job) on a Cloud TPU pod slice (or K slices: multislice) and
 # keeps it running for days: requests the slices as one queued resource, ships this checkout to
 # every worker, starts the job on all of them, streams worker 0's log, relaunches in place when the
-# job dies on healthy slices and recreates the slices when they are lost. The run resumes from its
-# checkpoints in WORKDIR. Only MAX_RESTARTS used up (exit 1) or bad input (exit 2) ends it.
+# job dies, hangs or stops on healthy slices and recreates the slices when they are lost. The run
+# resumes from its checkpoints in WORKDIR. Only MAX_RESTARTS failures in a row without a new
+# checkpoint (exit 1) or bad input (exit 2) ends it.
 # `launch/tpu_pod.sh --help` documents every input; launch/tpu_pod_lib.sh holds the gcloud calls.
 set -euo pipefail
 
@@ -17,9 +18,11 @@ REMOTE_LOG=s5scale_run/job.log
 # Each worker answers a status query (a start) with one line starting with this tag.
 STATUS_TAG=s5scale-status:
 STARTED_TAG=s5scale-started:
+TAIL_TAG=s5scale-tail:
 # Flag names that map to input variables (--tpu-name=x sets TPU_NAME=x).
 VALUE_FLAGS=" tpu-name zone project accelerator-type runtime-version workdir max-restarts"
-VALUE_FLAGS+=" poll-seconds eval-accelerator-type eval-runtime-version num-slices "
+VALUE_FLAGS+=" poll-seconds eval-accelerator-type eval-runtime-version num-slices hang-minutes"
+VALUE_FLAGS+=" network subnetwork service-account "
 
 usage() {
   cat <<'EOF'
@@ -29,17 +32,24 @@ Usage: launch/tpu_pod.sh [options] CONFIG [--config.key=value ...]
 Creates a Cloud TPU slice (queued resource) if needed, installs this checkout on every worker,
 runs `python -m s5scale.train --config=CONFIG --workdir=WORKDIR [overrides]` on all workers, streams
 worker 0's log and supervises the run, resuming from the last checkpoint in WORKDIR each time:
-- the job dies on a healthy slice: relaunch in place (stale trainers are stopped and the libtpu
-  lock cleared first);
+- the job dies, hangs (a worker's log silent for HANG_MINUTES) or stops cleanly (a preemption or
+  maintenance notice; WORKDIR/run_status.json says "preempted") while the queued resource is
+  ACTIVE and every node READY: relaunch in place (stale trainers are stopped and the libtpu lock
+  cleared first), keeping the capacity;
 - the slice is preempted, FAILED (e.g. no capacity), vanishes, or a worker stays unreachable:
   delete and recreate it, then relaunch.
-Every gcloud call has a timeout and a bounded number of tries; a relaunch that fails counts as a
-restart. Exits 0 when training finishes, 2 on a bad config or bad input (never restarted), 1 when
-MAX_RESTARTS is used up. Ctrl-C stops only this supervisor; the job keeps running and running the
-same command again re-attaches to it.
+The failing workers' log tails are printed; every worker's log of every launch is copied to
+WORKDIR/logs/GENERATION/HOST. Every gcloud call has a timeout and a bounded number of tries; a
+relaunch that fails counts as a restart. Exits 0 when training finishes (run_status.json says
+"finished"), 2 on a bad config, bad input, a request FAILED for quota, or another supervisor's
+lock (WORKDIR/supervisor.lock), 1 when MAX_RESTARTS restarts in a row brought no new checkpoint.
+Ctrl-C stops only this supervisor; the job keeps running and running the same command again
+re-attaches to it.
 
 With --eval it runs `python -m s5scale.evaluate --config=CONFIG --workdir=WORKDIR --watch` the same
-way on its own small slice named TPU_NAME-eval.
+way on its own small slice named TPU_NAME-eval, locked by WORKDIR/supervisor-eval.lock. An eval
+job stopped by a preemption or maintenance notice exits 0 and is relaunched without using a
+restart.
 
 Every input is a flag or an environment variable (the flag wins):
   --tpu-name=NAME          TPU_NAME          queued resource name (and node name; with
@@ -56,8 +66,20 @@ Every input is a flag or an environment variable (the flag wins):
                                              relaunches all of them.
   --workdir=gs://B/DIR     WORKDIR           run directory shared by all workers. Required, gs://.
   --spot                   SPOT=1            request Spot capacity (preemptible). Default 0.
-  --max-restarts=N         MAX_RESTARTS      relaunches (in place or on new slices) before giving
-                                             up. Default 20.
+  --reserved               RESERVED=1        use the project's reservation. Default 0.
+  --best-effort            BEST_EFFORT=1     best-effort capacity (v5e, v6e). Default 0. At most
+                                             one of SPOT, RESERVED, BEST_EFFORT.
+  --network=N              NETWORK           VPC network of the nodes. Default: gcloud's.
+  --subnetwork=S           SUBNETWORK        its subnetwork. Default: gcloud's.
+  --service-account=SA     SERVICE_ACCOUNT   the nodes' service account (it needs WORKDIR's
+                                             bucket). Default: the compute default account.
+  --max-restarts=N         MAX_RESTARTS      relaunches in a row (in place or on new slices) with
+                                             no new checkpoint step in WORKDIR/checkpoints before
+                                             giving up; a new step resets the count. Default 5.
+  --hang-minutes=M         HANG_MINUTES      a running worker whose log has not changed for M
+                                             minutes (may be fractional) counts as dead. 0: off.
+                                             Default 60 for training, 0 for --eval (it is silent
+                                             between checkpoints).
   --poll-seconds=S         POLL_SECONDS      seconds between health checks. Default 60.
   --eval                                     run the eval job instead of training.
   --eval-accelerator-type=T EVAL_ACCELERATOR_TYPE  eval slice type. Default v5litepod-8.
@@ -81,6 +103,13 @@ Environment only:
   SSH_CONNECT_SECONDS    ssh -oConnectTimeout. Default 30.
   SSH_ALIVE_SECONDS      ssh -oServerAliveInterval (3 missed answers drop the connection).
                          Default 30.
+  TAIL_LINES             lines of a failing worker's log printed here. Default 40.
+  LOCK_REFRESH_SECONDS   how often the supervisor rewrites its lock. Default 300.
+  LOCK_STALE_SECONDS     a lock older than this is a dead supervisor's, taken over. Default 3600.
+On the workers (set in their environment, e.g. by a startup script; tests set them):
+  S5SCALE_MAINTENANCE_URL           the maintenance-event metadata polled by tpu_worker.sh; a value
+                                    other than NONE stops the job like a SIGTERM.
+  S5SCALE_MAINTENANCE_POLL_SECONDS  its polling interval. Default 5.
 
 CONFIG must be a file inside this repository: only the repository is copied to the workers.
 Example:
@@ -109,6 +138,8 @@ parse_args() {
       --dry-run) DRY_RUN=1 ;;
       --eval) MODE="eval" ;;
       --spot) SPOT=1 ;;
+      --reserved) RESERVED=1 ;;
+      --best-effort) BEST_EFFORT=1 ;;
       --config.*=*) OVERRIDES+=("$1") ;;
       --config|--config=*) die_bad_input "pass CONFIG as a positional argument, not $1" ;;
       --*=*) set_flag "${1%%=*}" "${1#*=}" ;;
@@ -174,7 +205,13 @@ validate_inputs() {
   done
   # Every worker writes checkpoints into WORKDIR, so it must be storage they all share.
   require_match WORKDIR '^gs://.+' "a gs:// path shared by all workers"
-  require_match SPOT '^[01]$' "0 or 1"
+  for name in SPOT RESERVED BEST_EFFORT; do require_match "$name" '^[01]$' "0 or 1"; done
+  ((SPOT + RESERVED + BEST_EFFORT <= 1)) ||
+    die_bad_input "SPOT, RESERVED and BEST_EFFORT are exclusive: set at most one"
+  [[ -z $HANG_MINUTES ]] || require_match HANG_MINUTES '^[0-9]+([.][0-9]+)?$' "a number of minutes"
+  require_match TAIL_LINES '^[0-9]+$' "a whole number"
+  require_match LOCK_REFRESH_SECONDS '^[0-9]+$' "a whole number of seconds"
+  require_match LOCK_STALE_SECONDS '^[0-9]+$' "a whole number of seconds"
   require_match MAX_RESTARTS '^[0-9]+$' "a whole number"
   require_match MAX_MISSED_POLLS '^[1-9][0-9]*$' "a whole number >= 1"
   require_match DELETE_WHEN_DONE '^[01]$' "0 or 1"
@@ -193,6 +230,7 @@ validate_inputs() {
     ACCELERATOR=$EVAL_ACCELERATOR_TYPE
     RUNTIME=${EVAL_RUNTIME_VERSION:-$(default_runtime_version "$ACCELERATOR")}
     JOB=(-m s5scale.evaluate "--config=$REMOTE_CONFIG" "--workdir=$WORKDIR" --watch)
+    LOCK="$WORKDIR/supervisor-eval.lock"
   else
     [[ -n $ACCELERATOR_TYPE ]] || die_bad_input "missing ACCELERATOR_TYPE, e.g. v5litepod-256"
     check_accelerator ACCELERATOR_TYPE
@@ -200,8 +238,12 @@ validate_inputs() {
     ACCELERATOR=$ACCELERATOR_TYPE
     RUNTIME=${RUNTIME_VERSION:-$(default_runtime_version "$ACCELERATOR")}
     JOB=(-m s5scale.train "--config=$REMOTE_CONFIG" "--workdir=$WORKDIR")
+    LOCK="$WORKDIR/supervisor.lock"
   fi
   JOB+=(${OVERRIDES[@]+"${OVERRIDES[@]}"})
+  # Whole seconds, rounded up, for the workers' `status` (0: no hang check).
+  HANG_SECONDS=$(awk -v m="${HANG_MINUTES:-$([[ $MODE == eval ]] && echo 0 || echo 60)}" \
+    'BEGIN { s = m * 60; print (s == int(s)) ? s : int(s) + 1 }')
   # The same validator as the entry points, before any cloud call: a bad key costs no slice.
   PYTHONPATH="$REPO_ROOT" "${PYTHON:-$REPO_ROOT/.venv/bin/python}" -m s5scale.validate \
     "--config=$config_abs${CONFIG#"$config_file"}" ${OVERRIDES[@]+"${OVERRIDES[@]}"} \
@@ -223,7 +265,7 @@ validate_inputs() {
 # Supervision
 # ---------------------------------------------------------------------------------------------
 
-pause() { ((DRY_RUN)) || sleep "$POLL_SECONDS"; }
+pause() { refresh_lock; ((DRY_RUN)) || sleep "$POLL_SECONDS"; }
 
 # At start-up: reuse a healthy slice (our job may still run on it), replace a dead one. Sets
 # SLICE_WAS_THERE. Fails like wait_until_active.
@@ -258,8 +300,8 @@ start_run() {
   install_code && launch_job && start_log_stream +1
 }
 
-# The job died but the slice is healthy: start it again on the same workers (tpu_worker.sh start
-# stops stale trainers and clears the libtpu lock first).
+# The job died, hung or stopped but the slice is healthy: start it again on the same workers
+# (tpu_worker.sh start stops stale trainers and clears the libtpu lock first).
 relaunch_in_place() {
   stop_log_stream
   launch_job && start_log_stream +1
@@ -271,9 +313,45 @@ relaunch_on_new_slice() {
     start_log_stream +1
 }
 
+# A run that weeks of preemptions interrupt must not run out of restarts: only failures in a row
+# count, and a checkpoint step newer than the last one seen starts the count again.
+note_progress() {
+  local step
+  step=$(latest_checkpoint_step)
+  ((step > PROGRESS_STEP)) || return 0
+  ((RESTARTS == 0)) ||
+    log "new checkpoint step $step (was $PROGRESS_STEP): the restart count starts again"
+  RESTARTS=0 PROGRESS_STEP=$step
+}
+
+# Relaunches after OUTCOME dead/stopped/lost/start_failed, or exits 1 when MAX_RESTARTS restarts
+# in a row brought no progress. An eval job stopped by a notice has not failed: no restart used.
+restart() {
+  # A clean stop copied its own logs, and a lost slice cannot be asked.
+  if [[ $OUTCOME == dead ]]; then collect_logs; fi
+  local counted=1 how=recreate
+  if [[ $MODE == eval && $OUTCOME == stopped ]]; then counted=0; fi
+  if ((counted)); then
+    note_progress
+    if ((RESTARTS >= MAX_RESTARTS)); then
+      log "job stopped ($OUTCOME: $REASON) after $MAX_RESTARTS restarts in a row with no new" \
+        "checkpoint (MAX_RESTARTS); giving up. $SLICE is kept as it is."
+      exit 1
+    fi
+    RESTARTS=$((RESTARTS + 1))
+  fi
+  if [[ $OUTCOME == dead ]] || { [[ $OUTCOME == stopped ]] && nodes_ready; }; then how=in_place; fi
+  local what="recreating $SLICE"
+  [[ $how == recreate ]] || what="relaunching in place on $SLICE"
+  log "job $OUTCOME ($REASON); restart $RESTARTS/$MAX_RESTARTS: $what, resuming from $WORKDIR"
+  if [[ $how == in_place ]]; then relaunch_in_place; else relaunch_on_new_slice; fi && {
+    OUTCOME=running; return; }
+  OUTCOME=start_failed REASON="the relaunch failed"
+}
+
 # OUTCOME comes from start_run / check_run (see check_run); REASON says why a run stopped.
 supervise() {
-  local restarts=0
+  RESTARTS=0
   while :; do
     case "$OUTCOME" in
       running|unknown)
@@ -289,34 +367,20 @@ supervise() {
         return 0 ;;
       bad_config)
         stop_log_stream
-        show_worker0_log_tail
+        collect_logs
         log "the job exited 2: bad config or input (see the log above). Not restarting;" \
           "$SLICE is kept."
         exit 2 ;;
-      dead|lost|start_failed)
-        if ((restarts >= MAX_RESTARTS)); then
-          log "job stopped ($OUTCOME: $REASON) and MAX_RESTARTS=$MAX_RESTARTS restarts are used" \
-            "up; giving up. $SLICE is kept as it is."
-          exit 1
-        fi
-        restarts=$((restarts + 1))
-        if [[ $OUTCOME == dead ]]; then
-          log "job $OUTCOME ($REASON); restart $restarts/$MAX_RESTARTS: relaunching in place on" \
-            "$SLICE, resuming from $WORKDIR"
-          if relaunch_in_place; then OUTCOME=running; else OUTCOME=start_failed; fi
-        else
-          log "job $OUTCOME ($REASON); restart $restarts/$MAX_RESTARTS: recreating $SLICE," \
-            "resuming from $WORKDIR"
-          if relaunch_on_new_slice; then OUTCOME=running; else OUTCOME=start_failed; fi
-        fi
-        [[ $OUTCOME == running ]] || REASON="the relaunch failed"
-        ;;
+      dead|stopped|lost|start_failed)
+        stop_log_stream
+        restart ;;
     esac
   done
 }
 
 on_exit() {
   stop_log_stream
+  release_lock
   rm -rf "$TMP_DIR"
 }
 
@@ -328,7 +392,9 @@ on_interrupt() {
 main() {
   TPU_NAME=${TPU_NAME:-} ZONE=${ZONE:-} PROJECT=${PROJECT:-} WORKDIR=${WORKDIR:-}
   ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-} RUNTIME_VERSION=${RUNTIME_VERSION:-} SPOT=${SPOT:-0}
-  NUM_SLICES=${NUM_SLICES:-1} MAX_RESTARTS=${MAX_RESTARTS:-20} POLL_SECONDS=${POLL_SECONDS:-60}
+  RESERVED=${RESERVED:-0} BEST_EFFORT=${BEST_EFFORT:-0} NETWORK=${NETWORK:-}
+  SUBNETWORK=${SUBNETWORK:-} SERVICE_ACCOUNT=${SERVICE_ACCOUNT:-} HANG_MINUTES=${HANG_MINUTES:-}
+  NUM_SLICES=${NUM_SLICES:-1} MAX_RESTARTS=${MAX_RESTARTS:-5} POLL_SECONDS=${POLL_SECONDS:-60}
   EVAL_ACCELERATOR_TYPE=${EVAL_ACCELERATOR_TYPE:-v5litepod-8}
   EVAL_RUNTIME_VERSION=${EVAL_RUNTIME_VERSION:-}
   REMOTE_PYTHON_VERSION=${REMOTE_PYTHON_VERSION:-3.12} DELETE_WHEN_DONE=${DELETE_WHEN_DONE:-1}
@@ -337,6 +403,8 @@ main() {
   SSH_SECONDS=${SSH_SECONDS:-300} SCP_SECONDS=${SCP_SECONDS:-600}
   INSTALL_SECONDS=${INSTALL_SECONDS:-1800} DELETE_WAIT_SECONDS=${DELETE_WAIT_SECONDS:-1800}
   SSH_CONNECT_SECONDS=${SSH_CONNECT_SECONDS:-30} SSH_ALIVE_SECONDS=${SSH_ALIVE_SECONDS:-30}
+  TAIL_LINES=${TAIL_LINES:-40} LOCK_REFRESH_SECONDS=${LOCK_REFRESH_SECONDS:-300}
+  LOCK_STALE_SECONDS=${LOCK_STALE_SECONDS:-3600}
   parse_args "$@"
   validate_inputs
 
@@ -344,11 +412,13 @@ main() {
   TMP_DIR=$(mktemp -d)
   LOG_STREAM_PID=""
   declare -gA EXPECTED=() MISSED=()  # node/host -> 1; node/host -> polls missed in a row
-  UNREACHABLE=0 REASON="" QR_STATE="" QR_ERROR=""
+  UNREACHABLE=0 REASON="" QR_STATE="" QR_ERROR="" FAILING=() LAUNCHES=0 GENERATION="" LOCK_HELD=0
   DRY_RUN_STATE=NOT_FOUND  # --dry-run shows the path from nothing to a finished run
   trap on_exit EXIT
   trap on_interrupt INT TERM
 
+  acquire_lock
+  PROGRESS_STEP=$(latest_checkpoint_step)
   pack_code
   if start_run; then OUTCOME=running; else OUTCOME=start_failed REASON="the start failed"; fi
   supervise

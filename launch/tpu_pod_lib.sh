@@ -103,9 +103,16 @@ create_slice() {
     args+=(--node-id="$SLICE")
   fi
   ((!SPOT)) || args+=(--spot)
-  log "requesting $NUM_SLICES x $ACCELERATOR as $SLICE ($RUNTIME, spot=$SPOT)"
-  FATAL='INVALID_ARGUMENT|PERMISSION_DENIED' gcloud_retry "create $SLICE" "$GCLOUD_SECONDS" \
-    "${args[@]}" || return 1
+  ((!RESERVED)) || args+=(--reserved)
+  ((!BEST_EFFORT)) || args+=(--best-effort)
+  [[ -z $NETWORK ]] || args+=(--network="$NETWORK")
+  [[ -z $SUBNETWORK ]] || args+=(--subnetwork="$SUBNETWORK")
+  [[ -z $SERVICE_ACCOUNT ]] || args+=(--service-account="$SERVICE_ACCOUNT")
+  log "requesting $NUM_SLICES x $ACCELERATOR as $SLICE ($RUNTIME, spot=$SPOT," \
+    "reserved=$RESERVED, best-effort=$BEST_EFFORT)"
+  # A try that timed out may still have created it: the retry's ALREADY_EXISTS is success.
+  ACCEPT=ALREADY_EXISTS FATAL='INVALID_ARGUMENT|PERMISSION_DENIED' \
+    gcloud_retry "create $SLICE" "$GCLOUD_SECONDS" "${args[@]}" || return 1
   DRY_RUN_STATE=ACTIVE
 }
 
@@ -126,7 +133,13 @@ delete_slice() {
   done
 }
 
+# A shortage of capacity passes; a missing quota does not, so retrying it would only burn the
+# restart budget.
 log_failure() {
+  if [[ $QR_ERROR =~ [Qq]uota ]]; then
+    log "the request for $SLICE FAILED for quota: $QR_ERROR"
+    die_bad_input "raise the quota for $ACCELERATOR in $ZONE (or pick another ZONE or type)"
+  fi
   log "the request for $SLICE FAILED: ${QR_ERROR:-no message}" \
     "(a capacity shortage is retried like a preemption)"
 }
@@ -153,14 +166,18 @@ wait_until_active() {
 # ---------------------------------------------------------------------------------------------
 
 # Packed once, so every relaunch runs the code the run started with even if the checkout changes.
+# Only files git tracks: data, workdirs and venvs lying in the checkout stay here. (Tracked files
+# deleted from the work tree are skipped, or tar would fail on them.)
 pack_code() {
   TARBALL="$TMP_DIR/$REMOTE_TARBALL"
   if ((DRY_RUN)); then
-    echo "# pack $REPO_ROOT (without .git, .venv, workdirs) into $TARBALL" >&3
+    echo "# pack the files git tracks in $REPO_ROOT into $TARBALL" >&3
     return
   fi
-  tar -C "$REPO_ROOT" --exclude=.git --exclude=.venv --exclude=workdirs --exclude=__pycache__ \
-    --exclude='*.egg-info' -czf "$TARBALL" .
+  local file
+  git -C "$REPO_ROOT" ls-files -z | while IFS= read -r -d '' file; do
+    [[ ! -e $REPO_ROOT/$file ]] || printf '%s\0' "$file"
+  done | tar -C "$REPO_ROOT" --null -T - -czf "$TARBALL"
 }
 
 # scp is killed after SCP_SECONDS and retried (a worker that stops answering mid-copy would
@@ -188,15 +205,19 @@ retry_ssh() {  # retry_ssh WHAT NODE SECONDS COMMAND: on every worker of NODE
 # Starts the job on every worker of every node; `tpu_worker.sh start` first stops whatever still
 # holds the TPU there, so a retry (or a relaunch in place) restarts all of them cleanly. Records
 # the workers that answered in EXPECTED (node/host) so a poll can tell who is missing.
+# Each launch is a generation: its logs go to WORKDIR/logs/GENERATION/HOST.
 launch_job() {
   local attempt node out rc host
-  log "starting ${JOB[1]} on every worker of ${NODES[*]} with workdir $WORKDIR"
+  LAUNCHES=$((LAUNCHES + 1))
+  GENERATION="$(date -u +%Y%m%dT%H%M%S)-$LAUNCHES"
+  log "starting ${JOB[1]} on every worker of ${NODES[*]} with workdir $WORKDIR" \
+    "(logs: $WORKDIR/logs/$GENERATION)"
   for ((attempt = 1; attempt <= GCLOUD_ATTEMPTS; attempt++)); do
     EXPECTED=() MISSED=()
     rc=0
     for node in "${NODES[@]}"; do
-      out=$(ssh_node "$node" all "$SSH_SECONDS" "$REMOTE_WORKER start$(printf ' %q' "${JOB[@]}")") \
-        || rc=$?
+      out=$(ssh_node "$node" all "$SSH_SECONDS" "$REMOTE_WORKER start$(printf ' %q' "$GENERATION" \
+        "$WORKDIR/logs/$GENERATION" "${JOB[@]}")") || rc=$?
       while read -r tag host; do
         [[ $tag != "$STARTED_TAG" ]] || EXPECTED["$node/$host"]=1
       done <<<"$out"
@@ -219,13 +240,15 @@ launch_job() {
 # ---------------------------------------------------------------------------------------------
 
 remote_status_command() {
-  echo "$REMOTE_WORKER status 2>/dev/null || echo \"$STATUS_TAG lost \$(hostname)\""
+  echo "$REMOTE_WORKER status $HANG_SECONDS 2>/dev/null || echo \"$STATUS_TAG lost \$(hostname)\""
 }
 
-# Sets OUTCOME: running, finished, bad_config, dead (the job died on a healthy slice: relaunch in
-# place), lost (the slice or a worker is gone: recreate) or unknown (no full answer this time).
-# Each worker that does not answer is unknown on its own; only MAX_MISSED_POLLS misses in a row of
-# the same worker count as lost, so one flaky host does not blank the poll for the others.
+# Sets OUTCOME: running, finished, bad_config, dead (the job died or hung on a healthy slice:
+# relaunch in place), stopped (every worker exited 0 for a preemption or maintenance notice),
+# lost (the slice or a worker is gone: recreate) or unknown (no full answer this time). FAILING
+# lists the node/host of each worker that failed or hung. Each worker that does not answer is
+# unknown on its own; only MAX_MISSED_POLLS misses in a row of the same worker count as lost, so
+# one flaky host does not blank the poll for the others.
 check_run() {
   describe_queued_resource
   case "$QR_STATE" in
@@ -235,24 +258,27 @@ check_run() {
     *) log "slice $SLICE is $QR_STATE (preempted or deleted)"; OUTCOME=lost
        REASON="slice $QR_STATE"; return ;;
   esac
-  local node out rc state tag word rest host key
-  local answered=() bad_config=0 dead=0 running=0 preempted=0 finished=0 missing=0
-  UNREACHABLE=0
+  local node out rc state tag word rest host
+  local answered=() bad_config=0 dead=0 running=0 stopped=0 exited=0 missing=0
+  UNREACHABLE=0 FAILING=()
   for node in "${NODES[@]}"; do
     rc=0
     out=$(ssh_node "$node" all "$SSH_SECONDS" "$(remote_status_command)") || rc=$?
-    ((!DRY_RUN)) || out="$STATUS_TAG finished dry-run"
+    ((!DRY_RUN)) || out="$STATUS_TAG exited dry-run"
     while read -r tag word rest; do
       [[ $tag == "$STATUS_TAG" ]] || continue
       host=${rest##* }
       answered+=("$node/$host")
       unset "MISSED[$node/$host]"
       case "$word" in
-        failed) if [[ ${rest%% *} == 2 ]]; then bad_config=1; else dead=1; fi ;;
-        lost) dead=1 ;;
+        failed) FAILING+=("$node/$host")
+                if [[ ${rest%% *} == 2 ]]; then bad_config=1; else dead=1; fi ;;
+        hung) FAILING+=("$node/$host"); dead=1
+              log "worker $node/$host is hung: its log has not changed for ${rest%% *}s" ;;
+        lost) FAILING+=("$node/$host"); dead=1 ;;
         running) running=1 ;;
-        preempted) preempted=1 ;;
-        finished) finished=1 ;;
+        stopped) stopped=1 ;;
+        exited) exited=1 ;;
       esac
     done <<<"$out"
     ((rc)) || { unset "MISSED[$node/?]"; continue; }
@@ -268,12 +294,73 @@ check_run() {
   done
   if ((UNREACHABLE)); then OUTCOME=lost
   elif ((bad_config)); then OUTCOME=bad_config
-  elif ((dead)); then OUTCOME=dead; REASON="a worker's job died"
+  elif ((dead)); then OUTCOME=dead; REASON="worker ${FAILING[*]} failed or hung"
   elif ((running)); then OUTCOME=running
   elif ((missing)); then OUTCOME=unknown
-  elif ((preempted)); then OUTCOME=lost; REASON="the trainers stopped for a preemption notice"
-  elif ((finished)); then OUTCOME=finished
+  elif ((stopped || exited)); then job_exit_outcome "$stopped"
   else OUTCOME=unknown; fi
+}
+
+# Every worker exited 0. The trainer says why in WORKDIR/run_status.json (process 0 writes it just
+# before a clean exit). The eval job writes none: it exited 0 either after the final step or
+# because it was told to stop (STOPPED=1).
+job_exit_outcome() {  # job_exit_outcome STOPPED
+  if [[ $MODE == eval ]]; then
+    if (($1)); then OUTCOME=stopped REASON="the eval job was stopped"; else OUTCOME=finished; fi
+    return
+  fi
+  local status
+  status=$(read_run_status)
+  case "$status" in
+    finished) OUTCOME=finished ;;
+    preempted) OUTCOME=stopped REASON="the trainers saved and stopped (run_status.json: preempted)" ;;
+    *) OUTCOME=stopped
+       REASON="every worker exited 0 but $WORKDIR/run_status.json says '${status:-nothing}'" ;;
+  esac
+}
+
+read_run_status() {  # prints the "status" of WORKDIR/run_status.json, or nothing
+  ((!DRY_RUN)) || { echo finished; return; }
+  gcloud_try "$GCLOUD_SECONDS" storage cat "$WORKDIR/run_status.json" |
+    sed -n 's/.*"status"[[:space:]]*:[[:space:]]*"\([a-z_]*\)".*/\1/p' | head -n 1
+}
+
+# Relaunching in place keeps the slice (and the capacity it holds): only when the queued resource
+# is ACTIVE (check_run saw it) and every node says READY.
+nodes_ready() {
+  local node state
+  for node in "${NODES[@]}"; do
+    state=$(node_state "$node")
+    ((DRY_RUN)) || [[ $state == READY ]] || { log "TPU node $node is ${state:-unknown}"; return 1; }
+  done
+}
+
+# After a failure: every worker's log goes to WORKDIR/logs/GENERATION/HOST (a job that hung or
+# was killed never copies its own), and the failing workers' tails are printed here.
+collect_logs() {
+  local node out tag host line key
+  for node in "${NODES[@]}"; do
+    out=$(ssh_node "$node" all "$SSH_SECONDS" "$REMOTE_WORKER collect $TAIL_LINES") || true
+    ((!DRY_RUN)) || continue
+    for key in ${FAILING[@]+"${FAILING[@]}"}; do
+      [[ $key == "$node/"* ]] || continue
+      log "last $TAIL_LINES lines of ${key#*/}'s log (all of it:" \
+        "$WORKDIR/logs/${GENERATION:-GENERATION}/${key#*/}):"
+      while read -r tag host line; do
+        if [[ $tag == "$TAIL_TAG" && $host == "${key#*/}" ]]; then
+          printf '  %s| %s\n' "$host" "$line" >&2
+        fi
+      done <<<"$out"
+    done
+  done
+}
+
+# The highest checkpoint step in WORKDIR (orbax's step folders are plain numbers), or -1.
+latest_checkpoint_step() {
+  local steps
+  steps=$(gcloud_try "$GCLOUD_SECONDS" storage ls "$WORKDIR/checkpoints/" 2>/dev/null |
+    sed -n 's|.*/\([0-9][0-9]*\)/*$|\1|p' | sort -n | tail -n 1)
+  echo "${steps:--1}"
 }
 
 # note_missing NODE ANSWERED...: counts a miss for each expected worker of NODE that did not
@@ -335,6 +422,62 @@ stop_log_stream() {
   LOG_STREAM_PID=""
 }
 
-show_worker0_log_tail() {
-  ssh_node "${NODES[0]}" 0 "$SSH_SECONDS" "tail -n 30 $REMOTE_LOG" >&2 || true
+# ---------------------------------------------------------------------------------------------
+# The supervisor's lock in WORKDIR: one supervisor per run (and one per eval job). Created only
+# if absent (a generation precondition), refreshed between polls, removed on exit. A lock not
+# refreshed for LOCK_STALE_SECONDS belongs to a supervisor that died and is taken over.
+# ---------------------------------------------------------------------------------------------
+
+write_lock_file() {
+  printf '{"host": "%s", "pid": %d, "time": "%s", "unix": %d, "token": "%s", "slice": "%s"}\n' \
+    "$(hostname)" "$$" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(date +%s)" "$LOCK_TOKEN" "$SLICE" \
+    >"$TMP_DIR/lock.json"
+}
+
+acquire_lock() {
+  LOCK_TOKEN="$(hostname)-$$-$RANDOM$RANDOM"
+  write_lock_file
+  if gcloud_try "$GCLOUD_SECONDS" storage cp --if-generation-match=0 "$TMP_DIR/lock.json" "$LOCK"
+  then
+    LOCK_HELD=1 LOCK_REFRESHED=$SECONDS
+    return
+  fi
+  grep -Eqi '412|precondition' "$TMP_DIR/gcloud.err" ||
+    die_bad_input "cannot write the lock $LOCK: $(last_error)"
+  local holder unix
+  holder=$(gcloud_try "$GCLOUD_SECONDS" storage cat "$LOCK") || true
+  unix=$(sed -n 's/.*"unix": *\([0-9]*\).*/\1/p' <<<"$holder")
+  if [[ -n $unix ]] && (($(date +%s) - unix > LOCK_STALE_SECONDS)); then
+    log "taking over $LOCK: not refreshed for over ${LOCK_STALE_SECONDS}s ($holder)"
+    gcloud_try "$GCLOUD_SECONDS" storage cp "$TMP_DIR/lock.json" "$LOCK" ||
+      die_bad_input "cannot write the lock $LOCK: $(last_error)"
+    LOCK_HELD=1 LOCK_REFRESHED=$SECONDS
+    return
+  fi
+  log "another supervisor holds $LOCK: ${holder:-unreadable}"
+  die_bad_input "stop that supervisor first; if it is dead, remove the lock with" \
+    "'gcloud storage rm $LOCK' (or wait ${LOCK_STALE_SECONDS}s from its time)"
+}
+
+# Between polls: a lock that now names someone else means another supervisor took over; two
+# would fight over the slice, so this one leaves.
+refresh_lock() {
+  ((LOCK_HELD && !DRY_RUN && SECONDS - LOCK_REFRESHED >= LOCK_REFRESH_SECONDS)) || return 0
+  local holder
+  if holder=$(gcloud_try "$GCLOUD_SECONDS" storage cat "$LOCK") &&
+      [[ $holder != *"\"$LOCK_TOKEN\""* ]]; then
+    LOCK_HELD=0
+    log "$LOCK now belongs to another supervisor: $holder"
+    die_bad_input "this supervisor stops; the job is left to the other one"
+  fi
+  write_lock_file
+  gcloud_try "$GCLOUD_SECONDS" storage cp "$TMP_DIR/lock.json" "$LOCK" ||
+    log "could not refresh $LOCK: $(last_error)"
+  LOCK_REFRESHED=$SECONDS
+}
+
+release_lock() {
+  ((LOCK_HELD)) || return 0
+  LOCK_HELD=0
+  gcloud_try 60 storage rm "$LOCK" || log "could not remove $LOCK: $(last_error)"
 }

@@ -19,6 +19,8 @@ another Δ).
 
 import itertools
 import math
+import signal
+import sys
 import time
 
 import jax
@@ -192,12 +194,25 @@ def record_skip(workdir: str, step: int, split: str, config, why: str) -> None:
     writer.write(step, {}, split=split, data=scored_data(config), skipped=why)
 
 
+def exit_0_on_sigterm() -> None:
+  """A --watch job has nothing to save: a SIGTERM (preemption, maintenance) ends it with exit 0,
+  so its launcher relaunches it rather than count a failure; the next job skips the steps already
+  recorded. Installed after jax.distributed, whose SIGTERM notifier it replaces."""
+  def stop(signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: the eval job stops; relaunched, it goes on from its records")
+    sys.exit(0)
+  signal.signal(signal.SIGTERM, stop)
+
+
 def run_eval_job(config, workdir: str, only_step: int | None = None, watch: bool = False,
                  poll_seconds: float = 10.0) -> int:
   """Evaluates every checkpoint of workdir not yet recorded for this split (or only_step);
   with `watch`, new ones as the trainer writes them, until its final step."""
   cli.setup_logging(workdir, "evaluate")
   parallel.initialize_distributed()
+  if watch:
+    exit_0_on_sigterm()
   data.fill_num_classes(config)
   config_check.check_on_devices(config, jax.devices(), jax.process_count())
   mesh = parallel.make_mesh(config.mesh)

@@ -5,7 +5,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
+import time
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -153,3 +155,29 @@ def test_removed_part_of_a_step_is_a_skip_or_exit_2_naming_it(trained, tmp_path,
     assert records == [{"step": 2, "split": "heldout", "data": data_keys_on_disk(workdir),
                         "skipped": records[0]["skipped"]}]
     assert part in records[0]["skipped"]
+
+
+def sigterm_is_caught(pid: int) -> bool:
+  """Whether the process has installed a SIGTERM handler (bit 15 of /proc's SigCgt mask)."""
+  with open(f"/proc/{pid}/status") as status:
+    caught = next(int(l.split()[1], 16) for l in status if l.startswith("SigCgt:"))
+  return bool(caught & (1 << (15 - 1)))
+
+
+def test_watch_job_exits_0_on_sigterm(tmp_path):
+  """A preempted eval slice: the --watch job, waiting for a trainer's first checkpoint, stops with
+  exit 0 (its launcher then relaunches it without counting a failure)."""
+  flags = helpers.overrides(eval__max_batches=1)
+  log_path = tmp_path / "watch.log"
+  watcher = start("evaluate", tmp_path, flags + ["--watch", "--poll_seconds=0.05"], log_path)
+  try:
+    deadline = time.time() + 300
+    while not sigterm_is_caught(watcher.pid):
+      assert watcher.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+      time.sleep(0.1)
+    watcher.send_signal(signal.SIGTERM)
+    assert watcher.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+  finally:
+    if watcher.poll() is None:
+      watcher.kill()
+  assert "SIGTERM: the eval job stops" in log_path.read_text()

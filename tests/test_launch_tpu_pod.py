@@ -31,6 +31,47 @@ import json, os, shutil, signal, subprocess, sys, time
 started = time.time()
 root = os.environ["FAKE_GCLOUD_DIR"]
 argv = sys.argv[1:]
+
+def log_storage(out, rc):
+  open(os.path.join(root, "calls.jsonl"), "a").write(json.dumps(
+      {"argv": argv, "out": out, "rc": rc, "seconds": [started, time.time()]}) + "\n")
+
+if argv[0] == "storage":  # gs://B/P is the file FAKE_GCS_DIR/B/P; no slice state involved
+  verb, urls = argv[1], [a for a in argv[2:] if not a.startswith("-")]
+  local = lambda url: os.path.join(os.environ["FAKE_GCS_DIR"], url[len("gs://"):])
+  out, err, rc = "", "", 0
+  missing = f"ERROR: (gcloud.storage.{verb}) The following URLs matched no objects or files:\n-{urls[0]}\n"
+  if verb == "ls":
+    path = local(urls[0])
+    if os.path.isdir(path):
+      base = urls[0].rstrip("/")
+      out = "".join(f"{base}/{n}/\n" if os.path.isdir(os.path.join(path, n)) else f"{base}/{n}\n"
+                    for n in sorted(os.listdir(path)))
+    else:
+      err, rc = missing, 1
+  elif verb == "cat":
+    if os.path.isfile(local(urls[0])):
+      out = open(local(urls[0])).read()
+    else:
+      err, rc = missing, 1
+  elif verb == "rm":
+    if os.path.isfile(local(urls[0])):
+      os.remove(local(urls[0]))
+    else:
+      err, rc = missing, 1
+  elif verb == "cp":
+    src, dst = urls
+    if dst.startswith("gs://") and "--if-generation-match=0" in argv and os.path.exists(local(dst)):
+      err, rc = "ERROR: HTTPError 412: At least one of the pre-conditions you specified did not hold.\n", 1
+    else:
+      src = local(src) if src.startswith("gs://") else src
+      dst = local(dst) if dst.startswith("gs://") else dst
+      os.makedirs(os.path.dirname(dst), exist_ok=True)
+      shutil.copy(src, dst + ".tmp"); os.replace(dst + ".tmp", dst)
+  log_storage(out, rc)
+  sys.stdout.write(out); sys.stderr.write(err)
+  sys.exit(rc)
+
 state_path = os.path.join(root, "state.json")
 state = json.load(open(state_path))
 words = [a for a in argv if not a.startswith("-")]
@@ -106,6 +147,14 @@ def act(action):
     state["qr_error"] = "There is no more capacity in the zone us-west4-a; try again later."
   elif action == "unreachable":  # worker 1 stops answering ssh for 3 polls
     faults["unreachable_polls"] = 3
+  elif action == "maintenance":  # worker 1's metadata server announces host maintenance
+    open(os.path.join(homes()[1], "maintenance-event"), "w").write("TERMINATE_ON_HOST_MAINTENANCE")
+  elif action == "hang":  # worker 1's trainer stays alive but stops logging
+    os.makedirs(os.path.join(root, "control"), exist_ok=True)
+    name = os.path.join(root, "control", os.path.basename(os.path.dirname(homes()[1])) + "-w1")
+    open(name + ".tmp", "w").write("hang"); os.replace(name + ".tmp", name)
+  elif action == "traceback":  # worker 3 (of 4) dies with a Python traceback
+    control("traceback", homes()[3:4])
   elif action == "finish":
     # Let tpu_pod.sh's log stream show worker 0's first line before the run ends, as it would
     # over the hours of a real run.
@@ -131,7 +180,9 @@ def worker_env(home):
   return dict(os.environ, HOME=home, PATH=os.path.join(home, "bin") + ":" + os.environ["PATH"],
               S5SCALE_TPU_DEVICES=os.path.join(home, "dev", "accel*"),
               S5SCALE_LIBTPU_LOCKFILE=os.path.join(home, "tmp", "libtpu_lockfile"),
-              S5SCALE_STALE_GRACE_SECONDS="2")
+              S5SCALE_STALE_GRACE_SECONDS="2",
+              S5SCALE_MAINTENANCE_URL="file://" + os.path.join(home, "maintenance-event"),
+              S5SCALE_MAINTENANCE_POLL_SECONDS="0.1")
 
 def run_on_workers(node, command, skip=()):
   global out, err, rc
@@ -163,12 +214,18 @@ if group == "queued-resources":
     if "bogus" in flags["accelerator-type"]:
       err, rc = "ERROR: (gcloud...create) INVALID_ARGUMENT: accelerator type not in zone", 1
     elif state["qr"]:
-      err, rc = "ALREADY_EXISTS", 1
+      err, rc = "ERROR: (gcloud.compute.tpus.queued-resources.create) ALREADY_EXISTS: " + node, 1
+    elif faults.get("quota"):
+      state["qr"] = "FAILED"
+      state["qr_error"] = "Quota 'TPUV5sLitepodPerProjectPerZoneForTPUAPI' exhausted. Limit 0 in region us-west4"
     else:
       state["qr"], state["qr_error"] = "WAITING_FOR_RESOURCES", ""
       count = int(flags.get("node-count", 1))
       names = [f'{flags["node-prefix"]}-{i}' for i in range(count)] if "node-prefix" in flags else [flags["node-id"]]
       state["nodes"] = {n: "CREATING" for n in names}
+      if faults.get("lose_create_answer", 0) > 0:  # created, but the answer never arrives
+        faults["lose_create_answer"] -= 1
+        err, rc = "ERROR: gcloud crashed (ConnectionError): connection reset by peer", 1
   elif state["qr"] is None:
     err, rc = f"ERROR: (gcloud.compute.tpus.queued-resources.{verb}) NOT_FOUND: {node}", 1
   elif verb == "describe":
@@ -202,6 +259,9 @@ if verb == "scp" and rc == 0:
   with tarfile.open(words[4]) as tar:
     names = sorted({n.lstrip("./").split("/")[0] for n in tar.getnames()} - {""})
   open(os.path.join(root, "scp.log"), "a").write(json.dumps(names) + "\n")
+  with tarfile.open(words[4]) as tar:
+    files = sorted(m.name.removeprefix("./") for m in tar.getmembers() if m.isfile())
+  open(os.path.join(root, "scp_files.log"), "a").write(json.dumps(files) + "\n")
   for home in homes(node):
     shutil.copy(words[4], os.path.join(home, words[5].split(":", 1)[1]))
 elif verb == "ssh" and rc == 0 and group == "tpu-vm":
@@ -212,6 +272,10 @@ elif verb == "ssh" and rc == 0 and group == "tpu-vm":
     if faults.get("unreachable_polls", 0) > 0:
       faults["unreachable_polls"] -= 1
       skip = homes(node)[1:2]
+  if "s5scale.train" in command or "s5scale.evaluate" in command:
+    for home in homes(node):  # the maintenance is over by the relaunch that follows its stop
+      if os.path.exists(os.path.join(home, "maintenance-event")):
+        os.remove(os.path.join(home, "maintenance-event"))
   if state["nodes"].get(node) != "READY":
     err, rc = REFUSED, 255
   else:
@@ -250,15 +314,41 @@ if [ -e "$S5SCALE_LIBTPU_LOCKFILE" ] || [ -n "$(find /proc/[0-9]*/fd -maxdepth 1
 fi
 : > "$S5SCALE_LIBTPU_LOCKFILE"
 exec 9<"$device"
+for arg in "$@"; do case $arg in --workdir=gs://*) workdir="$FAKE_GCS_DIR/${arg#--workdir=gs://}" ;; esac; done
+mkdir -p "$FAKE_GCLOUD_DIR/control"
+# The preemption sync point: one process told to stop tells its peers of the same launch.
+sync_stop="$FAKE_GCLOUD_DIR/control/sync_stop-$(cat "$HOME/s5scale_run/generation")"
+# Process 0 of a trainer saves a new checkpoint step (unless FAKE_NO_PROGRESS) and writes the
+# run status just before a clean exit, as s5scale.train does.
+is_trainer=0
+case " $* " in *" s5scale.train "*) is_trainer=1 ;; esac
+save() {
+  case "$worker" in *-w0) ;; *) return 0 ;; esac
+  [ "$is_trainer" = 1 ] || return 0
+  local step
+  step=$(( $(ls "$workdir/checkpoints" 2>/dev/null | grep -c '^[0-9]*$') * 100 ))
+  if [ -z "${FAKE_NO_PROGRESS:-}" ]; then step=$((step + 100)); mkdir -p "$workdir/checkpoints/$step"; fi
+  printf '{"status": "%s", "step": %d}\n' "$STATUS" "$step" > "$workdir/run_status.json.tmp"
+  mv "$workdir/run_status.json.tmp" "$workdir/run_status.json"
+}
+stop() { echo "preempted at step 3, checkpoint saved"; STATUS=preempted save; : > "$sync_stop"; exit 0; }
+trap stop TERM
 echo "step 1 loss 5.0 on $worker"
-trap 'echo "preempted at step 3, checkpoint saved"; exit 0' TERM
-for _ in $(seq 600); do
+hang=0
+for i in $(seq 1200); do
   control="$FAKE_GCLOUD_DIR/control/$worker"
   if [ -f "$control" ]; then
     code=$(cat "$control"); rm -f "$control"
-    if [ "$code" = 2 ]; then echo "error: unknown config key model.bogus"; else echo "stopping with $code"; fi
-    exit "$code"
+    case $code in
+      hang) hang=1 ;;  # alive, silent
+      traceback) printf 'Traceback (most recent call last):\n  File "s5scale/training.py", line 9, in train\nRuntimeError: fake collective failed on %s\n' "$worker"; exit 1 ;;
+      2) echo "error: unknown config key model.bogus"; exit 2 ;;
+      0) STATUS=finished save; echo "stopping with 0"; exit 0 ;;
+      *) echo "stopping with $code"; exit "$code" ;;
+    esac
   fi
+  if [ -f "$sync_stop" ]; then stop; fi
+  if [ "$hang" = 0 ] && [ $((i % 5)) = 0 ]; then echo "step $i"; fi
   sleep 0.05
 done
 exit 99
@@ -268,9 +358,9 @@ FINISH = {"1/2": ["before", "finish"]}
 SCENARIOS = {  # "launch/poll": [before|after answering that status poll, action]; launches and
     # polls count ssh calls (one per node)
     # The run is lost four ways in a row: the queued resource is SUSPENDED; only the node says
-    # PREEMPTED; the trainers get SIGTERM, save and exit 0 on a slice that stays ACTIVE (each
-    # recreates the slice); a worker's trainer crashes (relaunch in place). The fifth launch
-    # finishes.
+    # PREEMPTED (each recreates the slice); the trainers get SIGTERM, save and exit 0 on a slice
+    # that stays ACTIVE and READY; a worker's trainer crashes (both relaunch in place). The fifth
+    # launch finishes.
     "four_losses": {"1/2": ["after", "preempt_slice"], "2/2": ["before", "preempt_node"],
                     "3/2": ["before", "sigterm_in_place"], "4/2": ["before", "crash"],
                     "5/2": ["before", "finish"]},
@@ -291,7 +381,7 @@ SCENARIOS = {  # "launch/poll": [before|after answering that status poll, action
 class FakeCloud:
   """Writes the fakes into tmp_path and reads back what they recorded."""
 
-  def __init__(self, tmp_path, scenario, **faults):
+  def __init__(self, tmp_path, scenario, workers=NUM_WORKERS, **faults):
     self.bin = tmp_path / "bin"
     self.root = tmp_path / "cloud"
     self.bin.mkdir()
@@ -301,11 +391,13 @@ class FakeCloud:
       (self.bin / name).write_text(text)
       (self.bin / name).chmod(0o755)
     (self.root / "state.json").write_text(json.dumps({
-        "qr": None, "qr_error": "", "nodes": {}, "workers": NUM_WORKERS, "launches": 0,
-        "polls": 0, "polls_after_release": 0, "scenario": SCENARIOS[scenario], "faults": faults}))
+        "qr": None, "qr_error": "", "nodes": {}, "workers": workers, "launches": 0,
+        "polls": 0, "polls_after_release": 0, "faults": faults,
+        "scenario": SCENARIOS[scenario] if isinstance(scenario, str) else scenario}))
+    self.gcs = tmp_path / "gcs"  # gs://B/P lies at gcs/B/P
     self.env = dict(
         os.environ, PATH=f"{self.bin}:{os.environ['PATH']}", FAKE_GCLOUD_DIR=str(self.root),
-        PYTHON=sys.executable,  # validates CONFIG locally with this interpreter
+        FAKE_GCS_DIR=str(self.gcs), PYTHON=sys.executable,  # validates CONFIG locally with this interpreter
         FAKE_BIN=str(self.bin), TPU_NAME="s5-test", ZONE="us-west4-a",
         ACCELERATOR_TYPE="v5litepod-16", WORKDIR=WORKDIR, SPOT="1", POLL_SECONDS="0.02",
         RETRY_SECONDS="0.02", MAX_RESTARTS="4")
@@ -386,7 +478,8 @@ def test_recreates_slice_or_relaunches_in_place_after_each_loss(make_cloud):
   calls = cloud.calls()
 
   creates = indices(calls, "queued-resources", "create")
-  assert len(creates) == 4  # the first slice and one per lost slice; the crash reuses the 4th
+  assert len(creates) == 3  # the first slice and one per lost slice; the clean stop and the
+  # crash reuse the third
   for i in creates:
     argv = calls[i]["argv"]
     for flag in ["s5-test", "--node-id=s5-test", "--zone=us-west4-a",
@@ -400,22 +493,25 @@ def test_recreates_slice_or_relaunches_in_place_after_each_loss(make_cloud):
   # Each loss was noticed through what gcloud reported, in order.
   launches = launch_calls(calls)
   assert len(launches) == 5 and all(c < l for c, l in zip(creates, launches))
-  noticed = [("queued-resources", "SUSPENDED"), ("tpu-vm", "PREEMPTED"), ("ssh", "preempted"),
+  noticed = [("queued-resources", "SUSPENDED"), ("tpu-vm", "PREEMPTED"), ("ssh", "stopped"),
              ("ssh", "failed 1")]
   for (word, answer), before, after in zip(noticed, launches, launches[1:]):
     assert any(word in c["argv"] and answer in c["out"] for c in calls[before:after])
-  # The crash on a healthy slice: relaunched in place, which stopped worker 0's stuck trainer.
-  assert not indices(calls[launches[3]:launches[4]], "create")
+  # The clean stop and the crash on a healthy slice: relaunched in place, which stopped worker 0's
+  # stuck trainer.
+  assert not indices(calls[launches[2]:launches[4]], "create")
+  assert not indices(calls[launches[2]:launches[4]], "delete")
   assert "stopping the previous job" in done.stderr
 
   # Copied and installed on every worker of every slice, then launched on --worker=all.
   scps = indices(calls, "scp", worker="all")
-  assert len(scps) == 4 and all(c < s for c, s in zip(creates, scps))
+  assert len(scps) == 3 and all(c < s for c, s in zip(creates, scps))
   for names in map(json.loads, cloud.lines("scp.log")):
     assert {"pyproject.toml", "s5scale", "configs", "launch"} <= set(names)
     assert not {".git", ".venv"} & set(names)
   installs = cloud.lines("installs.log")
-  assert len(installs) == 4 * NUM_WORKERS and all("-e .[tpu]" in l for l in installs)
+  assert len(installs) == 3 * NUM_WORKERS
+  assert all("-c requirements.lock -e .[tpu]" in l for l in installs)  # pinned
 
   # What the workers really ran: the same command, hence the same workdir, every time.
   expected_argv = ["-m", "s5scale.train", f"--config={CONFIG}", f"--workdir={WORKDIR}", OVERRIDE]
@@ -435,7 +531,8 @@ def test_recreates_slice_or_relaunches_in_place_after_each_loss(make_cloud):
 
 def test_gives_up_when_max_restarts_are_used_up(make_cloud):
   cloud = make_cloud("four_losses")
-  done = cloud.run(CONFIG, OVERRIDE, MAX_RESTARTS="1")  # two preemptions, one restart allowed
+  # Two preemptions with no checkpoint saved in between; one restart allowed.
+  done = cloud.run(CONFIG, OVERRIDE, MAX_RESTARTS="1", FAKE_NO_PROGRESS="1")
   assert done.returncode == 1
   assert "giving up" in done.stderr and "node s5-test PREEMPTED" in done.stderr  # the reason
   assert len(indices(cloud.calls(), "queued-resources", "create")) == 2
