@@ -114,10 +114,9 @@ def pin_steps(workdir: str, name: str, steps: list[int]) -> None:
     if not steps:
       pin_file.unlink(missing_ok=True)
       return
-    pin_file.parent.mkdir(parents=True, exist_ok=True)
-    temporary = pin_file.parent / f".{name}.json.tmp"
-    temporary.write_text(json.dumps(dict(steps=[int(s) for s in steps], time=time.time())))
-    temporary.replace(pin_file)  # the trainer never reads a half-written pin
+    # The trainer never reads a half-written pin.
+    pin = dict(steps=[int(s) for s in steps], time=time.time())
+    storage.replace_text(pin_file, json.dumps(pin))
   except OSError as error:  # a pin only narrows the race; reading goes on without it
     logging.warning("could not write the eval pin %s: %s", pin_file, error)
 
@@ -305,10 +304,8 @@ def write_run_status(workdir: str, status: str, step: int) -> None:
   reads it once every process has exited; written whole or not at all."""
   if jax.process_index() != 0:
     return
-  path = epath.Path(workdir) / RUN_STATUS
-  temporary = path.parent / f".{RUN_STATUS}.tmp"
-  temporary.write_text(json.dumps(dict(status=status, step=int(step))))
-  temporary.replace(path)
+  status_record = dict(status=status, step=int(step))
+  storage.replace_text(epath.Path(workdir) / RUN_STATUS, json.dumps(status_record))
 
 
 def clear_run_status(workdir: str) -> None:

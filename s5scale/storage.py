@@ -56,6 +56,20 @@ def write_json(file_path, payload: dict) -> None:
   write_text(file_path, json.dumps(payload, indent=2, sort_keys=True))
 
 
+def replace_text(file_path, text: str) -> None:
+  """Writes the whole file so that a reader sees the old text or the new, never part of one:
+  locally a temporary file renamed over it; on object stores one upload, which is atomic there
+  already (and a rename would be a copy and a delete)."""
+  target = epath.Path(file_path)
+  if is_cloud(file_path):
+    target.write_text(text)
+    return
+  makedirs(target.parent)
+  temporary = target.parent / f".{target.name}.tmp"
+  temporary.write_text(text)
+  temporary.replace(target)
+
+
 def read_json(file_path) -> dict:
   return json.loads(epath.Path(file_path).read_text())
 

@@ -141,6 +141,7 @@ def text_run(text_data):
     trainer.send_signal(signal.SIGTERM)
     preempted = trainer.communicate(timeout=300)[0]
     checkpoints_after_sigterm = names(bucket, "run/checkpoints/")
+    status_after_sigterm = json.loads(bucket.blob("run/run_status.json").download_as_text())
     resumed = helpers.run("train", "text_small.py", workdir, TEXT_FLAGS)
     evaluated = watcher.communicate(timeout=300)[0]
     uninterrupted = reference.communicate(timeout=300)[0]
@@ -149,7 +150,8 @@ def text_run(text_data):
       if proc is not None and proc.poll() is None:
         proc.kill()
   return dict(bucket=bucket, workdir=workdir, preempted=preempted, trainer=trainer,
-              checkpoints_after_sigterm=checkpoints_after_sigterm, resumed=resumed,
+              checkpoints_after_sigterm=checkpoints_after_sigterm,
+              status_after_sigterm=status_after_sigterm, resumed=resumed,
               watcher=watcher, evaluated=evaluated, reference=reference,
               uninterrupted=uninterrupted)
 
@@ -161,6 +163,9 @@ def test_sigterm_on_gs_exits_0_with_the_checkpoint_in_the_bucket(text_run):
   stopped_at = int(line.split("preempted at step ")[1].split(",")[0])
   assert stopped_at < NUM_STEPS
   assert f"run/checkpoints/{stopped_at}/state/_METADATA" in text_run["checkpoints_after_sigterm"]
+  # The supervisor's marker is one upload: a rename on GCS is a copy, and gcsfs's move retries.
+  assert text_run["status_after_sigterm"] == {"status": "preempted", "step": stopped_at}
+  assert "Failed to move file" not in text_run["preempted"]
 
 
 @pytest.mark.slow

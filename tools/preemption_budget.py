@@ -9,8 +9,8 @@ computed for a pod config's per-host state.
 It starts `python -m s5scale.train` in a fresh --workdir, waits for --after_steps logged steps,
 sends SIGTERM, and polls the workdir until the agreed step's checkpoint is complete (every part
 orbax lists in the step's metadata is there): that moment is "durable". It prints one JSON line:
-SIGTERM to durable, SIGTERM to exit, the checkpoint's bytes, and the write rate (bytes over the
-time from the start of the save to durable, both seen from here). With --estimate it also prints
+SIGTERM to durable, SIGTERM to exit, the checkpoint's bytes, and the write rate (those bytes over
+the save's duration, which the trainer logs). With --estimate it also prints
 that config's train-state bytes per host (parameters and optimizer state, sharded over the slice
 and written once per shard), and the budget: the steps still run before every host stops (at most
 two: the one in flight and the agreed next one), plus those bytes at the measured rate, against
@@ -31,8 +31,9 @@ from etils import epath
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-# About 63M parameters: text_small's stack made wide, on short sequences so a CPU step is quick.
-LARGE_TEXT = {"model.d_model": 1024, "model.ssm_size": 1024, "model.num_layers": 8,
+# About 51M parameters: text_small's stack made wide and deep, on short sequences so a CPU step
+# is quick.
+LARGE_TEXT = {"model.d_model": 1024, "model.ssm_size": 1024, "model.num_layers": 16,
               "data.batch_size": 2, "data.seq_len": 64, "train.num_steps": 100000,
               "train.log_every_steps": 1, "checkpoint.every_steps": 100000,
               "eval.every_steps": 0, "optim.warmup_steps": 1}
@@ -59,8 +60,9 @@ def complete_steps(workdir: epath.Path) -> list[int]:
   return sorted(s for s in steps if not checkpoint.missing_parts(root, s))
 
 
-def step_bytes(step_dir: epath.Path) -> int:
-  return sum(p.stat().length for p in step_dir.rglob("*") if p.is_file())
+def step_bytes(folder: epath.Path) -> int:
+  # iterdir, not rglob: epath refuses a recursive glob on gs:// (one listing per folder is fine).
+  return sum(step_bytes(p) if p.is_dir() else p.stat().length for p in folder.iterdir())
 
 
 def measure(args) -> dict:
@@ -80,13 +82,10 @@ def measure(args) -> dict:
       time.sleep(0.05)
     signalled = time.time()
     proc.send_signal(signal.SIGTERM)
-    durable = save_started = None
+    durable = None
     while time.time() < deadline and (durable is None or proc.poll() is None):
       if durable is None and complete_steps(workdir):
         durable = time.time()
-      if save_started is None and (workdir / "checkpoints").exists() and any(
-          (workdir / "checkpoints").iterdir()):
-        save_started = time.time()  # orbax's temporary step directory appeared
       time.sleep(0.01)
     exited = time.time()
     lines = proc.communicate(timeout=60)[0].splitlines()
@@ -98,14 +97,20 @@ def measure(args) -> dict:
                      + "\n".join(lines[-40:]))
   step = complete_steps(workdir)[-1]
   size = step_bytes(workdir / "checkpoints" / str(step))
-  params = next((m.group(1) for m in map(re.compile(r"model: (\S+) parameters").search, lines)
-                 if m), "?")
-  write_s = max(durable - (save_started or signalled), 1e-3)
-  return {"workdir": args.workdir, "parameters": params, "stopped_at_step": step,
-          "sigterm_to_durable_s": round(durable - signalled, 3),
+  # The trainer times its own save (save call to wait_until_finished): polling from here cannot
+  # see when the writing starts.
+  save_s = float(first_match(r"checkpoint saved in ([\d.]+) s", lines))
+  return {"workdir": args.workdir, "parameters": first_match(r"model: (\S+) parameters", lines),
+          "stopped_at_step": step, "sigterm_to_durable_s": round(durable - signalled, 3),
           "sigterm_to_exit_s": round(exited - signalled, 3), "checkpoint_bytes": size,
-          "save_start_to_durable_s": round(write_s, 3),
-          "write_rate_mb_per_s": round(size / write_s / 1e6, 1)}
+          "save_s": save_s, "write_rate_mb_per_s": round(size / max(save_s, 1e-3) / 1e6, 1)}
+
+
+def first_match(pattern: str, lines: list[str]) -> str:
+  found = next((m.group(1) for m in map(re.compile(pattern).search, lines) if m), None)
+  if found is None:
+    raise SystemExit(f"the trainer never logged {pattern!r}:\n" + "\n".join(lines[-40:]))
+  return found
 
 
 def state_bytes_per_host(config_path: str, hosts: int) -> dict:
@@ -140,6 +145,8 @@ def main(argv=None) -> int:
   parser.add_argument("--timeout_s", type=float, default=1800)
   parser.add_argument("--estimate", default="", help="a pod config to compute the budget for")
   parser.add_argument("--hosts", type=int, default=64, help="hosts of its slice (v5e-256: 64)")
+  # 4.7 s: audio_large's step on v5e:16x16 as tools/aot_compile.py's roofline prices it
+  # (docs/tpu.md); a cost model, not a measurement, so give a measured step time when there is one.
   parser.add_argument("--step_s", type=float, default=4.7, help="its step time on that slice")
   parser.add_argument("--deadline_s", type=float, default=30.0)
   args = parser.parse_args(argv)
