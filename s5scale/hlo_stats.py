@@ -8,8 +8,11 @@ totals multiply each computation by how often it runs:
   hbm_bytes        operands + result of every instruction outside fusions (a fusion keeps its
                    intermediates on chip); a slice reads only the slice and an in-place update
                    writes only the update. That is XLA's own rule (with every loop body counted
-                   once, these totals come within ~5% of its "bytes accessed"); arrays XLA keeps
-                   in on-chip memory count too, so it bounds HBM traffic from above
+                   once, these totals come within ~5% of its "bytes accessed"). Arrays whose
+                   layout puts them in another memory space are not HBM traffic:
+  vmem_bytes       ... in S(1), TPU's on-chip VMEM (where memory-space assignment prefetches
+                   buffers with copy-start/copy-done)
+  host_bytes       ... in S(5), the host's memory (model.remat="offload"), moved over PCIe
   collectives      {kind: {"count", "bytes"}}: executions per step and bytes moved, where bytes
                    is the larger of operands and result (an all-gather's result is the gathered
                    array, a reduce-scatter's operand the unscattered one); TPU's fused
@@ -26,12 +29,16 @@ import collections
 import math
 import re
 
+from s5scale import replica_groups
+
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 
 _DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
                 "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
                 "c128": 16}
-_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8\w*)\[([\d,]*)\]")
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8\w*)\[([\d,]*)\](\{[^}]*\})?")
+_MEMORY_SPACE = re.compile(r"S\((\d+)\)")
+VMEM_SPACE, HOST_SPACE = 1, 5  # TPU memory spaces in a layout's S(n); 0 (no S) is HBM
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*->.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
 _OPCODE = re.compile(r"\s*([\w\-]+)\(")
@@ -48,13 +55,20 @@ _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
                "recv-done", "dynamic-slice-done", "dynamic-update-slice-done"}
 
 
-def shape_bytes(type_text: str) -> float:
-  """Bytes of an HLO type: an array `f32[2,3]{...}` or a tuple of them."""
-  total = 0.0
-  for dtype, dims in _ARRAY.findall(type_text):
+def bytes_by_space(type_text: str) -> collections.Counter:
+  """{memory space: bytes} of an HLO type (an array `f32[2,3]{1,0:T(8,128)S(1)}` or a tuple of
+  them); an array with no S(n) in its layout is in space 0."""
+  totals = collections.Counter()
+  for dtype, dims, layout in _ARRAY.findall(type_text):
     size = math.prod(int(d) for d in dims.split(",") if d)
-    total += size * _DTYPE_BYTES.get(dtype, 1)
-  return total
+    space = _MEMORY_SPACE.search(layout)
+    totals[int(space.group(1)) if space else 0] += size * _DTYPE_BYTES.get(dtype, 1)
+  return totals
+
+
+def shape_bytes(type_text: str) -> float:
+  """Bytes of an HLO type, in any memory space."""
+  return float(sum(bytes_by_space(type_text).values()))
 
 
 def _dims(type_text: str) -> list[int]:
@@ -180,24 +194,48 @@ def _matmul_flops(op: dict, types: dict) -> float:
   return 2.0 * result * math.prod(rhs) / rhs[labels.group(1).index("o")]
 
 
-def _traffic(op: dict, types: dict, computations: dict) -> float:
-  """HBM bytes read and written by one top-level instruction.
+def _space_of(type_text: str) -> int:
+  """The memory space holding most of a type's bytes (an array has one)."""
+  spaces = bytes_by_space(type_text)
+  return max(spaces, key=spaces.get) if spaces else 0
+
+
+def _traffic(op: dict, types: dict, computations: dict) -> collections.Counter:
+  """{memory space: bytes} read and written by one top-level instruction.
 
   Slicing reads only the slice, and an in-place update writes only the update (the rest of the
   buffer is aliased): the stacked layer parameters are sliced this way on every loop iteration,
   and the block inputs that model.remat="offload" keeps in host memory are written and read
-  this way by asynchronous slices (counted at their start).
+  this way by asynchronous slices (counted at their start). Each byte counts in the space it is
+  read from or written to: a slice of a host buffer into HBM is a host read and an HBM write.
   """
-  sizes = [shape_bytes(types.get(o, "")) for o in op["operands"]]
+  operand_types = [types.get(o, "") for o in op["operands"]]
+  traffic = collections.Counter()
+  if op["opcode"] == "custom-call" and 'custom_call_target="AllocateBuffer"' in op["attributes"]:
+    return traffic  # reserves a buffer, moves nothing
   if op["opcode"] == "dynamic-slice":
-    return 2 * shape_bytes(op["type"])
+    traffic[_space_of(operand_types[0])] += shape_bytes(op["type"])
+    traffic.update(bytes_by_space(op["type"]))
+    return traffic
   if op["opcode"] in ("dynamic-update-slice", "dynamic-update-slice-start"):
-    return 2 * sizes[1]
-  if op["opcode"] == "dynamic-slice-start":
-    # Its type is ((operands), slice, context): the slice is what the rest leaves.
-    return 2 * max(shape_bytes(op["type"]) - sum(sizes), 0.0)
+    update = shape_bytes(operand_types[1])
+    traffic[_space_of(operand_types[1])] += update
+    traffic[_space_of(operand_types[0])] += update
+    return traffic
+  if op["opcode"] in ("dynamic-slice-start", "copy-start"):
+    # The type is ((operands) or operand, destination, context): what the operands leave is the
+    # destination written (and a few context bytes), as many bytes read from the first operand.
+    written = bytes_by_space(op["type"])
+    for operand_type in operand_types:
+      written.subtract(bytes_by_space(operand_type))
+    written = +written
+    traffic[_space_of(operand_types[0]) if operand_types else 0] += sum(written.values())
+    traffic.update(written)
+    return traffic
   if op["opcode"] != "fusion" or "calls" not in op["called"]:
-    return sum(sizes) + shape_bytes(op["type"])
+    for type_text in operand_types + [op["type"]]:
+      traffic.update(bytes_by_space(type_text))
+    return traffic
   fused = computations.get(op["called"]["calls"], [])
   by_name = {f["name"]: f for f in fused}
   users = collections.defaultdict(list)
@@ -207,26 +245,29 @@ def _traffic(op: dict, types: dict, computations: dict) -> float:
   root = fused[-1] if fused else None
   roots = [by_name[n] for n in root["operands"]] if root and root["opcode"] == "tuple" else [root]
   in_place = {r["operands"][0] for r in roots if r and r["opcode"] == "dynamic-update-slice"}
-  total = 0.0
   for f in fused:
-    if f["opcode"] != "parameter" or not f["inner"].isdigit() or int(f["inner"]) >= len(sizes):
+    if f["opcode"] != "parameter" or not f["inner"].isdigit() or int(f["inner"]) >= len(
+        operand_types):
       continue
     consumers = users[f["name"]]
+    outer_type = operand_types[int(f["inner"])]
     if f["name"] in in_place:
       continue  # the buffer being updated in place
     if consumers and all(c["opcode"] == "dynamic-slice" and c["operands"][0] == f["name"]
                          for c in consumers):
-      total += sum(shape_bytes(c["type"]) for c in consumers)
+      traffic[_space_of(outer_type)] += sum(shape_bytes(c["type"]) for c in consumers)
     else:
-      total += sizes[int(f["inner"])]
-  for r in roots:
+      traffic.update(bytes_by_space(outer_type))
+  outputs = [op["type"]] if len(roots) == 1 else [r["type"] if r else "" for r in roots]
+  for r, output_type in zip(roots, outputs):
     if r is None:
       continue
     if r["opcode"] == "dynamic-update-slice":
-      total += shape_bytes(by_name.get(r["operands"][1], {}).get("type", ""))
+      update = shape_bytes(by_name.get(r["operands"][1], {}).get("type", ""))
+      traffic[_space_of(output_type)] += update
     else:
-      total += shape_bytes(r["type"])
-  return total
+      traffic.update(bytes_by_space(output_type))
+  return traffic
 
 
 def group_size(attributes: str):
@@ -257,7 +298,7 @@ def _wire_factor(kind: str, size) -> float:
 
 
 def _collective(op: dict, types: dict, computations: dict):
-  """(kind, bytes, wire bytes) of one execution of a collective instruction, or None.
+  """(kind, bytes, wire bytes, attributes) of one execution of a collective instruction, or None.
 
   Bytes are the larger of the collective's operands and result; wire bytes what each device
   sends over the interconnect in a ring algorithm (_wire_factor). TPU wraps collectives in
@@ -273,7 +314,8 @@ def _collective(op: dict, types: dict, computations: dict):
     if op["opcode"].endswith("-start") and op["type"].startswith("("):
       result_bytes = max(result_bytes - operand_bytes, 0.0)  # (operands, results) tuple
     moved = max(operand_bytes, result_bytes)
-    return kind, moved, moved * _wire_factor(kind, group_size(op["attributes"]))
+    wire = moved * _wire_factor(kind, group_size(op["attributes"]))
+    return kind, moved, wire, op["attributes"]
   if op["opcode"] != "fusion" or "calls" not in op["called"]:
     return None
   fused = computations.get(op["called"]["calls"], [])
@@ -282,18 +324,19 @@ def _collective(op: dict, types: dict, computations: dict):
   inner = [found for found in inner if found]
   if not inner:
     return None
-  kinds = [k for k, _, _ in inner]
+  kinds = [found[0] for found in inner]
   moved, wire = sum(found[1] for found in inner), sum(found[2] for found in inner)
   if kinds == ["all-reduce"] and fused[-1]["opcode"] == "dynamic-slice":
-    return "reduce-scatter", moved, wire / 2  # the all-gather half of the all-reduce is skipped
-  return kinds[0], moved, wire
+    # the all-gather half of the all-reduce is skipped
+    return "reduce-scatter", moved, wire / 2, inner[0][3]
+  return kinds[0], moved, wire, inner[0][3]
 
 
 def step_totals(hlo_text: str) -> dict:
   """Per-call totals of a compiled module (see the module docstring)."""
   computations, entry = parse_module(hlo_text)
   control, fused, unknown_loops = _multiplicities(computations, entry)
-  flops, hbm_bytes = 0.0, 0.0
+  flops, traffic = 0.0, collections.Counter()
   collectives = {kind: {"count": 0, "bytes": 0.0, "wire_bytes": 0.0} for kind in COLLECTIVES}
   for name, times in list(control.items()) + list(fused.items()):
     ops = computations.get(name, [])
@@ -305,21 +348,26 @@ def step_totals(hlo_text: str) -> dict:
         continue
       collective = _collective(op, types, computations)
       if collective:
-        kind, moved, wire = collective
+        kind, moved, wire, _ = collective
         collectives[kind]["count"] += times
         collectives[kind]["bytes"] += times * moved
         collectives[kind]["wire_bytes"] += times * wire
-      hbm_bytes += times * _traffic(op, types, computations)
-  return dict(matmul_flops=flops, hbm_bytes=hbm_bytes, collectives=collectives,
-              unknown_loops=unknown_loops)
+      for space, moved in _traffic(op, types, computations).items():
+        traffic[space] += times * moved
+  vmem_bytes, host_bytes = traffic.pop(VMEM_SPACE, 0.0), traffic.pop(HOST_SPACE, 0.0)
+  return dict(matmul_flops=flops, hbm_bytes=float(sum(traffic.values())), vmem_bytes=vmem_bytes,
+              host_bytes=host_bytes, collectives=collectives, unknown_loops=unknown_loops)
 
 
 def collective_calls(hlo_text: str) -> list[dict]:
   """Each collective instruction of a compiled module, with what step_totals sums over them.
 
   Returns dicts with kind (e.g. "all-gather"), name, computation, result and operands (HLO type
-  texts), replica_groups (the attribute's text), count (executions per call of the entry, loops
-  counted by trip count), bytes and wire_bytes (per execution, as in step_totals).
+  texts), replica_groups (the attribute's text), groups (its device ids, replica_groups.expand;
+  None if it names none), pairs (a permute's (source, target) ids), count (executions per call
+  of the entry, loops counted by trip count), bytes and wire_bytes (per execution, as in
+  step_totals). A collective fused with other work (TPU) is reported with the fusion's name and
+  the collective's replica groups.
   """
   computations, entry = parse_module(hlo_text)
   control, _, _ = _multiplicities(computations, entry)
@@ -331,10 +379,12 @@ def collective_calls(hlo_text: str) -> list[dict]:
       collective = _collective(op, types, computations)
       if not collective:
         continue
-      kind, moved, wire = collective
+      kind, moved, wire, attributes = collective
       operand_types = [types.get(o, "") for o in op["operands"]]
-      groups = re.search(r"replica_groups=(\S+(?: \{[^}]*\})?)", op["attributes"])
+      groups = re.search(r"replica_groups=(\S+(?: \{[^}]*\})?)", attributes)
       calls.append(dict(kind=kind, name=op["name"], computation=name, result=op["type"],
                         operands=operand_types, replica_groups=groups.group(1) if groups else "",
+                        groups=replica_groups.expand(attributes),
+                        pairs=replica_groups.source_target_pairs(attributes),
                         count=times, bytes=moved, wire_bytes=wire))
   return calls

@@ -201,8 +201,11 @@ def test_sweep_table_has_one_row_per_compiled_result(tmp_path):
                 overrides=["--config.data.batch_size=256"], num_params=1_075_500_000, seq_len=131072,
                 num_chips=512, fits=True, chip=dict(hbm_bytes=16 * GiB),
                 memory=dict(total=12 * GiB),
-                cost=dict(roofline=dict(compute_s=2.0, memory_s=1.0, collective_s=0.5, step_s=2.0,
-                                        bound="compute", mfu=0.5, tokens_per_s_per_chip=32768.0)))
+                cost=dict(roofline=dict(compute_s=2.0, memory_s=1.0, collective_s=0.5, host_s=0.25,
+                                        step_s=2.0, bound="compute", mfu=0.5,
+                                        tokens_per_s_per_chip=32768.0, serial_s=3.75,
+                                        serial_mfu=0.5 * 2.0 / 3.75,
+                                        serial_tokens_per_s_per_chip=32768.0 * 2.0 / 3.75)))
   failed = dict(config="configs/text_large.py", topology="v5e:16x16", num_slices=1, fits=False,
                 error="RESOURCE_EXHAUSTED: 20G of 16G")
   path = tmp_path / "results.jsonl"
@@ -216,5 +219,6 @@ def test_sweep_table_has_one_row_per_compiled_result(tmp_path):
   assert len(rows) == 2
   cells = [c.strip() for c in rows[0].strip("|").split("|")]
   assert cells == ["audio_large data.batch_size=256", "v5e:16x16 × 2", "1.08B", "131,072", "512",
-                   "12.00", "75%", "2000 ms", "1000 ms", "500 ms (25%)", "compute", "50.0%", "32,768"]
+                   "12.00", "75%", "2000 ms", "1000 ms", "500 ms", "250 ms", "compute", "50.0%",
+                   "3750 ms", "26.7%", "17,476"]
   assert "does not compile" in rows[1] and "RESOURCE_EXHAUSTED" in rows[1]

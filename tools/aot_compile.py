@@ -34,34 +34,13 @@ import jax
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from s5scale import cli, config_check, data, hlo_stats, parallel, training
+from s5scale import cli, config_check, cost_model, data, hardware, hlo_stats, parallel, training
 
 GiB = 2**30
 EXIT_OVER_HBM = 1
 
 
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  name: str
-  peak_flops: float        # dense bf16 FLOP/s
-  hbm_bytes: float
-  hbm_bandwidth: float     # bytes/s
-  ici_bandwidth: float     # bidirectional bytes/s per chip
-
-
-# Published per-chip figures, Cloud TPU system architecture pages (cloud.google.com/tpu/docs/
-# v4, /v5e, /v5p-training, /v6e). Keyed by jax's device_kind.
-CHIPS = {
-    # v4: 275 TFLOP/s bf16, 32 GiB HBM2 at 1200 GB/s. ICI is not in that table: 6 links of
-    # ~50 GB/s (Jouppi et al., "TPU v4", ISCA 2023); the least certain number here.
-    "TPU v4": Chip("v4", 275e12, 32 * GiB, 1200e9, 300e9),
-    # v5e: 197 TFLOP/s bf16, 16 GB HBM2 at 819 GB/s, 400 GB/s bidirectional ICI.
-    "TPU v5 lite": Chip("v5e", 197e12, 16 * GiB, 819e9, 400e9),
-    # v5p: 459 TFLOP/s bf16, 95 GiB HBM2e at 2765 GB/s, 1200 GB/s bidirectional ICI.
-    "TPU v5": Chip("v5p", 459e12, 95 * GiB, 2765e9, 1200e9),
-    # v6e (Trillium): 918 TFLOP/s bf16, 32 GB HBM at 1638 GB/s, 800 GB/s bidirectional ICI.
-    "TPU v6 lite": Chip("v6e", 918e12, 32 * GiB, 1638e9, 800e9),
-}
+CHIPS = hardware.CHIPS
 # libtpu keeps part of HBM for itself: it reports 15.75G available on a 16 GiB v5e.
 RESERVED_HBM = GiB // 4
 MEGACORE = ("v4", "v5p")  # two TensorCores per chip, used as one device
@@ -141,32 +120,25 @@ def memory_report(compiled) -> dict:
   return report
 
 
-def cost_report(compiled, config, chip: Chip, num_chips: int, matmul_params: int) -> dict:
-  """XLA's cost analysis, the loop-aware HLO totals, and the roofline built on the latter."""
+def cost_report(compiled, config, chip: hardware.Chip, devices, matmul_params: int) -> dict:
+  """XLA's cost analysis, the loop-aware HLO totals, and the bounds built on the latter
+  (s5scale/cost_model.py). `devices` are the program's devices in order (the mesh's, flat)."""
   analysis = compiled.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-  totals = hlo_stats.step_totals(compiled.as_text())
-  tokens_per_chip = config.data.batch_size * config.data.seq_len / num_chips
+  text = compiled.as_text()
+  totals = hlo_stats.step_totals(text)
+  tokens_per_chip = config.data.batch_size * config.data.seq_len / len(devices)
   model_flops = 6.0 * matmul_params * tokens_per_chip  # forward + backward, no recomputation
-  # What each chip sends in ring collectives over its replica groups ((n-1)/n of the array, twice
-  # for an all-reduce); whole_arrays_s is the cruder count of every gathered or reduced array.
-  wire_bytes = sum(c["wire_bytes"] for c in totals["collectives"].values())
-  whole_array_bytes = sum(c["bytes"] for c in totals["collectives"].values())
-  times = dict(compute_s=totals["matmul_flops"] / chip.peak_flops,
-               memory_s=totals["hbm_bytes"] / chip.hbm_bandwidth,
-               collective_s=wire_bytes / chip.ici_bandwidth)
-  step_s = max(times.values())  # perfect overlap: a lower bound on the step time
+  collective = cost_model.collectives_seconds(
+      hlo_stats.collective_calls(text), cost_model.torus_of(devices, chip), chip)
   return dict(
       xla_flops=float(analysis.get("flops", 0.0)),
       xla_bytes_accessed=float(analysis.get("bytes accessed", 0.0)),
       matmul_flops=totals["matmul_flops"], bytes_accessed=totals["hbm_bytes"],
+      vmem_bytes=totals["vmem_bytes"], host_bytes=totals["host_bytes"],
       collectives=totals["collectives"], unknown_loops=totals["unknown_loops"],
       model_flops=model_flops,
-      roofline=dict(times, step_s=step_s, bound=max(times, key=times.get)[:-2],
-                    collective_share=times["collective_s"] / step_s if step_s else 0.0,
-                    whole_arrays_s=whole_array_bytes / chip.ici_bandwidth,
-                    tokens_per_s_per_chip=tokens_per_chip / step_s if step_s else 0.0,
-                    mfu=model_flops / (step_s * chip.peak_flops) if step_s else 0.0))
+      roofline=cost_model.bounds(totals, collective, chip, model_flops, tokens_per_chip))
 
 
 def _gib(n):
@@ -196,20 +168,26 @@ def print_summary(result: dict) -> None:
       f"  offloaded to host memory {_gib(memory['host_temporary'])}",
       "per-chip cost of one step (loops counted by trip count):",
       f"  matmul FLOPs    {cost['matmul_flops']:.3e}   (model 6*N*D: {cost['model_flops']:.3e})",
-      f"  bytes accessed  {cost['bytes_accessed']:.3e}",
+      f"  HBM bytes       {cost['bytes_accessed']:.3e}   (not counted: {cost['vmem_bytes']:.3e} in "
+      f"VMEM; {cost['host_bytes']:.3e} to/from host memory, priced at PCIe speed)",
       f"  XLA cost_analysis (each loop body once): {cost['xla_flops']:.3e} FLOPs, "
       f"{cost['xla_bytes_accessed']:.3e} bytes",
-      "collectives per step (per chip):",
+      "collectives per step (per chip; time on the links of the torus axes each group spans):",
       *[f"  {kind:19s} {c['count']:6d} x  {c['bytes'] / 2**20:12.1f} MiB arrays, "
-        f"{c['wire_bytes'] / 2**20:12.1f} MiB sent in rings" for kind, c in cost["collectives"].items()],
+        f"{roofline['collective_by_kind'].get(kind, 0.0) * 1e3:9.1f} ms"
+        for kind, c in cost["collectives"].items()],
       f"roofline ({chip['name']}: {chip['peak_flops'] / 1e12:.0f} TFLOP/s, "
-      f"{chip['hbm_bandwidth'] / 1e9:.0f} GB/s HBM, {chip['ici_bandwidth'] / 1e9:.0f} GB/s ICI):",
+      f"{chip['hbm_bandwidth'] / 1e9:.0f} GB/s HBM, {chip['ici_link_bandwidth'] / 1e9:.0f} GB/s per "
+      f"ICI link each way, {chip['dcn_bandwidth'] / 1e9:.2f} GB/s DCN and "
+      f"{chip['host_bandwidth'] / 1e9:.0f} GB/s PCIe per chip):",
       f"  compute {roofline['compute_s'] * 1e3:.1f} ms, memory {roofline['memory_s'] * 1e3:.1f} ms,"
-      f" collectives {roofline['collective_s'] * 1e3:.1f} ms = {roofline['collective_share']:.0%} of "
-      f"the step (ring bytes at ICI speed; {roofline['whole_arrays_s'] * 1e3:.1f} ms counting whole "
-      "arrays)",
-      f"  step >= {roofline['step_s'] * 1e3:.1f} ms ({roofline['bound']}-bound), "
+      f" collectives {roofline['collective_s'] * 1e3:.1f} ms (ICI {roofline['ici_s'] * 1e3:.1f}, "
+      f"DCN {roofline['dcn_s'] * 1e3:.1f}), host {roofline['host_s'] * 1e3:.1f} ms",
+      f"  overlapped: step >= {roofline['step_s'] * 1e3:.1f} ms ({roofline['bound']}-bound), "
       f"{roofline['tokens_per_s_per_chip']:.0f} tokens/s/chip, MFU <= {roofline['mfu']:.1%}",
+      f"  serial (nothing overlapped): {roofline['serial_s'] * 1e3:.1f} ms, "
+      f"{roofline['serial_tokens_per_s_per_chip']:.0f} tokens/s/chip, MFU "
+      f"{roofline['serial_mfu']:.1%}",
   ]
   if cost["unknown_loops"]:
     lines.append(f"  note: {cost['unknown_loops']} loop(s) with unreadable trip counts were "
@@ -242,7 +220,8 @@ def run(config, topology: str, num_slices: int, config_path: str) -> int:
   result = dict(base, mesh=dict(mesh.shape), mesh_ici=dict(zip(parallel.MESH_AXES, ici)),
                 mesh_dcn=dict(zip(parallel.MESH_AXES, dcn)), num_processes=num_processes, **sizes,
                 memory=memory, fits=memory["total"] <= chip.hbm_bytes - RESERVED_HBM,
-                cost=cost_report(compiled, config, chip, len(devices), sizes["matmul_params"]))
+                cost=cost_report(compiled, config, chip, list(mesh.devices.flat),
+                                 sizes["matmul_params"]))
   print_summary(result)
   print(json.dumps(result), flush=True)
   if not result["fits"]:

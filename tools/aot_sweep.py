@@ -7,8 +7,10 @@
 Each row is compiled in its own aot_compile.py process (no TPU needed, libtpu does it), so one
 that does not fit or fails to compile is reported and the sweep goes on. Columns: parameters,
 context (samples or tokens per row), chips; GiB per chip and % of HBM; the roofline's compute,
-memory and collective times per step (collectives also as a share of the step); which bounds it,
-MFU and tokens/s per chip. The TPU fit table in docs/tpu.md is this tool's output.
+HBM, collective (ICI + DCN, on the links each collective's groups span) and host-offload times per
+step; the overlapped bound (the largest term: which one, and MFU at it) and the serial bound (the
+sum: step time, MFU and tokens/s per chip at it); see s5scale/cost_model.py. The TPU fit table in
+docs/tpu.md is this tool's output.
 
 Exit status: 0 every row fits, 1 some row does not fit or failed, 2 bad flags.
 """
@@ -33,8 +35,8 @@ ROWS = [
 ]
 
 HEADER = ("| config | topology | params | context | chips | GiB/chip | HBM | compute | memory "
-          "| collectives | bound | MFU ≤ | tokens/s/chip |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| collectives | host | overlapped bound | MFU ≤ | serial step | serial MFU "
+          "| serial tokens/s/chip |\n" + "|---" * 16 + "|")
 
 
 def compile_row(config: str, topology: str, slices: int, overrides) -> dict:
@@ -60,16 +62,16 @@ def table_row(result: dict) -> str:
   if "memory" not in result:
     why = result.get("error", "")
     why = why[0] if isinstance(why, list) else why.splitlines()[0] if why else ""
-    return f"| {name} | {topology} | | | | does not compile: {why[:120]} | | | | | | | |"
+    return f"| {name} | {topology} | | | | does not compile: {why[:120]} |" + " |" * 10
   memory, roofline = result["memory"]["total"], result["cost"]["roofline"]
   hbm = result["chip"]["hbm_bytes"]
   cells = [name, topology, f"{result['num_params'] / 1e9:.2f}B", f"{result['seq_len']:,}",
            str(result["num_chips"]), f"{memory / GiB:.2f}",
            f"{memory / hbm:.0%}" + ("" if result["fits"] else " (does not fit)"),
-           f"{roofline['compute_s'] * 1e3:.0f} ms", f"{roofline['memory_s'] * 1e3:.0f} ms",
-           f"{roofline['collective_s'] * 1e3:.0f} ms ({roofline['collective_s'] / roofline['step_s']:.0%})",
-           roofline["bound"],
-           f"{roofline['mfu']:.1%}", f"{roofline['tokens_per_s_per_chip']:,.0f}"]
+           *[f"{roofline[term] * 1e3:.0f} ms" for term in ("compute_s", "memory_s",
+                                                           "collective_s", "host_s")],
+           roofline["bound"], f"{roofline['mfu']:.1%}", f"{roofline['serial_s'] * 1e3:.0f} ms",
+           f"{roofline['serial_mfu']:.1%}", f"{roofline['serial_tokens_per_s_per_chip']:,.0f}"]
   return "| " + " | ".join(cells) + " |"
 
 
