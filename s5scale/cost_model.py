@@ -37,6 +37,8 @@ crosses slices sends its buffer over DCN.
 import dataclasses
 import functools
 
+import jax
+
 from s5scale import hardware
 
 
@@ -172,3 +174,11 @@ def bounds(totals: dict, collective: dict, chip: hardware.Chip, model_flops: flo
               serial_s=serial, serial_mfu=serial_mfu, serial_tokens_per_s_per_chip=serial_tokens,
               exposed_share=(serial - times["compute_s"]) / serial if serial else 0.0)
 
+
+
+def matmul_params(params) -> int:
+  """Parameters that each take one multiply-add per token (the N of 6*N*tokens): dense kernels
+  and the S5 layer's B̃ and C̃. The embedding table is a gather, and the rest (norms, biases,
+  Λ, log Δ, D) are per-element."""
+  return sum(leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+             if getattr(path[-1], "key", "") in ("kernel", "B", "C"))

@@ -94,17 +94,9 @@ def compile_train_step(config, devices):
   params = jax.tree.leaves(abstract_state.params)
   sizes = dict(
       num_params=sum(p.size for p in params),
-      matmul_params=sum(p.size for path, p in jax.tree_util.tree_leaves_with_path(
-          abstract_state.params) if _is_matmul_weight(path)),
+      matmul_params=cost_model.matmul_params(abstract_state.params),
       lower_s=lowered_at - start, compile_s=time.perf_counter() - lowered_at)
   return compiled, mesh, process_count, sizes
-
-
-def _is_matmul_weight(path) -> bool:
-  """Dense kernels and the S5 layer's B̃ and C̃ (each one GEMM per token); the embedding table
-  is a gather, and the rest (norms, biases, Λ, log Δ, D) are per-element."""
-  name = getattr(path[-1], "key", "")
-  return name in ("kernel", "B", "C")
 
 
 def memory_report(compiled) -> dict:

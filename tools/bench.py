@@ -3,6 +3,7 @@
   python tools/bench.py layer       # S5 layer fwd+bwd: default vs reference vs roofline
   python tools/bench.py s4d         # S5 vs S4D (FFT conv, and recurrence) fwd+bwd over lengths
   python tools/bench.py train       # training-step MFU vs a GEMM peak measured alongside
+  python tools/bench.py calibrate   # AOT cost model's bounds vs the measured CPU train step
                                     # (also: compile, data, checkpoint, generate)
 
 Each subcommand is one function, registered in SUBCOMMANDS (the system ones live in
@@ -18,6 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+import bench_calibrate
 import bench_s4d
 import bench_system  # also puts the repository on sys.path, through benchlib
 from benchlib import emit, interleaved_times, summary, temp_bytes
@@ -158,6 +160,8 @@ SUBCOMMANDS = {
     "layer": (bench_layer, add_layer_flags, "S5 layer fwd+bwd: default vs reference vs roofline"),
     "s4d": (bench_s4d.bench_s4d, bench_s4d.add_s4d_flags,
             "S5 vs S4D (FFT conv, and recurrence) fwd+bwd time and memory over lengths"),
+    "calibrate": (bench_calibrate.bench_calibrate, bench_calibrate.add_flags,
+                  "AOT cost model's serial bound vs the measured train step, on this CPU"),
     **{name: (fn, lambda parser, name=name: bench_system.add_flags(parser, name), help_text)
        for name, (fn, help_text) in bench_system.SYSTEM_SUBCOMMANDS.items()},
 }
