@@ -62,9 +62,20 @@ def torus_of(devices, chip: hardware.Chip) -> Torus:
 
 
 def _axis_bandwidth(positions: list[int], axis: int, torus: Torus, link: float) -> float:
-  """Bytes/s per chip along one torus axis for a group at these (distinct, sorted) positions."""
-  spacing = (positions[-1] - positions[0]) / (len(positions) - 1)
-  ring = torus.wraps[axis] and len(positions) * spacing == torus.shape[axis]
+  """Bytes/s per chip along one torus axis for a group at these (distinct, sorted) positions.
+
+  The group's chips lie on the shortest stretch of the axis that holds them all (on a wrapped
+  axis it may run through the wraparound: 15 and 0 are neighbours); spread evenly over it, they
+  are `spacing` links apart.
+  """
+  gaps = [b - a for a, b in zip(positions, positions[1:])]
+  if torus.wraps[axis]:
+    gaps.append(torus.shape[axis] - positions[-1] + positions[0])
+    span = torus.shape[axis] - max(gaps)
+  else:
+    span = positions[-1] - positions[0]
+  spacing = span / (len(positions) - 1)
+  ring = torus.wraps[axis] and len(set(gaps)) == 1  # evenly around the whole axis
   return (2 if ring else 1) * link / spacing
 
 

@@ -74,6 +74,23 @@ def test_all_gather_over_a_model_pair_shares_one_link():
   assert priced["ici_s"] == pytest.approx(x_bytes / 2 / LINK)
 
 
+def test_a_pair_across_the_wraparound_are_neighbours_and_interleaved_groups_share_links():
+  # On a 16x16 torus: chips x=15 and x=0 of row 0 are joined by the wraparound link; groups
+  # of every other chip of a row ({0,2,...,14} and {1,3,...,15}) each close a ring 2 links a
+  # step, so the two groups share every link: half of both directions each.
+  x_bytes = 8 * 1024 * 4
+  pair = module("  %p = f32[4,1024]{1,0} parameter(0)\n"
+                "  ROOT %ag = f32[8,1024]{1,0} all-gather(%p), channel_id=1, "
+                "replica_groups={{15,0}}, dimensions={0}, use_global_device_ids=true")
+  assert seconds(pair, v5e_torus((16, 16)))["ici_s"] == pytest.approx(x_bytes / 2 / LINK)
+  strided = module("  %p = f32[1,1024]{1,0} parameter(0)\n"
+                   "  ROOT %ag = f32[8,1024]{1,0} all-gather(%p), channel_id=1, "
+                   "replica_groups={{0,2,4,6,8,10,12,14},{1,3,5,7,9,11,13,15}}, dimensions={0}, "
+                   "use_global_device_ids=true")
+  assert seconds(strided, v5e_torus((16, 16)))["ici_s"] == pytest.approx(
+      x_bytes * 7 / 8 / (2 * LINK / 2))
+
+
 def test_reduce_scatter_over_two_torus_axes_uses_both_axes_links():
   # All 16 chips of a 4x4 slice (no wraparound): x and y are lines, one link each way-direction.
   x_bytes = 16 * 4096 * 4
