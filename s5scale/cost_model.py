@@ -28,7 +28,10 @@ chips per group in the slice, each chip sends:
 and takes that / W. A collective-permute sends its buffer to one peer: buffer * hops / link
 (a shift by `hops` makes every link on the way carry that many buffers).
 
-Across slices (DCN), a group of k chips in s slices is done hierarchically: in-slice on ICI as
+Across slices (DCN): a multislice program is compiled for one slice, and what crosses slices
+is a host-transfer send that the megascale runtime carries over DCN (hlo_stats.dcn_transfers):
+each chip's buffer b among s slices, b * (s-1)/s (twice for an all-reduce) at the chip's DCN
+bandwidth. Should a replica group itself span slices, it is done hierarchically: in-slice on ICI as
 above with k/s chips, and across slices on the reduced shard X * s/k: each chip sends
 (X * s/k) * (s-1)/s (twice for an all-reduce) at the chip's DCN bandwidth. A permute whose pair
 crosses slices sends its buffer over DCN.
@@ -142,9 +145,26 @@ def collective_seconds(call: dict, torus: Torus, chip: hardware.Chip) -> dict:
   return dict(ici_s=ici, dcn_s=dcn)
 
 
-def collectives_seconds(calls: list[dict], torus: Torus, chip: hardware.Chip) -> dict:
-  """Per step: {"ici_s", "dcn_s", "by_kind": {kind: seconds}} over every call times its count."""
+def dcn_seconds(transfer: dict, num_slices: int, chip: hardware.Chip) -> float:
+  """Seconds of ONE cross-slice transfer (hlo_stats.dcn_transfers) of each chip's buffer b among
+  its peers in `num_slices` slices: b * (s-1)/s (twice for an all-reduce) at the chip's DCN
+  bandwidth."""
+  factor = 2 if transfer["kind"] == "all-reduce" else 1
+  return factor * transfer["bytes"] * (num_slices - 1) / num_slices / chip.dcn_bandwidth
+
+
+def collectives_seconds(calls: list[dict], torus: Torus, chip: hardware.Chip,
+                        transfers: list[dict] = ()) -> dict:
+  """Per step: {"ici_s", "dcn_s", "by_kind": {kind: seconds}} over every call (in-program
+  collectives, hlo_stats.collective_calls) and cross-slice transfer (hlo_stats.dcn_transfers)
+  times its count."""
   total = dict(ici_s=0.0, dcn_s=0.0, by_kind={})
+  num_slices = len(set(torus.slices))
+  for transfer in transfers:
+    seconds = transfer["count"] * dcn_seconds(transfer, max(num_slices, 2), chip)
+    total["dcn_s"] += seconds
+    key = transfer["kind"] + " (DCN)"
+    total["by_kind"][key] = total["by_kind"].get(key, 0.0) + seconds
   priced = functools.lru_cache(maxsize=None)(
       lambda kind, moved, groups, pairs: collective_seconds(
           dict(kind=kind, bytes=moved, groups=groups, pairs=pairs), torus, chip))

@@ -359,6 +359,31 @@ def step_totals(hlo_text: str) -> dict:
               host_bytes=host_bytes, collectives=collectives, unknown_loops=unknown_loops)
 
 
+_MEGASCALE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
+
+
+def dcn_transfers(hlo_text: str) -> list[dict]:
+  """The cross-slice collectives of a multislice program, one dict each: kind ("all-reduce",
+  ...), bytes (each chip's buffer) and count (executions per call of the entry).
+
+  A multislice program is compiled for one slice: what crosses slices is not a collective but a
+  host-transfer send to the megascale runtime, which does it over the data-center network,
+  marked _xla_megascale_transfer_type="ALL_REDUCE" (or another kind).
+  """
+  computations, entry = parse_module(hlo_text)
+  control, _, _ = _multiplicities(computations, entry)
+  transfers = []
+  for name, times in control.items():
+    types = {op["name"]: op["type"] for op in computations.get(name, [])}
+    for op in computations.get(name, []):
+      kind = _MEGASCALE.search(op["attributes"]) if op["opcode"] == "send" else None
+      if kind:
+        transfers.append(dict(kind=kind.group(1).lower().replace("_", "-"), name=op["name"],
+                              bytes=shape_bytes(types.get(op["operands"][0], "")),
+                              count=times))
+  return transfers
+
+
 def collective_calls(hlo_text: str) -> list[dict]:
   """Each collective instruction of a compiled module, with what step_totals sums over them.
 

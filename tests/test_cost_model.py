@@ -112,6 +112,24 @@ def test_all_reduce_across_slices_adds_the_reduced_shard_over_dcn():
   assert priced["dcn_s"] == pytest.approx(2 * x_bytes * 1 / 2 / V5E.dcn_bandwidth)
 
 
+def test_a_multislice_programs_megascale_all_reduce_is_priced_at_dcn_bandwidth():
+  # How libtpu compiles a cross-slice gradient all-reduce: a host-transfer send per chip.
+  buffer = 8 * 8 * 128 * 4
+  hlo = module(
+      "  %g = f32[8,8,128]{2,1,0:T(8,128)} parameter(0)\n"
+      "  %t = token[] after-all()\n"
+      "  ROOT %send.1 = (f32[8,8,128]{2,1,0:T(8,128)}, u32[], token[]) send(%g, %t), "
+      "channel_id=2, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="
+      '"xla_megascale_runtime",_xla_megascale_reduce_operation="SUM",_xla_megascale_target='
+      '"{1,2}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}')
+  transfers = hlo_stats.dcn_transfers(hlo)
+  torus = v5e_torus((2, 2), slices=2)
+  priced = cost_model.collectives_seconds([], torus, V5E, transfers)
+  # 2 slices: each chip sends and receives half its buffer twice, at 3.125 GB/s (v5e, DCN).
+  assert priced["dcn_s"] == pytest.approx(2 * buffer * 1 / 2 / 3.125e9)
+  assert priced["ici_s"] == 0
+
+
 def test_vmem_arrays_are_not_hbm_traffic_and_host_arrays_are_priced_at_pcie():
   hlo = module(
       "  %a = f32[1024,256]{1,0} parameter(0)\n"

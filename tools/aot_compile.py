@@ -122,7 +122,8 @@ def cost_report(compiled, config, chip: hardware.Chip, devices, matmul_params: i
   tokens_per_chip = config.data.batch_size * config.data.seq_len / len(devices)
   model_flops = 6.0 * matmul_params * tokens_per_chip  # forward + backward, no recomputation
   collective = cost_model.collectives_seconds(
-      hlo_stats.collective_calls(text), cost_model.torus_of(devices, chip), chip)
+      hlo_stats.collective_calls(text), cost_model.torus_of(devices, chip), chip,
+      hlo_stats.dcn_transfers(text))
   return dict(
       xla_flops=float(analysis.get("flops", 0.0)),
       xla_bytes_accessed=float(analysis.get("bytes accessed", 0.0)),
