@@ -56,7 +56,8 @@ MODEL = dict(
     mlp_ratio=f(0, NonNegative),                      # 0: no MLP after the SSM
     dropout=f(0.0, Real(ge=0, lt=1)),
     pooling=f("mean", OneOf("mean", "last")),       # classify
-    compute_dtype=f("float32", OneOf("float32", "bfloat16")),  # matmuls; parameters stay f32
+    compute_dtype=f("float32", OneOf("float32", "bfloat16")),  # matmuls, S5's B̄/C̃ included
+                                                    # (f32 accumulation); parameters, state f32
     scan_layers=f(True, Bool()),                    # nn.scan over depth: compile time flat
     remat=f("none", OneOf(*REMAT_POLICIES)),        # per layer; offload: block
                                                     # inputs saved in host memory (TPU)

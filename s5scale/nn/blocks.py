@@ -84,7 +84,7 @@ class ResidualBlock(nn.Module):
   mlp_ratio: int = 0
   dropout: float = 0.0
   compute_dtype: jnp.dtype = jnp.float32
-  residual_dtype: jnp.dtype = jnp.float32  # the stream between blocks; the SSM runs in float32
+  residual_dtype: jnp.dtype = jnp.float32  # the stream between blocks; the SSM state is float32
   train: bool = False
   prefill: bool = False           # parallel mode that also returns the final SSM state
 
@@ -92,7 +92,12 @@ class ResidualBlock(nn.Module):
     self.norm_layer = Norm(self.norm, self.train, self.residual_dtype)
     if self.layer not in LAYERS:
       raise ValueError(f"layer must be one of {tuple(LAYERS)}, got {self.layer!r}")
-    self.ssm = LAYERS[self.layer](d_model=self.d_model, **self.ssm_kwargs)
+    # S5's B̄ and C̃ are GEMMs, run with bfloat16 operands when compute_dtype is (float32
+    # accumulation); a float32 compute_dtype leaves them in the parameters' dtype, which float64
+    # tests need. S4D has no such GEMM.
+    narrow = jnp.finfo(self.compute_dtype).bits < 32
+    gemm = dict(gemm_dtype=self.compute_dtype) if self.layer == "s5" and narrow else {}
+    self.ssm = LAYERS[self.layer](d_model=self.d_model, **self.ssm_kwargs, **gemm)
     self.drop = nn.Dropout(self.dropout, deterministic=not self.train)
     h = self.d_model
     if self.activation == "full_glu":

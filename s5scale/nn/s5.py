@@ -27,6 +27,7 @@ class S5(nn.Module):
   step_rescale: float = 1.0
   scan_impl: str = "auto"           # one of ssm.IMPLS (recurrence.py)
   param_dtype: jnp.dtype = jnp.float32
+  gemm_dtype: jnp.dtype = None      # the B̄ and C̃ GEMMs' operands (bfloat16: f32 accumulation)
 
   def setup(self):
     ssm_init.validate_ssm_args(discretization=self.discretization, c_init=self.c_init,
@@ -83,7 +84,7 @@ class S5(nn.Module):
         lambda_bar, b_tilde if varying else input_factor[:, None] * b_tilde, c_tilde, u,
         conj_sym=self.conj_sym, bidirectional=self.bidirectional, D=self.D, reset=reset,
         input_scale=input_factor if varying else None, impl=self.scan_impl,
-        sharding=self._state_sharding())
+        sharding=self._state_sharding(), gemm_dtype=self.gemm_dtype)
 
   @staticmethod
   def _state_sharding():

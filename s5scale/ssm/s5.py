@@ -71,7 +71,7 @@ def scan_states(lambda_bar, bu, *, bidirectional: bool, reset=None, impl: str = 
 
 
 def apply_ssm(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirectional: bool, D=None,
-              reset=None, input_scale=None, impl: str = "auto", sharding=None):
+              reset=None, input_scale=None, impl: str = "auto", sharding=None, gemm_dtype=None):
   """One S5 SSM over a whole sequence (parallel mode).
 
   Args:
@@ -88,6 +88,9 @@ def apply_ssm(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirectional: b
       recurrence (apply_ssm_planar), which impl runs.
     sharding: PartitionSpec of the planar states (batch, L, 2, P') over the tracing context's
       mesh, for the Pallas kernel's shard_map; None: not sharded.
+    gemm_dtype: operand dtype of the planar B̄ and C̃ GEMMs (bfloat16: float32 accumulation,
+      and the states stay float32); None: the operands' own. The reference formulation's complex
+      arithmetic ignores it.
   Returns:
     y: (..., L, H) real.
   """
@@ -95,7 +98,8 @@ def apply_ssm(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirectional: b
   if impl != "reference":
     return apply_ssm_planar(lambda_bar, b_bar, c_tilde, u, conj_sym=conj_sym,
                             bidirectional=bidirectional, D=D, reset=reset,
-                            input_scale=input_scale, impl=impl, sharding=sharding)
+                            input_scale=input_scale, impl=impl, sharding=sharding,
+                            gemm_dtype=gemm_dtype)
   bu = project_input(b_bar, u)
   if input_scale is not None:
     bu = bu * input_scale
@@ -135,22 +139,41 @@ def output_matrix(c_tilde, conj_sym: bool):
   return 2 * matrix if conj_sym else matrix
 
 
-# The projections define their own VJP only to choose the operand order of each gradient GEMM:
-# XLA's CPU dot reads "nh,ncp->hcp" (the weight gradient, contracting the long axis N) in place,
-# while the order that autodiff derives makes it transpose the whole (N, 2, P') operand first.
+# The projections define their own VJP to choose the operand order of each gradient GEMM: XLA's
+# CPU dot reads "nh,ncp->hcp" (the weight gradient, contracting the long axis N) in place, while
+# the order that autodiff derives makes it transpose the whole (N, 2, P') operand first. It also
+# keeps the gradient GEMMs in the operands' dtype (bfloat16 operands, float32 accumulation).
+
+def _accumulating_einsum(spec: str, lhs, rhs):
+  """einsum whose products accumulate in at least float32, whatever the operands' dtype.
+
+  Narrow (bfloat16) operands go to the GEMM as they are, except on CPU: XLA's CPU runtime has no
+  bfloat16 x bfloat16 -> float32 kernel for some of these contractions ("nh,ncp->hcp"), so there
+  they are widened first. The product of two bfloat16 numbers is exact in float32, so both
+  branches compute the same sums.
+  """
+  accumulate = jnp.promote_types(lhs.dtype, jnp.float32)
+  if lhs.dtype == accumulate:
+    return jnp.einsum(spec, lhs, rhs)
+  widened = lambda a, b: jnp.einsum(spec, a.astype(accumulate), b.astype(accumulate))
+  narrow = lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=accumulate)
+  return jax.lax.platform_dependent(lhs, rhs, cpu=widened, default=narrow)
+
 
 def _gemm_with_vjp(forward: str, lhs_gradient, rhs_gradient):
   """einsum(forward, lhs, rhs) whose VJP is lhs_gradient(cotangent, rhs) and
-  rhs_gradient(lhs, cotangent), each cast back to its operand's dtype."""
+  rhs_gradient(lhs, cotangent), with the cotangent in the operands' dtype; each gradient is cast
+  back to its operand's dtype."""
   @jax.custom_vjp
   def gemm(lhs, rhs):
-    return jnp.einsum(forward, lhs, rhs)
+    return _accumulating_einsum(forward, lhs, rhs)
 
   def gemm_forward(lhs, rhs):
     return gemm(lhs, rhs), (lhs, rhs)
 
   def gemm_backward(residuals, cotangent):
     lhs, rhs = residuals
+    cotangent = cotangent.astype(lhs.dtype)
     return (lhs_gradient(cotangent, rhs).astype(lhs.dtype),
             rhs_gradient(lhs, cotangent).astype(rhs.dtype))
 
@@ -161,37 +184,47 @@ def _gemm_with_vjp(forward: str, lhs_gradient, rhs_gradient):
 # (N, H) @ (H, 2, P') -> (N, 2, P')
 _rows_to_planar = _gemm_with_vjp(
     "nh,hcp->ncp",
-    lhs_gradient=lambda cotangent, matrix: jnp.einsum("ncp,hcp->nh", cotangent, matrix),
-    rhs_gradient=lambda rows, cotangent: jnp.einsum("nh,ncp->hcp", rows, cotangent))
+    lhs_gradient=lambda cotangent, matrix: _accumulating_einsum("ncp,hcp->nh", cotangent, matrix),
+    rhs_gradient=lambda rows, cotangent: _accumulating_einsum("nh,ncp->hcp", rows, cotangent))
 
 # (N, 2, P') @ (2, P', H) -> (N, H)
 _planar_to_rows = _gemm_with_vjp(
     "ncp,cph->nh",
-    lhs_gradient=lambda cotangent, matrix: jnp.einsum("nh,cph->ncp", cotangent, matrix),
-    rhs_gradient=lambda states, cotangent: jnp.einsum("nh,ncp->hcp", cotangent,
-                                                      states).transpose(1, 2, 0))
+    lhs_gradient=lambda cotangent, matrix: _accumulating_einsum("nh,cph->ncp", cotangent, matrix),
+    rhs_gradient=lambda states, cotangent: _accumulating_einsum(
+        "nh,ncp->hcp", cotangent, states).transpose(1, 2, 0))
 
 
-def project_input_planar(b_bar, u):
-  """(P', H) complex B̄, (..., L, H) real u -> planar B̄u (..., L, 2, P'), as one GEMM."""
+def _operand_dtype(rows, matrix, gemm_dtype):
+  return jnp.result_type(rows, matrix) if gemm_dtype is None else gemm_dtype
+
+
+def project_input_planar(b_bar, u, gemm_dtype=None):
+  """(P', H) complex B̄, (..., L, H) real u -> planar B̄u (..., L, 2, P'), as one GEMM.
+
+  gemm_dtype: the GEMM's operand dtype (bfloat16: float32 accumulation and result); None: u's
+  and B̄'s own.
+  """
   rows = u.reshape(-1, u.shape[-1])
   matrix = input_matrix(b_bar)
-  dtype = jnp.result_type(rows, matrix)
+  dtype = _operand_dtype(rows, matrix, gemm_dtype)
   return _rows_to_planar(rows.astype(dtype), matrix.astype(dtype)).reshape(
       u.shape[:-1] + matrix.shape[1:])
 
 
-def project_output_planar(c_tilde, states, conj_sym: bool):
-  """(H, P') complex C̃, planar (..., L, 2, P') x -> Re(C̃x) (..., L, H), as one GEMM."""
+def project_output_planar(c_tilde, states, conj_sym: bool, gemm_dtype=None):
+  """(H, P') complex C̃, planar (..., L, 2, P') x -> Re(C̃x) (..., L, H), as one GEMM (gemm_dtype
+  as in project_input_planar)."""
   rows = states.reshape((-1,) + states.shape[-2:])
   matrix = output_matrix(c_tilde, conj_sym)
-  dtype = jnp.result_type(rows, matrix)
+  dtype = _operand_dtype(rows, matrix, gemm_dtype)
   return _planar_to_rows(rows.astype(dtype), matrix.astype(dtype)).reshape(
       states.shape[:-2] + matrix.shape[-1:])
 
 
 def apply_ssm_planar(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirectional: bool, D=None,
-                     reset=None, input_scale=None, impl: str = "auto", sharding=None):
+                     reset=None, input_scale=None, impl: str = "auto", sharding=None,
+                     gemm_dtype=None):
   """One S5 SSM over a whole sequence, as apply_ssm (same arguments and shapes), computed with
   real GEMMs around the planar recurrence that `impl` runs (recurrence.linear_recurrence_planar).
 
@@ -199,7 +232,7 @@ def apply_ssm_planar(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirecti
     y: (..., L, H), u's dtype.
   """
   if b_bar.ndim == 2:
-    bu = project_input_planar(b_bar, u)
+    bu = project_input_planar(b_bar, u, gemm_dtype)
   else:
     bu = to_planar(jnp.einsum("...lph,...lh->...lp", b_bar, u))
   if input_scale is not None:
@@ -213,6 +246,6 @@ def apply_ssm_planar(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirecti
     states = recurrence.linear_recurrence_planar(multipliers, bu, keep, reverse, impl=impl,
                                                  sharding=sharding)
     readout = c_tilde[:, direction * num_states:(direction + 1) * num_states]
-    direction_y = project_output_planar(readout, states, conj_sym)
+    direction_y = project_output_planar(readout, states, conj_sym, gemm_dtype)
     y = direction_y if y is None else y + direction_y
   return y if D is None else y + D * u
