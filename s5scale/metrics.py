@@ -10,12 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from s5scale import hlo_stats, storage
+from s5scale import hardware, hlo_stats, storage
 
-# Dense bf16 peak FLOP/s per chip, for MFU on accelerators; CPUs are measured instead.
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-              "TPU v6 lite": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
-              "NVIDIA A100": 312e12}
+# Dense bf16 peak FLOP/s per chip, for MFU on accelerators: TPUs' from hardware.CHIPS (sources
+# cited there), GPUs' from NVIDIA's data sheets (dense bf16 Tensor Core); CPUs are measured instead.
+PEAK_FLOPS = {**{kind: chip.peak_flops for kind, chip in hardware.CHIPS.items()},
+              "TPU v5e": hardware.CHIPS["TPU v5 lite"].peak_flops,
+              "TPU v5p": hardware.CHIPS["TPU v5"].peak_flops,
+              "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
 
 
 _WRITER_IDS = itertools.count()
@@ -121,25 +123,12 @@ def compiled_flops(compiled) -> float:
     return 0.0
 
 
-def measure_gemm_peak(size: int = 1024, repeats: int = 5) -> float:
-  """FLOP/s of a float32 GEMM on the default device, the best of a few runs."""
-  a = jnp.ones((size, size), jnp.float32)
-  matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * size ** 3 / best
-
-
 def peak_flops_per_device() -> float:
   kind = jax.devices()[0].device_kind
-  for name, flops in PEAK_FLOPS.items():
+  for name in sorted(PEAK_FLOPS, key=len, reverse=True):  # "TPU v5 lite" before "TPU v5"
     if kind.startswith(name):
-      return flops
-  peak = measure_gemm_peak()
+      return PEAK_FLOPS[name]
+  peak = hardware.measure_gemm_peak()
   logging.info("no published peak for %r: measured a float32 GEMM at %.1f GFLOP/s", kind,
                peak / 1e9)
   return peak

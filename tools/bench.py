@@ -23,6 +23,7 @@ import bench_calibrate
 import bench_s4d
 import bench_system  # also puts the repository on sys.path, through benchlib
 from benchlib import emit, interleaved_times, summary, temp_bytes
+from s5scale import hardware  # pylint: disable=g-import-not-at-top,wrong-import-position
 from s5scale.nn import s5  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -43,22 +44,6 @@ class CpuClock:
     result = jax.block_until_ready(self.fn(*args))
     self.seconds.append(time.process_time() - start)
     return result
-
-
-class InPlaceStream:
-  """Reads and writes `num_bytes` of float32 per call, in place (the buffer is donated).
-
-  In place, so that the bandwidth is the memory's, not the kernel's cost of handing a fresh
-  output buffer its pages: the tighter (faster) streaming figure for the roofline.
-  """
-
-  def __init__(self, num_bytes: int):
-    self.buffer = jnp.ones((num_bytes // 4,), jnp.float32)
-    self.update = jax.jit(lambda x: x * 0.5 + 1.0, donate_argnums=0)
-
-  def __call__(self):
-    self.buffer = self.update(self.buffer)
-    return self.buffer
 
 
 # ----------------------------------------------------------------------------- layer
@@ -102,7 +87,7 @@ def bench_layer(args) -> dict:
   state_bytes = rows * state_width * jnp.dtype(jnp.complex64).itemsize
 
   items = {"default": layer_grad("auto"), "reference": layer_grad("reference"),
-           "gemm": (gemm_grad, (w_in, w_out, u)), "stream": (InPlaceStream(state_bytes), ())}
+           "gemm": (gemm_grad, (w_in, w_out, u)), "stream": (hardware.InPlaceStream(state_bytes), ())}
   memory = {name: temp_bytes(fn, *fn_args) for name, (fn, fn_args) in items.items()
             if name in ("default", "reference")}
   clocks = {name: CpuClock(fn) for name, (fn, _) in items.items()}
