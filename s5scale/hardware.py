@@ -2,8 +2,8 @@
 
 TPU figures are published ones, each cited beside its constant. The scaling book is "How to Scale
 Your Model", part 2, https://jax-ml.github.io/scaling-book/tpus/ (table "Here are interconnect
-figures", and the PCIe/DCN paragraph under it; read at jax-ml/scaling-book commit 54e2c43,
-tpus.md). A CPU has no published figures that fit this machine, so its chip is measured
+figures", and the PCIe/DCN paragraph under it; read at jax-ml/scaling-book commit 54e2c43).
+A CPU has no published figures that fit this machine, so its chip is measured
 (measure_cpu_chip).
 """
 
