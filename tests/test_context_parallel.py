@@ -15,6 +15,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from s5scale.ssm import recurrence
+from tests import helpers
+from tests.helpers import tiny_config, train_in_process
 from tests.ssm_oracle import loop_recurrence, planar, random_problem
 
 ROWS, STATES = 4, 3
@@ -95,3 +97,27 @@ def test_split_scan_gradients_equal_unsplit(context, length, varying, resets, re
   for name, got, want in zip(("dL/da", "dL/db"), split, whole):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-10, atol=1e-12,
                                err_msg=name)
+
+
+# ----------------------------------------------------------------------------- the whole system
+
+# (data, fsdp, model, context) on 8 devices; (1, 1, 1, 1) runs in a 1-device process.
+CONTEXT_MESHES_ON_8 = [(2, 1, 1, 4), (1, 2, 1, 4), (1, 1, 2, 4)]
+
+
+def _mesh_changes(mesh):
+  return dict(zip(("mesh__data", "mesh__fsdp", "mesh__model", "mesh__context"), mesh))
+
+
+def test_same_losses_with_time_split_over_context(tmp_path):
+  single = helpers.run("train", "text_small.py", tmp_path / "1x1x1x1",
+                       helpers.overrides(train__num_steps=3, checkpoint__every_steps=100),
+                       devices=1)
+  assert single.returncode == 0, single.stderr[-3000:]
+  reference = helpers.losses(tmp_path / "1x1x1x1")
+  assert sorted(reference) == [1, 2, 3]
+  for mesh in CONTEXT_MESHES_ON_8:
+    config = tiny_config(train__num_steps=3, checkpoint__every_steps=100, **_mesh_changes(mesh))
+    losses = train_in_process(config, tmp_path / "x".join(map(str, mesh)))
+    np.testing.assert_allclose([losses[s] for s in (1, 2, 3)], [reference[s] for s in (1, 2, 3)],
+                               rtol=1e-5, err_msg=f"mesh {mesh}")
