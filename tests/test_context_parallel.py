@@ -7,16 +7,22 @@ the losses of a 1-device run, and the collectives in the compiled HLO.
 """
 
 import functools
+import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from s5scale import parallel, training
+from s5scale.nn.model import S5Model
+from s5scale import ssm
 from s5scale.ssm import recurrence
-from tests import helpers
-from tests.helpers import tiny_config, train_in_process
+from tests import helpers, s4d_oracle
+from tests.helpers import (COLLECTIVES, hlo_computations, reachable, tiny_config,
+                           train_in_process)
 from tests.ssm_oracle import loop_recurrence, planar, random_problem
 
 ROWS, STATES = 4, 3
@@ -121,3 +127,108 @@ def test_same_losses_with_time_split_over_context(tmp_path):
     losses = train_in_process(config, tmp_path / "x".join(map(str, mesh)))
     np.testing.assert_allclose([losses[s] for s in (1, 2, 3)], [reference[s] for s in (1, 2, 3)],
                                rtol=1e-5, err_msg=f"mesh {mesh}")
+
+
+def _collectives(hlo_text: str):
+  """(kind, replica groups as a set of frozensets, or the group text when not listed) of every
+  collective in an HLO module, in order."""
+  found = []
+  for line in hlo_text.splitlines():
+    match = re.search(rf"\b({'|'.join(COLLECTIVES)})(?:-start)?\(", line)
+    if not match or "=" not in line[:match.start()]:
+      continue
+    listed = re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", line)
+    groups = (frozenset(frozenset(map(int, g.split(","))) for g in re.findall(r"\{([\d,]+)\}",
+                                                                               listed.group(1)))
+              if listed else re.search(r"replica_groups=(\S+)", line).group(1))
+    found.append((match.group(1), groups))
+  return found
+
+
+def _context_groups(mesh) -> frozenset:
+  """The device groups that share everything but their position along `context`."""
+  devices = np.vectorize(lambda d: d.id)(mesh.devices)
+  along = np.moveaxis(devices, parallel.MESH_AXES.index("context"), -1)
+  return frozenset(frozenset(group.tolist()) for group in along.reshape(-1, along.shape[-1]))
+
+
+LAYERS = 3
+
+
+def _context_config():
+  # scan_layers=False: each layer's collectives appear once in the program, not in a layer loop.
+  return tiny_config(mesh__data=2, mesh__context=4, model__num_layers=LAYERS,
+                     model__scan_layers=False)
+
+
+def test_forward_crosses_the_context_axis_once_per_layer():
+  config = _context_config()
+  mesh = parallel.make_mesh(config.mesh)
+  model = S5Model.from_config(config.model)
+  tokens = np.zeros((8, 128), np.int32)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens))
+  shardings = parallel.logical_shardings(boxed, mesh)
+
+  def forward(variables, tokens):
+    with parallel.logical_constraints(mesh):
+      return model.apply(variables, tokens)
+
+  hlo = jax.jit(forward, in_shardings=(shardings, parallel.batch_sharding(mesh))).lower(
+      parallel.with_shardings(nn.unbox(boxed), shardings),
+      jax.ShapeDtypeStruct(tokens.shape, tokens.dtype)).compile().as_text()
+  # Nothing else moves between devices: time is never gathered, H and P' are whole.
+  assert _collectives(hlo) == [("all-gather", _context_groups(mesh))] * LAYERS
+
+
+def test_train_step_gathers_once_per_layer_and_scatters_its_mirror_outside_time_loops():
+  config = _context_config()
+  mesh = parallel.make_mesh(config.mesh)
+  length = 128
+  sample = {"inputs": np.zeros((8, length), np.int32), "targets": np.zeros((8, length), np.int32),
+            "mask": np.ones((8, length), np.float32), "reset": np.zeros((8, length), bool),
+            "target_bytes": np.ones((8, length), np.int32)}
+  model, optimizer, schedule, abstract_state, shardings = training.build_model_and_state(
+      config, mesh, sample)
+  hlo = training.jit_train_step(config, mesh, model, optimizer, schedule, shardings).lower(
+      abstract_state, training.abstract_batch(sample, mesh)).compile().as_text()
+  context = _context_groups(mesh)
+  found = _collectives(hlo)
+  assert found.count(("all-gather", context)) == LAYERS
+  # The gather's transpose (the CPU backend may run a reduce-scatter as all-reduce + slice).
+  assert (found.count(("reduce-scatter", context)) + found.count(("all-reduce", context))
+          == LAYERS), found
+  assert [kind for kind, _ in found].count("all-gather") == LAYERS, "time gathered somewhere"
+  computations = hlo_computations(hlo)
+  loops = re.findall(r"while\(.*body=%?([\w.\-]+)", "\n".join(computations.values()))
+  assert loops, "expected the time scans to compile to loops"
+  for body in loops:
+    inside = "\n".join(computations[c] for c in reachable(computations, body))
+    assert not _collectives(inside), f"collective inside loop {body}"
+
+
+# ----------------------------------------------------------------------------- S4D
+
+@pytest.mark.parametrize("context,length,bidirectional", [
+    (4, 64, False),     # one chunk of 16 per segment
+    (2, 96, True),      # three chunks per segment, both directions
+    (8, 256, False),
+])
+def test_s4d_split_over_context_equals_the_unsplit_convolution(context, length, bidirectional):
+  rng = np.random.default_rng(length)
+  channels, half_states = 4, 4
+  lambda_ = np.tile(s4d_oracle.lambda_init(2 * half_states, "legs"), (channels, 1))
+  c_shape = ((2,) if bidirectional else ()) + lambda_.shape
+  c = rng.normal(size=c_shape) + 1j * rng.normal(size=c_shape)
+  log_step = rng.uniform(np.log(1e-2), np.log(1e-1), channels)
+  u = rng.normal(size=(ROWS, length, channels))
+  with jax.enable_x64(True):
+    system = (jnp.asarray(lambda_), jnp.asarray(c), jnp.asarray(log_step))
+    u = jnp.asarray(u)
+
+    def split(u):
+      return ssm.s4d_chunked(*system, u, bidirectional=bidirectional,
+                             reset=jnp.zeros(u.shape[:-1], bool), sharding=SPEC)
+
+    got = np.asarray(_jit_on(_mesh(context), split, u))
+    want = np.asarray(ssm.s4d_conv(*system, u, bidirectional=bidirectional))
+  np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.max(np.abs(want)))
