@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from s5scale import parallel, training
+from s5scale import config_check, parallel, training
 from s5scale.nn.model import S5Model
 from s5scale import ssm
 from s5scale.ssm import recurrence
@@ -232,3 +232,14 @@ def test_s4d_split_over_context_equals_the_unsplit_convolution(context, length, 
     got = np.asarray(_jit_on(_mesh(context), split, u))
     want = np.asarray(ssm.s4d_conv(*system, u, bidirectional=bidirectional))
   np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.max(np.abs(want)))
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_context_size_that_does_not_fit_the_devices_is_a_config_error_naming_it():
+  config = tiny_config(mesh__data=1, mesh__context=3)
+  with pytest.raises(config_check.ConfigError, match="mesh.context"):
+    config_check.check_on_devices(config, jax.devices(), 1)
+  config.mesh.data, config.mesh.context = -1, 4
+  config_check.check_on_devices(config, jax.devices(), 1)   # data fills in 2
+  assert parallel.mesh_shape(config.mesh, 8) == ((2, 4, 1, 1), (1, 1, 1, 1))
