@@ -14,11 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
-from s5scale import config_check, parallel, training
+from s5scale import config_check, parallel, ssm, training
 from s5scale.nn.model import S5Model
-from s5scale import ssm
 from s5scale.ssm import recurrence
 from tests import helpers, s4d_oracle
 from tests.helpers import (COLLECTIVES, hlo_computations, reachable, tiny_config,
@@ -45,6 +44,7 @@ def _jit_on(mesh, function, *args):
 def _states(a, b, keep, reverse, *, split: bool, impl="chunked"):
   """The recurrence's planar states; split: time over the context axis of the mesh in context."""
   return recurrence.linear_recurrence_planar(a, b, keep, reverse, impl=impl,
+                                             interpret=impl == "pallas",
                                              sharding=SPEC if split else None)
 
 
@@ -65,7 +65,8 @@ CASES = [
     (2, 24, False, None, False),
     (2, 24, False, None, True),
     (4, 24, False, (6, 12), False),          # resets exactly on segment boundaries
-    (4, 24, False, (6, 12, 13), True),       # ... and the boundary seen from the other side
+    (4, 24, False, (5, 11, 12), True),       # reverse: keep[k] cuts k+1 -> k, so 5 and 11 are
+                                             # its boundaries
     (8, 24, True, (4, 9), False),            # per-step a (intervals), resets inside segments
     (8, 24, True, (3, 10, 21), True),
     (4, 23, False, (5, 11), False),          # L not a multiple of the segment: padded
@@ -103,6 +104,56 @@ def test_split_scan_gradients_equal_unsplit(context, length, varying, resets, re
   for name, got, want in zip(("dL/da", "dL/db"), split, whole):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-10, atol=1e-12,
                                err_msg=name)
+
+
+@pytest.mark.parametrize("impl", ["pallas", "reference"])
+def test_every_local_implementation_splits_the_same(impl):
+  """The segments run whatever the dispatcher picks: the Pallas kernel (in its interpreter) and the
+  associative scan give the unsplit chunked scan's values and gradients."""
+  with jax.enable_x64(True):
+    (a, b, keep), _ = _problem(5, 24, varying=False, resets=(5, 11))
+    weights = jnp.asarray(np.random.default_rng(2).normal(size=b.shape))
+
+    def values_and_gradients(a, b, split, impl):
+      def loss(a, b):
+        return jnp.sum(weights * _states(a, b, keep, True, split=split, impl=impl) ** 2)
+      return loss(a, b), jax.grad(loss, argnums=(0, 1))(a, b)
+
+    got = _jit_on(_mesh(4), functools.partial(values_and_gradients, split=True, impl=impl), a, b)
+    want = _jit_on(None, functools.partial(values_and_gradients, split=False, impl="chunked"),
+                   a, b)
+  for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(got_leaf), np.asarray(want_leaf), rtol=1e-10,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("context", [2, 8])
+def test_bidirectional_layer_with_resets_splits_the_same(context):
+  """apply_ssm both ways with documents crossing segment boundaries and starting on them."""
+  rng = np.random.default_rng(context)
+  batch, length, width, half = 4, 32, 5, 3
+  lambda_bar = rng.uniform(0.8, 0.99, half) * np.exp(1j * rng.uniform(-1, 1, half))
+  b_bar = rng.normal(size=(half, width)) + 1j * rng.normal(size=(half, width))
+  c_tilde = rng.normal(size=(width, 2 * half)) + 1j * rng.normal(size=(width, 2 * half))
+  u = rng.normal(size=(batch, length, width))
+  reset = rng.random((batch, length)) < 0.1
+  reset[:, [8, 16, 23]] = True
+  with jax.enable_x64(True):
+    def values_and_gradients(lambda_bar, b_bar, c_tilde, u, split):
+      def loss(lambda_bar, b_bar, c_tilde, u):
+        y = ssm.apply_ssm(lambda_bar, b_bar, c_tilde, u, conj_sym=True, bidirectional=True,
+                          reset=jnp.asarray(reset), impl="chunked",
+                          sharding=SPEC if split else None)
+        return jnp.sum(jnp.sin(y))
+      return loss(lambda_bar, b_bar, c_tilde, u), jax.grad(loss, argnums=(0, 1, 2, 3))(
+          lambda_bar, b_bar, c_tilde, u)
+
+    args = tuple(map(jnp.asarray, (lambda_bar, b_bar, c_tilde, u)))
+    got = _jit_on(_mesh(context), functools.partial(values_and_gradients, split=True), *args)
+    want = _jit_on(None, functools.partial(values_and_gradients, split=False), *args)
+  for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(got_leaf), np.asarray(want_leaf), rtol=1e-10,
+                               atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- the whole system
