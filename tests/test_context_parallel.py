@@ -180,6 +180,19 @@ def test_same_losses_with_time_split_over_context(tmp_path):
                                rtol=1e-5, err_msg=f"mesh {mesh}")
 
 
+def test_s4d_same_losses_with_time_split_over_context(tmp_path):
+  """S4D on packed text: the chunked form, its chunk-end recurrence split over context."""
+  results = {}
+  for mesh in ((8, 1, 1, 1), (2, 1, 1, 4)):
+    config = tiny_config(train__num_steps=3, checkpoint__every_steps=100, model__layer="s4d",
+                         **_mesh_changes(mesh))
+    results[mesh] = train_in_process(config, tmp_path / "x".join(map(str, mesh)))
+  reference, split = results[(8, 1, 1, 1)], results[(2, 1, 1, 4)]
+  assert sorted(reference) == [1, 2, 3]
+  np.testing.assert_allclose([split[s] for s in (1, 2, 3)], [reference[s] for s in (1, 2, 3)],
+                             rtol=1e-5)
+
+
 def _collectives(hlo_text: str):
   """(kind, replica groups as a set of frozensets, or the group text when not listed) of every
   collective in an HLO module, in order."""
