@@ -112,7 +112,9 @@ TRAIN = dict(
 
 MESH = dict(                                        # per-slice (ICI) sizes; -1 fills the rest
     data=f(-1, MeshSize), fsdp=f(1, MeshSize), model=f(1, MeshSize),
+    context=f(1, MeshSize),                         # time split in this many segments
     dcn_data=f(1, MeshSize), dcn_fsdp=f(1, MeshSize), dcn_model=f(1, MeshSize),  # across slices
+    dcn_context=f(1, MeshSize),
 )
 
 CHECKPOINT = dict(

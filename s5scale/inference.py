@@ -27,7 +27,8 @@ class RestoredModel(NamedTuple):
 
 def data_parallel_mesh(config, devices=None):
   """The mesh for inference on this host: every device on `data`, parameters replicated."""
-  return parallel.make_mesh({**config.mesh, "data": -1, "fsdp": 1, "model": 1}, devices)
+  return parallel.make_mesh({**config.mesh, "data": -1, "fsdp": 1, "model": 1, "context": 1,
+                            "dcn_context": 1}, devices)
 
 
 def abstract_variables(model, mesh, sample_inputs) -> dict:

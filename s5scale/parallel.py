@@ -11,16 +11,20 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "model")
+# Ordered by how much each axis carries, least first: mesh_utils places the last axes on the
+# closest chips. `context` (time split in segments) moves one (batch, P') end state per layer,
+# less than fsdp's parameter gathers and far less than model's activation gathers.
+MESH_AXES = ("data", "context", "fsdp", "model")
 
-# The one table: logical names used by nn/ -> mesh axes. Time ("length") is never sharded, so
-# every device scans whole sequences for its slice of batch and of P (no collective in the scan).
+# The one table: logical names used by nn/ -> mesh axes. Time ("length") is split over `context`
+# into one segment per device; each device scans its own segment and the layer hands the states
+# across segments with one small all-gather (ssm/context_parallel.py), never inside the scan.
 # Between blocks the residual stream is split over H on `model` (Megatron's sequence parallelism
 # turned 90 degrees): norms, gates and residual adds run on H/model, H is all-gathered once into
 # an "act_gathered" activation before each projection group and reduce-scattered after it.
 LOGICAL_AXIS_RULES = (
     ("batch", ("data", "fsdp")),
-    ("length", None),
+    ("length", "context"),
     ("state", "model"),      # P'
     ("channel", "model"),    # S4D's H: independent SISO channels, each whole on one device
     ("mlp", "model"),        # MLP / GLU width
@@ -96,7 +100,8 @@ def resolve_axis_sizes(sizes: dict, total: int, prefix: str) -> tuple[int, ...]:
 
 
 def mesh_shape(mesh_config, num_devices: int, num_slices: int = 1):
-  """(ici_shape, dcn_shape) for mesh_config keys data/fsdp/model and dcn_data/dcn_fsdp/dcn_model."""
+  """(ici_shape, dcn_shape) in MESH_AXES order, from mesh_config keys named after the axes
+  (data, context, fsdp, model) and dcn_ plus the name."""
   dcn = resolve_axis_sizes({a: mesh_config[f"dcn_{a}"] for a in MESH_AXES}, num_slices, "mesh.dcn_")
   if num_devices % num_slices:
     raise MeshConfigError(f"{num_devices} devices do not split into {num_slices} slices")

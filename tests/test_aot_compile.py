@@ -154,8 +154,8 @@ def test_two_slices_put_the_dcn_axis_across_slices():
                                 "--config.mesh.dcn_data=-1")
   assert process.returncode == 0, process.stderr[-3000:]
   assert report["num_chips"] == 8 and report["num_slices"] == 2
-  assert report["mesh_dcn"] == {"data": 2, "fsdp": 1, "model": 1}
-  assert report["mesh_ici"] == {"data": 4, "fsdp": 1, "model": 1}
+  assert report["mesh_dcn"] == {"data": 2, "context": 1, "fsdp": 1, "model": 1}
+  assert report["mesh_ici"] == {"data": 4, "context": 1, "fsdp": 1, "model": 1}
 
 
 @needs_libtpu

@@ -87,6 +87,8 @@ BAD_VALUES = {
     "mesh.dcn_data": [0],
     "mesh.dcn_fsdp": [-5],
     "mesh.dcn_model": [0],
+    "mesh.context": [0, -4],
+    "mesh.dcn_context": [0],
     "checkpoint.every_steps": [0, -200],
     "checkpoint.every_minutes": [-1.0, "hourly"],
     "checkpoint.keep": [0, -1],

@@ -74,12 +74,19 @@ class S4D(nn.Module):
     """
     u = nn.with_logical_constraint(u, ("batch", "length", "channel"))
     lambda_, c = self._system()
+    # The chunk-end states (batch, L/T, 2, H·N/2), H major in the last axis.
+    chunk_ends = nn.logical_to_mesh_axes(("batch", "length", None, "channel"))
+    if reset is None and intervals is None and ssm.time_axis(chunk_ends) is not None:
+      # Time split over the mesh: a whole-sequence FFT would gather it; the chunked form keeps
+      # each device on its own segment and hands the state across segments.
+      reset = jnp.zeros(u.shape[:-1], bool)
     if reset is None and intervals is None:
       y = ssm.s4d_conv(lambda_, c, self.log_step, u, bidirectional=self.bidirectional, D=self.D,
                        step_rescale=self.step_rescale)
     elif intervals is None:
       y = ssm.s4d_chunked(lambda_, c, self.log_step, u, bidirectional=self.bidirectional,
-                          reset=reset, D=self.D, step_rescale=self.step_rescale)
+                          reset=reset, D=self.D, step_rescale=self.step_rescale,
+                          sharding=chunk_ends)
     else:
       y = ssm.s4d_recurrence(lambda_, c, self.log_step, u, bidirectional=self.bidirectional,
                              D=self.D, reset=reset, intervals=intervals,

@@ -89,7 +89,9 @@ class S5(nn.Module):
   @staticmethod
   def _state_sharding():
     """Mesh axes of the planar states (batch, L, 2, P') under the logical rules in context
-    (parallel.py's table; all None outside it), for kernels that run per device."""
+    (parallel.py's table; all None outside it), for code that runs per device: the Pallas
+    kernel, and the context-parallel recurrence when L is split over a `context` axis of more
+    than one device (ssm/context_parallel.py)."""
     return nn.logical_to_mesh_axes(("batch", "length", None, "state"))
 
   def final_state(self, u, reset=None):

@@ -11,6 +11,7 @@ from s5scale.ssm.hippo import (make_block_hippo, make_dplr_hippo, make_hippo_leg
                                validate_state_sizes)
 from s5scale.ssm.init import (S4D_INITS, make_s4d_lambda, validate_s4d_args,
                              validate_ssm_args)
+from s5scale.ssm.mesh_spec import time_axis
 from s5scale.ssm.recurrence import IMPLS, linear_recurrence, linear_recurrence_planar
 from s5scale.ssm.s4d import (bidirectional_conv, causal_conv, s4d_chunked, s4d_conv, s4d_kernel,
                              s4d_recurrence, s4d_states, s4d_step)
@@ -22,5 +23,5 @@ __all__ = [
     "linear_recurrence_planar", "make_block_hippo", "make_dplr_hippo", "make_hippo_legs",
     "make_s4d_lambda", "project_input", "project_output", "s4d_chunked", "s4d_conv", "S4D_INITS",
     "s4d_kernel", "s4d_recurrence", "s4d_states", "s4d_step", "scan_states", "step",
-    "validate_s4d_args", "validate_ssm_args", "validate_state_sizes",
+    "time_axis", "validate_s4d_args", "validate_ssm_args", "validate_state_sizes",
 ]

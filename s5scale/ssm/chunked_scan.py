@@ -37,6 +37,26 @@ def num_chunks_for(length: int) -> int:
   return min(small + [length // c for c in small], key=loop_steps)
 
 
+def chain_starts(transfers, ends, reverse: bool):
+  """The state entering each of S consecutive segments of time, from what each does alone.
+
+  start_0 = 0 and start_{j+1} = transfer_j ⊙ start_j + end_j (from the last segment backwards
+  when reverse), where end_j is segment j's last state when it starts from zero and transfer_j
+  the product of its a_k keep_k. S sequential steps on small arrays.
+
+  Args:
+    transfers, ends: (S, ..., 2, P) planar, segments along axis 0 in time order.
+  Returns:
+    (S, ..., 2, P) planar start states.
+  """
+  def chain(state, segment):
+    transfer, end = segment
+    return complex_multiply(transfer, state) + end, state
+
+  _, starts = lax.scan(chain, jnp.zeros_like(ends[0]), (transfers, ends), reverse=reverse)
+  return starts
+
+
 def chunked_states(multipliers, inputs, keep, reverse: bool, num_chunks: int | None,
                    correlate=None):
   """The recurrence, no autodiff (recurrence.py gives it its VJP, chunked_backward).
@@ -104,13 +124,7 @@ def chunked_states(multipliers, inputs, keep, reverse: bool, num_chunks: int | N
       if keep is not None:  # a reset anywhere in a chunk cuts its transfer
         transfers = transfers * jnp.prod(keep, axis=2)[..., None, None, None]
     transfers = jnp.broadcast_to(transfers, row_shape)
-
-    def chain(state, chunk_end):
-      transfer, end = chunk_end
-      return complex_multiply(transfer, state) + end, state
-
-    _, starts = lax.scan(chain, zeros[:, 0], (jnp.swapaxes(transfers, 0, 1),
-                                              jnp.swapaxes(ends, 0, 1)), reverse=reverse)
+    starts = chain_starts(jnp.swapaxes(transfers, 0, 1), jnp.swapaxes(ends, 0, 1), reverse)
     start = jnp.swapaxes(starts, 0, 1)
 
   def write_step(t, carry):

@@ -30,6 +30,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec
 
 from s5scale.ssm import chunked_scan
+from s5scale.ssm import mesh_spec
 from s5scale.ssm.planar_complex import complex_multiply, conjugate
 
 LANES = 128
@@ -214,21 +215,6 @@ def _pallas_scan_arrays(multipliers, inputs, states=None, *, mode: str, reverse:
 
 # ----------------------------------------------------------------------------- sharding
 
-def _fitted_spec(spec, shape, mesh) -> PartitionSpec:
-  """spec (rows, time, parts, P) with time and parts whole, and any mesh axes that do not divide
-  their dimension dropped (those dimensions are then replicated rather than an error)."""
-  spec = tuple(spec) + (None,) * (4 - len(spec))
-  fitted = []
-  for index, axes in enumerate(spec):
-    names = () if axes is None or index in (1, 2) else (
-        (axes,) if isinstance(axes, str) else tuple(axes))
-    ways = 1
-    for name in names:
-      ways *= mesh.shape[name]
-    fitted.append(names if names and shape[index] % ways == 0 else None)
-  return PartitionSpec(*fitted)
-
-
 def _on_mesh(function, mode: str, varying: bool, sharding, shape):
   """function as a shard_map over the tracing context's mesh (parallel.logical_constraints sets
   it): each device runs the kernel on its own rows and states, and time stays whole. XLA cannot
@@ -237,7 +223,7 @@ def _on_mesh(function, mode: str, varying: bool, sharding, shape):
   mesh = jax.sharding.get_abstract_mesh()
   if sharding is None or mesh.empty:
     return function
-  spec = _fitted_spec(sharding, shape, mesh)
+  spec = mesh_spec.fitted_spec(sharding, shape, mesh)
   if all(axes is None for axes in spec):
     return function
   multiplier = spec if varying else PartitionSpec(None, spec[3])

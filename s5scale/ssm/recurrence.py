@@ -11,6 +11,9 @@ Implementations (`impl`, the config key model.scan_impl):
                TPU only, or interpret=True (tests) on CPU.
   "reference"  the paper's formulation: jax.lax.associative_scan over complex (a, b) pairs, with
                plain autodiff (every level of its tree is kept for the backward pass).
+Time split over a mesh axis (the `sharding` argument names it; the mesh's `context` axis): each
+device runs the chosen implementation on its own segment, and context_parallel.py hands the states
+across segments with one all-gather.
 "chunked" and "pallas" share one custom VJP (residuals: a, keep and the states): the adjoint is
 the reverse recurrence G_k = g_k + conj(a_{k+1} keep_{k+1}) G_{k+1} (see each implementation).
 
@@ -27,6 +30,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from s5scale.ssm import chunked_scan
+from s5scale.ssm import context_parallel
+from s5scale.ssm import mesh_spec
 from s5scale.ssm import pallas_scan
 from s5scale.ssm.planar_complex import from_planar, to_planar
 
@@ -147,8 +152,11 @@ def linear_recurrence_planar(multipliers, inputs, keep=None, reverse: bool = Fal
     num_chunks: chunked only: C, a divisor of L; None picks chunked_scan.num_chunks_for(L).
     time_tile: pallas only: steps per grid step; None picks pallas_scan.time_tile_for.
     interpret: pallas only: run the kernel in Pallas' interpreter (CPU tests).
-    sharding: pallas only: PartitionSpec of the (rows, L, 2, P) operands (leading dims flattened
-      to rows) over the mesh of the tracing context; each device then scans its own shard.
+    sharding: PartitionSpec of the (rows, L, 2, P) operands (leading dims flattened to rows) over
+      the mesh of the tracing context. Pallas: each device scans its own rows and P. Any impl:
+      when it splits time over a mesh axis of more than one device, the context-parallel scan
+      runs (context_parallel.py: each device its segment, one all-gather of end states); an
+      axis of size 1 changes nothing.
   Returns:
     (..., L, 2, P) planar states, inputs' dtype.
   """
@@ -170,11 +178,21 @@ def linear_recurrence_planar(multipliers, inputs, keep=None, reverse: bool = Fal
   if keep is not None:
     keep = jnp.broadcast_to(keep, inputs.shape[:-2]).reshape(flat[:2]).astype(inputs.dtype)
   rows = inputs.reshape(flat)
-  if impl == "reference":
-    states = _associative_scan(multipliers, rows, keep, reverse)
+  time_axis = mesh_spec.time_axis(sharding)
+  # Under context parallelism the local scan already runs per device: no sharding of its own.
+  options = _Options(impl, num_chunks, time_tile, interpret,
+                     sharding if time_axis is None else None)
+
+  def local_scan(multipliers, rows, keep):
+    if impl == "reference":
+      return _associative_scan(multipliers, rows, keep, reverse)
+    return _recurrence(multipliers, rows, keep, reverse, options)
+
+  if time_axis is None:
+    states = local_scan(multipliers, rows, keep)
   else:
-    options = _Options(impl, num_chunks, time_tile, interpret, sharding)
-    states = _recurrence(multipliers, rows, keep, reverse, options)
+    states = context_parallel.context_parallel_states(local_scan, multipliers, rows, keep, reverse,
+                                                      axis=time_axis, spec=sharding)
   return states.reshape(inputs.shape)
 
 

@@ -31,16 +31,18 @@ from s5scale.ssm.planar_complex import to_planar
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def run_recurrence(multipliers, inputs, keep, reverse: bool):
+def run_recurrence(multipliers, inputs, keep, reverse: bool, sharding=None):
   """The one call through which S4D runs the linear recurrence x_k = a_k keep_k x_{k∓1} + b_k.
 
   Planar shapes as recurrence.linear_recurrence_planar: multipliers (2, P) or (..., L, 2, P),
-  inputs (..., L, 2, P), keep (..., L) or None. Returns (..., L, 2, P) states.
+  inputs (..., L, 2, P), keep (..., L) or None. Returns (..., L, 2, P) states. sharding: the
+  states' PartitionSpec; when it splits time over the mesh, the recurrence runs context-parallel.
 
   Always the chunked scan: the Pallas kernel is sharded by S5's ("batch", "length", "state")
   layout, and S4D's flattened H·N/2 states would need their own partition spec first.
   """
-  return recurrence.linear_recurrence_planar(multipliers, inputs, keep, reverse, impl="chunked")
+  return recurrence.linear_recurrence_planar(multipliers, inputs, keep, reverse, impl="chunked",
+                                             sharding=sharding)
 
 
 def channel_steps(log_step, step_rescale=1.0, intervals=None):
@@ -192,7 +194,7 @@ def _planar_powers(factor, exponent, powers):
   return jnp.stack([values.real, values.imag], axis=1)
 
 
-def _forward_chunked(Lambda, C, log_step, u, reset, chunk: int, step_rescale):
+def _forward_chunked(Lambda, C, log_step, u, reset, chunk: int, step_rescale, sharding):
   """One forward direction with resets, no D: u (..., L, H), reset (..., L), L = multiple of T.
 
   Three parts per chunk of T steps: the chunk's own inputs through the masked (T, T) Toeplitz
@@ -217,7 +219,8 @@ def _forward_chunked(Lambda, C, log_step, u, reset, chunk: int, step_rescale):
                      precision=_HIGHEST)                                     # (..., A, 2, H, N/2)
   local = local.reshape(local.shape[:-2] + (-1,))
   chunk_decay = to_planar((lambda_bar ** chunk).reshape(-1)).astype(dtype)
-  ends = run_recurrence(chunk_decay, local, carried[..., -1].astype(dtype), reverse=False)
+  ends = run_recurrence(chunk_decay, local, carried[..., -1].astype(dtype), reverse=False,
+                        sharding=sharding)
   entering = jnp.concatenate([jnp.zeros_like(ends[..., :1, :, :]), ends[..., :-1, :, :]], axis=-3)
   entering = entering.reshape(entering.shape[:-1] + Lambda.shape)            # (..., A, 2, H, N/2)
   # 2·Re(C Λ̄^{t+1} x) = 2(Re(CΛ̄^{t+1}) Re x − Im(CΛ̄^{t+1}) Im x).
@@ -228,7 +231,7 @@ def _forward_chunked(Lambda, C, log_step, u, reset, chunk: int, step_rescale):
 
 
 def s4d_chunked(Lambda, C, log_step, u, *, bidirectional: bool, reset, D=None, step_rescale=1.0,
-                chunk_size: int = 16):
+                chunk_size: int = 16, sharding=None):
   """The same SSM as s4d_recurrence with resets (packed documents), without a state per step.
 
   Per chunk of T steps a masked (T, T) Toeplitz product, plus the chunk-end states carried by the
@@ -240,8 +243,14 @@ def s4d_chunked(Lambda, C, log_step, u, *, bidirectional: bool, reset, D=None, s
   took 0.62, 0.37, 0.42, 0.84 and 1.61 s at T = 8, 16, 32, 64 and 128 on 2 shared CPU cores, and
   3.7 s through s4d_recurrence.
 
+  Time split over the mesh (context parallelism): everything but the chunk-end recurrence is
+  local to a chunk, so with `sharding` naming the split (PartitionSpec of the chunk-end states
+  (..., L/T, 2, H·N/2)) that recurrence runs context-parallel (one all-gather of segment end
+  states) and each device keeps its own segment of time, as long as a segment holds whole chunks.
+
   Args:
-    as s4d_conv, plus reset (..., L) bool (True where a new document starts) and chunk_size T.
+    as s4d_conv, plus reset (..., L) bool (True where a new document starts), chunk_size T and
+    sharding (a PartitionSpec or None).
   Returns:
     y: (..., L, H) real.
   """
@@ -253,7 +262,8 @@ def s4d_chunked(Lambda, C, log_step, u, *, bidirectional: bool, reset, D=None, s
     # Zeros after the end never reach an earlier output of a forward direction.
     inputs = jnp.pad(inputs, [(0, 0)] * (inputs.ndim - 2) + [(0, padding), (0, 0)])
     resets = jnp.pad(resets, [(0, 0)] * (resets.ndim - 1) + [(0, padding)])
-    y = _forward_chunked(Lambda, c_direction, log_step, inputs, resets, chunk, step_rescale)
+    y = _forward_chunked(Lambda, c_direction, log_step, inputs, resets, chunk, step_rescale,
+                         sharding)
     return y[..., :length, :]
 
   if not bidirectional:

@@ -17,6 +17,7 @@ Shapes lead with any batch dims: u (..., L, H) real; states (..., L, P') complex
 import jax
 import jax.numpy as jnp
 
+from s5scale.ssm import mesh_spec
 from s5scale.ssm import recurrence
 from s5scale.ssm.planar_complex import complex_multiply, from_planar, to_planar
 
@@ -87,7 +88,9 @@ def apply_ssm(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirectional: b
       associative scan, complex readout); the others are real GEMMs around the planar
       recurrence (apply_ssm_planar), which impl runs.
     sharding: PartitionSpec of the planar states (batch, L, 2, P') over the tracing context's
-      mesh, for the Pallas kernel's shard_map; None: not sharded.
+      mesh, for the Pallas kernel's shard_map and, when it splits time over a mesh axis of more
+      than one device, the context-parallel recurrence (recurrence.linear_recurrence_planar);
+      None: not sharded.
     gemm_dtype: operand dtype of the planar B̄ and C̃ GEMMs (bfloat16: float32 accumulation,
       and the states stay float32); None: the operands' own. The reference formulation's complex
       arithmetic ignores it.
@@ -140,8 +143,8 @@ def output_matrix(c_tilde, conj_sym: bool):
 
 
 # The projections define their own VJP to choose the operand order of each gradient GEMM: XLA's
-# CPU dot reads "nh,ncp->hcp" (the weight gradient, contracting the long axis N) in place, while
-# the order that autodiff derives makes it transpose the whole (N, 2, P') operand first. It also
+# CPU dot reads "...h,...cp->hcp" (the weight gradient, contracting the long axes) in place, while
+# the order that autodiff derives makes it transpose the whole (..., 2, P') operand first. It also
 # keeps the gradient GEMMs in the operands' dtype (bfloat16 operands, float32 accumulation).
 
 def _accumulating_einsum(spec: str, lhs, rhs):
@@ -181,41 +184,46 @@ def _gemm_with_vjp(forward: str, lhs_gradient, rhs_gradient):
   return gemm
 
 
-# (N, H) @ (H, 2, P') -> (N, 2, P')
+# (..., H) @ (H, 2, P') -> (..., 2, P')
 _rows_to_planar = _gemm_with_vjp(
-    "nh,hcp->ncp",
-    lhs_gradient=lambda cotangent, matrix: _accumulating_einsum("ncp,hcp->nh", cotangent, matrix),
-    rhs_gradient=lambda rows, cotangent: _accumulating_einsum("nh,ncp->hcp", rows, cotangent))
+    "...h,hcp->...cp",
+    lhs_gradient=lambda cotangent, matrix: _accumulating_einsum("...cp,hcp->...h", cotangent,
+                                                                matrix),
+    rhs_gradient=lambda rows, cotangent: _accumulating_einsum("...h,...cp->hcp", rows, cotangent))
 
-# (N, 2, P') @ (2, P', H) -> (N, H)
+# (..., 2, P') @ (2, P', H) -> (..., H)
 _planar_to_rows = _gemm_with_vjp(
-    "ncp,cph->nh",
-    lhs_gradient=lambda cotangent, matrix: _accumulating_einsum("nh,cph->ncp", cotangent, matrix),
+    "...cp,cph->...h",
+    lhs_gradient=lambda cotangent, matrix: _accumulating_einsum("...h,cph->...cp", cotangent,
+                                                                matrix),
     rhs_gradient=lambda states, cotangent: _accumulating_einsum(
-        "nh,ncp->hcp", cotangent, states).transpose(1, 2, 0))
+        "...h,...cp->hcp", cotangent, states).transpose(1, 2, 0))
 
 
 def _operand_dtype(rows, matrix, gemm_dtype):
   return jnp.result_type(rows, matrix) if gemm_dtype is None else gemm_dtype
 
 
-def project_input_planar(b_bar, u, gemm_dtype=None):
+def project_input_planar(b_bar, u, gemm_dtype=None, *, flatten: bool = True):
   """(P', H) complex B̄, (..., L, H) real u -> planar B̄u (..., L, 2, P'), as one GEMM.
 
   gemm_dtype: the GEMM's operand dtype (bfloat16: float32 accumulation and result); None: u's
   and B̄'s own.
+  flatten: run it on (N, H) rows, N = every leading dim. False keeps the leading dims, for a time
+  axis split over the mesh: merging it with batch would make XLA gather it.
   """
-  rows = u.reshape(-1, u.shape[-1])
+  rows = u.reshape(-1, u.shape[-1]) if flatten else u
   matrix = input_matrix(b_bar)
   dtype = _operand_dtype(rows, matrix, gemm_dtype)
   return _rows_to_planar(rows.astype(dtype), matrix.astype(dtype)).reshape(
       u.shape[:-1] + matrix.shape[1:])
 
 
-def project_output_planar(c_tilde, states, conj_sym: bool, gemm_dtype=None):
-  """(H, P') complex C̃, planar (..., L, 2, P') x -> Re(C̃x) (..., L, H), as one GEMM (gemm_dtype
-  as in project_input_planar)."""
-  rows = states.reshape((-1,) + states.shape[-2:])
+def project_output_planar(c_tilde, states, conj_sym: bool, gemm_dtype=None, *,
+                          flatten: bool = True):
+  """(H, P') complex C̃, planar (..., L, 2, P') x -> Re(C̃x) (..., L, H), as one GEMM; gemm_dtype
+  and flatten as in project_input_planar."""
+  rows = states.reshape((-1,) + states.shape[-2:]) if flatten else states
   matrix = output_matrix(c_tilde, conj_sym)
   dtype = _operand_dtype(rows, matrix, gemm_dtype)
   return _planar_to_rows(rows.astype(dtype), matrix.astype(dtype)).reshape(
@@ -231,8 +239,9 @@ def apply_ssm_planar(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirecti
   Returns:
     y: (..., L, H), u's dtype.
   """
+  flatten = mesh_spec.time_axis(sharding) is None
   if b_bar.ndim == 2:
-    bu = project_input_planar(b_bar, u, gemm_dtype)
+    bu = project_input_planar(b_bar, u, gemm_dtype, flatten=flatten)
   else:
     bu = to_planar(jnp.einsum("...lph,...lh->...lp", b_bar, u))
   if input_scale is not None:
@@ -246,6 +255,6 @@ def apply_ssm_planar(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirecti
     states = recurrence.linear_recurrence_planar(multipliers, bu, keep, reverse, impl=impl,
                                                  sharding=sharding)
     readout = c_tilde[:, direction * num_states:(direction + 1) * num_states]
-    direction_y = project_output_planar(readout, states, conj_sym, gemm_dtype)
+    direction_y = project_output_planar(readout, states, conj_sym, gemm_dtype, flatten=flatten)
     y = direction_y if y is None else y + direction_y
   return y if D is None else y + D * u

@@ -1,0 +1,98 @@
+"""Context parallelism: the linear recurrence x_k = a_k keep_k x_{k∓1} + b_k, exactly, with time
+split over a mesh axis into S segments, one per device.
+
+1. Each device scans its segment from a zero state with the local implementation (the one
+   recurrence.py picked, with its own VJP): states z_t.
+2. Its decays w_t: the product of a_k keep_k from the segment's first step through t (from its
+   last step back to t when reverse). At the segment's end, w is its transfer: Λ̄^T for a
+   constant Λ̄, the product of the per-step factors with intervals, 0 across a reset.
+3. ONE all-gather over the axis brings every segment's (end state, transfer) pair: 2 × rows × 2P
+   numbers per direction, whatever L.
+4. A chain over those S pairs (chunked_scan.chain_starts: S steps, done redundantly on every
+   device) gives the state h entering each segment, and x_t = z_t + w_t ⊙ h.
+Nothing crosses devices inside the time loop. The backward pass is autodiff's mirror image: the
+gather's transpose is one reduce-scatter, and the local scans run their own VJPs.
+
+A length that is not a multiple of S is padded at the end with zero inputs: a padded step neither
+adds to nor carries a state into the real steps, in either direction.
+
+Planar: a complex (..., P) array is held as a real (..., 2, P) array (planar_complex.py).
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec
+
+from s5scale.ssm import chunked_scan
+from s5scale.ssm import mesh_spec
+from s5scale.ssm.planar_complex import complex_multiply
+
+
+def segment_decays(multipliers, keep, length: int, reverse: bool):
+  """w_t = Π a_k keep_k over k from the segment's start through t (from its end when reverse).
+
+  Args:
+    multipliers: (2, P) or (M, T, 2, P) planar a.
+    keep: (M, T) real or None.
+    length: T.
+  Returns:
+    (M, T, 2, P) planar, or (1, T, 2, P) when a is constant and there is no keep.
+  """
+  if multipliers.ndim == 2:
+    multipliers = jnp.broadcast_to(multipliers, (1, length) + multipliers.shape)
+  decays = lax.associative_scan(complex_multiply, multipliers, reverse=reverse, axis=1)
+  if keep is not None:
+    # keep comes from reset flags: no gradient flows to it (the local scans' VJPs agree).
+    kept = lax.cumprod(lax.stop_gradient(keep), axis=1, reverse=reverse)
+    decays = decays * kept[..., None, None]
+  return decays
+
+
+def _with_entering_state(local_scan, axis: str, reverse: bool):
+  """The per-device body: the local scan, the one gather, the chain, the correction."""
+  def segment(multipliers, inputs, keep=None):
+    states = local_scan(multipliers, inputs, keep)
+    decays = segment_decays(multipliers, keep, inputs.shape[1], reverse)
+    last = 0 if reverse else -1
+    end = states[:, last]
+    pair = jnp.stack([end, jnp.broadcast_to(decays[:, last], end.shape)])   # (2, M, 2, P)
+    ends, transfers = lax.all_gather(pair, axis, axis=1)                    # (S, M, 2, P) each
+    entering = chunked_scan.chain_starts(transfers, ends, reverse)[lax.axis_index(axis)]
+    return states + complex_multiply(decays, entering[:, None])
+
+  return segment
+
+
+def context_parallel_states(local_scan, multipliers, inputs, keep, reverse: bool, *, axis: str,
+                            spec: PartitionSpec):
+  """States of the recurrence with time split over mesh axis `axis` of the tracing context's mesh.
+
+  Args:
+    local_scan: (multipliers, inputs, keep) -> states, on one device's arrays, from a zero state.
+    multipliers: (2, P) or (M, L, 2, P) planar a.
+    inputs: (M, L, 2, P) planar b.
+    keep: (M, L) real, 0 where the carried state is dropped, or None.
+    axis: the mesh axis that splits time (mesh_spec.time_axis).
+    spec: PartitionSpec of the (M, L, 2, P) operands; its rows and P axes stay split where they
+      divide their dimension, time is split over `axis`.
+  Returns:
+    (M, L, 2, P) planar states.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  length = inputs.shape[1]
+  padding = -length % mesh.shape[axis]
+
+  def padded(array):  # time is axis 1 of every per-step operand
+    return jnp.pad(array, [(0, 0), (0, padding)] + [(0, 0)] * (array.ndim - 2))
+
+  varying = multipliers.ndim > 2
+  operands = [padded(multipliers) if varying else multipliers, padded(inputs)]
+  operands += [] if keep is None else [padded(keep)]
+  spec = mesh_spec.fitted_spec(spec, operands[1].shape, mesh, whole=(mesh_spec.PARTS,))
+  spec = PartitionSpec(spec[0], axis, None, spec[3])
+  in_specs = [spec if varying else PartitionSpec(None, spec[3]), spec]
+  in_specs += [] if keep is None else [PartitionSpec(spec[0], axis)]
+  states = jax.shard_map(_with_entering_state(local_scan, axis, reverse), mesh=mesh,
+                         in_specs=tuple(in_specs), out_specs=spec, check_vma=False)(*operands)
+  return states[:, :length]
