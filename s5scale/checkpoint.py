@@ -89,6 +89,19 @@ def save_policy(checkpoint_config) -> ocp.checkpoint_managers.SaveDecisionPolicy
   return ocp.checkpoint_managers.AnySavePolicy(policies)
 
 
+def wait_for_every_process(name: str, timeout_s: int = 900) -> None:
+  """Waits until every process has called this with `name`, at the jax.distributed coordination
+  service's barrier, which is not a device collective.
+
+  Called before the first collective (the manager's own sync): processes can reach it far apart
+  (imports, data, a loaded host), and gloo, the CPU collectives, gives up when a peer is 30 s
+  late, while this barrier waits timeout_s.
+  """
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes(name, processes=set(range(jax.process_count())),
+                                        timeout=timeout_s)
+
+
 def make_manager(workdir: str, checkpoint_config=None, read_only: bool = False):
   keep = checkpoint_config.keep if checkpoint_config else None
   keep_every = checkpoint_config.keep_every if checkpoint_config else 0

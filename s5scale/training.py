@@ -54,6 +54,7 @@ def train(config, workdir: str, preemption) -> int:
                config.model.num_layers)
 
   # ---------------------------------------------------------------- Restore
+  checkpoint.wait_for_every_process("s5scale-start")
   manager = checkpoint.make_manager(workdir, config.checkpoint)
   state, start_step = checkpoint.restore_latest(manager, abstract_state, train_iter,
                                                 config.to_dict())

@@ -12,20 +12,23 @@ from tests import helpers
 from tests.helpers import COLLECTIVES, build_state, hlo_computations, reachable, tiny_config
 from tests.helpers import train_in_process
 
-MESHES_ON_8 = [(8, 1, 1), (4, 1, 2), (2, 2, 2), (1, 1, 8)]
+# (data, fsdp, model, context): the last three split time over 4 devices (context-parallel
+# recurrence, tests/test_context_parallel.py has its exactness).
+MESHES_ON_8 = [(8, 1, 1, 1), (4, 1, 2, 1), (2, 2, 2, 1), (1, 1, 8, 1),
+               (2, 1, 1, 4), (1, 2, 1, 4), (1, 1, 2, 4)]
 
 
 def test_same_losses_on_every_mesh(tmp_path):
-  # 1x1x1 needs a 1-device process: a mesh smaller than the device count is a config error.
-  single = helpers.run("train", "text_small.py", tmp_path / "1x1x1",
+  # 1x1x1x1 needs a 1-device process: a mesh smaller than the device count is a config error.
+  single = helpers.run("train", "text_small.py", tmp_path / "1x1x1x1",
                     helpers.overrides(train__num_steps=3, checkpoint__every_steps=100), devices=1)
   assert single.returncode == 0, single.stderr[-3000:]
-  results = {(1, 1, 1): helpers.losses(tmp_path / "1x1x1")}
+  results = {(1, 1, 1, 1): helpers.losses(tmp_path / "1x1x1x1")}
   for mesh in MESHES_ON_8:
-    config = tiny_config(train__num_steps=3, mesh__data=mesh[0], mesh__fsdp=mesh[1],
-                         mesh__model=mesh[2], checkpoint__every_steps=100)
+    axes = dict(zip(("mesh__data", "mesh__fsdp", "mesh__model", "mesh__context"), mesh))
+    config = tiny_config(train__num_steps=3, checkpoint__every_steps=100, **axes)
     results[mesh] = train_in_process(config, tmp_path / "x".join(map(str, mesh)))
-  reference = results[(1, 1, 1)]
+  reference = results[(1, 1, 1, 1)]
   assert sorted(reference) == [1, 2, 3]
   for mesh, losses in results.items():
     np.testing.assert_allclose([losses[s] for s in (1, 2, 3)], [reference[s] for s in (1, 2, 3)],
