@@ -37,9 +37,9 @@ def test_same_losses_on_every_mesh_with_h_sharded_activations(tmp_path):
   assert single.returncode == 0, single.stderr[-3000:]
   reference = helpers.losses(tmp_path / "1x1x1")
   assert sorted(reference) == [1, 2, 3]
-  # Remat recomputes the same ops, so one mesh checks it (the one that shards the most).
-  for remat, mesh in [("none", (4, 1, 2)), ("none", (2, 1, 4)), ("none", (1, 1, 8)),
-                      ("full", (1, 1, 8))]:
+  # model=2 and model=8 bracket the sizes between; remat recomputes the same ops, so one mesh
+  # checks it (the one that shards the most).
+  for remat, mesh in [("none", (4, 1, 2)), ("none", (1, 1, 8)), ("full", (1, 1, 8))]:
     config = tiny_config(train__num_steps=3, checkpoint__every_steps=100, mesh__data=mesh[0],
                          mesh__fsdp=mesh[1], mesh__model=mesh[2], model__remat=remat,
                          **ALL_GROUPS)
