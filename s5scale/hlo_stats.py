@@ -30,20 +30,11 @@ import math
 import re
 
 from s5scale import replica_groups
+from s5scale.hlo_text import bytes_by_space, dims, parse_module, shape_bytes, space_of
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 
-_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
-                "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
-                "c128": 16}
-_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8\w*)\[([\d,]*)\](\{[^}]*\})?")
-_MEMORY_SPACE = re.compile(r"S\((\d+)\)")
 VMEM_SPACE, HOST_SPACE = 1, 5  # TPU memory spaces in a layout's S(n); 0 (no S) is HBM
-_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*->.*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
-_OPCODE = re.compile(r"\s*([\w\-]+)\(")
-_CALLED = re.compile(r"\b(calls|body|to_apply|condition)=%([\w.\-]+)")
-_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 # Instructions that move no data of their own (aliases, bookkeeping, or control flow whose
@@ -53,81 +44,6 @@ _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
                "add-dependency", "async-start", "async-update", "async-done", "copy-done",
                "all-gather-done", "all-reduce-done", "collective-permute-done", "send-done",
                "recv-done", "dynamic-slice-done", "dynamic-update-slice-done"}
-
-
-def bytes_by_space(type_text: str) -> collections.Counter:
-  """{memory space: bytes} of an HLO type (an array `f32[2,3]{1,0:T(8,128)S(1)}` or a tuple of
-  them); an array with no S(n) in its layout is in space 0."""
-  totals = collections.Counter()
-  for dtype, dims, layout in _ARRAY.findall(type_text):
-    size = math.prod(int(d) for d in dims.split(",") if d)
-    space = _MEMORY_SPACE.search(layout)
-    totals[int(space.group(1)) if space else 0] += size * _DTYPE_BYTES.get(dtype, 1)
-  return totals
-
-
-def shape_bytes(type_text: str) -> float:
-  """Bytes of an HLO type, in any memory space."""
-  return float(sum(bytes_by_space(type_text).values()))
-
-
-def _dims(type_text: str) -> list[int]:
-  match = _ARRAY.search(type_text)
-  return [int(d) for d in match.group(2).split(",") if d] if match else []
-
-
-def _split_type(rest: str) -> tuple[str, str]:
-  """'(f32[2], s32[]) while(...)' -> ('(f32[2], s32[])', ' while(...)')."""
-  if not rest.startswith("("):
-    head, _, tail = rest.partition(" ")
-    return head, " " + tail
-  depth = 0
-  for index, char in enumerate(rest):
-    depth += {"(": 1, ")": -1}.get(char, 0)
-    if depth == 0:
-      return rest[:index + 1], rest[index + 1:]
-  return rest, ""
-
-
-def _operands(text: str) -> tuple[list[str], str, str]:
-  """For '(%a, %b), attrs': the operand names, the text inside the parentheses, the attributes."""
-  depth = 0
-  for index, char in enumerate(text):
-    depth += {"(": 1, ")": -1}.get(char, 0)
-    if depth == 0 and char == ")":
-      inner = text[1:index]
-      return re.findall(r"%([\w.\-]+)", inner), inner.strip(), text[index + 1:]
-  return re.findall(r"%([\w.\-]+)", text), "", ""
-
-
-def parse_module(hlo_text: str) -> tuple[dict, str]:
-  """{computation: [instruction dicts]} and the entry computation's name."""
-  computations, entry, current = {}, None, None
-  for line in hlo_text.splitlines():
-    header = _HEADER.match(line)
-    if header and not line.startswith(" "):
-      current = header.group(2)
-      computations[current] = []
-      if header.group(1):
-        entry = current
-      continue
-    if line.startswith("}"):
-      current = None
-      continue
-    match = _INSTRUCTION.match(line) if current else None
-    if not match:
-      continue
-    type_text, rest = _split_type(match.group(2))
-    opcode = _OPCODE.match(rest)
-    if not opcode:
-      continue
-    operands, inner, attributes = _operands(rest[opcode.end() - 1:])
-    computations[current].append(dict(
-        name=match.group(1), type=type_text, opcode=opcode.group(1), operands=operands,
-        inner=inner,
-        attributes=attributes, called=dict(_CALLED.findall(attributes)),
-        branches=re.findall(r"%([\w.\-]+)", " ".join(_BRANCHES.findall(attributes)))))
-  return computations, entry
 
 
 def _trip_count(instruction: dict, computations: dict):
@@ -179,25 +95,19 @@ def _add_fused(computations, name, times, fused):
 
 
 def _matmul_flops(op: dict, types: dict) -> float:
-  result = math.prod(_dims(op["type"]))
+  result = math.prod(dims(op["type"]))
   if op["opcode"] == "dot":
-    lhs = _dims(types.get(op["operands"][0], ""))
+    lhs = dims(types.get(op["operands"][0], ""))
     match = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", op["attributes"])
     contracted = [int(d) for d in match.group(1).split(",") if d] if match else []
     return 2.0 * result * math.prod(lhs[d] for d in contracted if d < len(lhs))
   # convolution: an output element takes one multiply-add per kernel element feeding it, i.e.
   # the kernel's size over its output features (feature groups are already in the kernel shape).
-  rhs = _dims(types.get(op["operands"][1], "")) if len(op["operands"]) > 1 else []
+  rhs = dims(types.get(op["operands"][1], "")) if len(op["operands"]) > 1 else []
   labels = re.search(r"dim_labels=\w*_(\w+)->", op["attributes"])
   if not rhs or not labels or "o" not in labels.group(1):
     return 0.0
   return 2.0 * result * math.prod(rhs) / rhs[labels.group(1).index("o")]
-
-
-def _space_of(type_text: str) -> int:
-  """The memory space holding most of a type's bytes (an array has one)."""
-  spaces = bytes_by_space(type_text)
-  return max(spaces, key=spaces.get) if spaces else 0
 
 
 def _traffic(op: dict, types: dict, computations: dict) -> collections.Counter:
@@ -214,13 +124,13 @@ def _traffic(op: dict, types: dict, computations: dict) -> collections.Counter:
   if op["opcode"] == "custom-call" and 'custom_call_target="AllocateBuffer"' in op["attributes"]:
     return traffic  # reserves a buffer, moves nothing
   if op["opcode"] == "dynamic-slice":
-    traffic[_space_of(operand_types[0])] += shape_bytes(op["type"])
+    traffic[space_of(operand_types[0])] += shape_bytes(op["type"])
     traffic.update(bytes_by_space(op["type"]))
     return traffic
   if op["opcode"] in ("dynamic-update-slice", "dynamic-update-slice-start"):
     update = shape_bytes(operand_types[1])
-    traffic[_space_of(operand_types[1])] += update
-    traffic[_space_of(operand_types[0])] += update
+    traffic[space_of(operand_types[1])] += update
+    traffic[space_of(operand_types[0])] += update
     return traffic
   if op["opcode"] in ("dynamic-slice-start", "copy-start"):
     # The type is ((operands) or operand, destination, context): what the operands leave is the
@@ -229,7 +139,7 @@ def _traffic(op: dict, types: dict, computations: dict) -> collections.Counter:
     for operand_type in operand_types:
       written.subtract(bytes_by_space(operand_type))
     written = +written
-    traffic[_space_of(operand_types[0]) if operand_types else 0] += sum(written.values())
+    traffic[space_of(operand_types[0]) if operand_types else 0] += sum(written.values())
     traffic.update(written)
     return traffic
   if op["opcode"] != "fusion" or "calls" not in op["called"]:
@@ -255,7 +165,7 @@ def _traffic(op: dict, types: dict, computations: dict) -> collections.Counter:
       continue  # the buffer being updated in place
     if consumers and all(c["opcode"] == "dynamic-slice" and c["operands"][0] == f["name"]
                          for c in consumers):
-      traffic[_space_of(outer_type)] += sum(shape_bytes(c["type"]) for c in consumers)
+      traffic[space_of(outer_type)] += sum(shape_bytes(c["type"]) for c in consumers)
     else:
       traffic.update(bytes_by_space(outer_type))
   outputs = [op["type"]] if len(roots) == 1 else [r["type"] if r else "" for r in roots]
@@ -264,7 +174,7 @@ def _traffic(op: dict, types: dict, computations: dict) -> collections.Counter:
       continue
     if r["opcode"] == "dynamic-update-slice":
       update = shape_bytes(by_name.get(r["operands"][1], {}).get("type", ""))
-      traffic[_space_of(output_type)] += update
+      traffic[space_of(output_type)] += update
     else:
       traffic.update(bytes_by_space(output_type))
   return traffic
