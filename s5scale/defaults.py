@@ -137,6 +137,8 @@ EVAL = dict(
     recompute_batch_stats=f(0, NonNegative),          # N > 0 (norm="batch"): BatchNorm statistics
                                                     # from N training batches first; 0: as saved
     lowpass_hz=f(0.0, Real(ge=0)),                  # classify: band-limit held-out clips; 0: off
+    carry_state=f(False, Bool()),                   # LM: also score whole held-out items as
+                                                    # windows with the state carried across them
 )
 
 GENERATE = dict(
@@ -237,6 +239,9 @@ RULES = [
     Rule(("eval.lowpass_hz", "data.sample_rate", "model.task"),
          lambda cutoff, rate, task: cutoff == 0 or (task == "classify" and 2 * cutoff < rate),
          "eval.lowpass_hz 0, or (model.task=classify) with 2 x eval.lowpass_hz < data.sample_rate"),
+    Rule(("eval.carry_state", "model.task", "model.bidirectional"),
+         lambda carry, task, bidirectional: not carry or (task == "lm" and not bidirectional),
+         "eval.carry_state only for a causal LM (model.task='lm', model.bidirectional=False)"),
 ]
 
 

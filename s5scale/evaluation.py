@@ -74,6 +74,13 @@ class Evaluator:
         return eval_step(params, batch_stats, batch)
 
     self.eval_step = jax.jit(eval_step_on_mesh)
+    carried_eval_step = steps.make_carried_eval_step(model, config.model.task)
+
+    def carried_eval_step_on_mesh(params, batch_stats, batch, stored):
+      with parallel.logical_constraints(mesh):
+        return carried_eval_step(params, batch_stats, batch, stored)
+
+    self.carried_eval_step = jax.jit(carried_eval_step_on_mesh, donate_argnums=3)
     batch_statistics = steps.make_batch_statistics_step(model)
 
     def batch_statistics_on_mesh(params, batch_stats, batch):
@@ -124,6 +131,33 @@ class Evaluator:
       results.update(self.compressor_results(np.concatenate(scored)))
     return results
 
+  def evaluate_carried(self, params, batch_stats) -> dict:
+    """The held-out items scored whole: each row streams one item as consecutive windows of
+    eval.seq_len with every layer's state carried from window to window (data.carry_state's
+    truncated BPTT, at evaluation), so a prediction sees all of its item before it."""
+    data_config = eval_data_config(self.config)
+    batches = data.carried_heldout_iterator(
+        data_config, data_config.batch_size, data_config.seq_len,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    totals, stored, num_batches, start = None, None, 0, time.time()
+    for local_batch in batches:
+      if self.config.eval.max_batches and num_batches >= self.config.eval.max_batches:
+        break
+      batch = parallel.global_batch(local_batch, self.mesh)
+      if stored is None:   # rows start at an item's first window: reset[:, 0] drops this state
+        stored = self.zero_states(params, batch_stats, batch["inputs"])
+      sums, stored = self.carried_eval_step(params, batch_stats, batch, stored)
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+      num_batches += 1
+    if totals is None:
+      raise data.DataError(f"the {SPLIT} split of data.source={self.config.data.source!r} is empty")
+    return summarize(jax.device_get(totals), self.config, num_batches, time.time() - start)
+
+  def zero_states(self, params, batch_stats, inputs):
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    boxed = steps.zero_carried_states(self.model, variables, inputs)
+    return jax.device_put(boxed.unbox(), parallel.logical_shardings(boxed, self.mesh))
+
   def compressor_results(self, symbols) -> dict:
     """xz / gzip on this process's scored held-out symbols, in the model's unit."""
     if self.config.data.kind == "text":
@@ -137,19 +171,25 @@ class Evaluator:
 
   def run(self, workdir: str, step: int, params, batch_stats) -> dict:
     """Evaluates every held-out split (a mixture's, then each source's); returns the first's.
-    The mixture's record is written last, so a step with it recorded is complete."""
-    all_results = {}
+    The mixture's record is written last, so a step with it recorded is complete. With
+    eval.carry_state, the first's record also holds "<split>_carried/..." (evaluate_carried), so
+    one record compares the two scores of one checkpoint."""
+    records = {}
     for split in data.heldout_splits(self.config.data):
       name = self.split + split[len(SPLIT):]      # e.g. heldout_step_rescale2/books
-      all_results[name] = self.evaluate(params, batch_stats, split)
+      records[name] = {f"{name}/{k}": v
+                       for k, v in self.evaluate(params, batch_stats, split).items()}
+    if self.config.eval.carry_state:
+      records[self.split].update({f"{self.split}_carried/{k}": v for k, v in
+                                  self.evaluate_carried(params, batch_stats).items()})
     with metrics.MetricsWriter(storage.join(workdir, "eval", "metrics.jsonl"),
                                storage.join(workdir, "tb", "eval")) as writer:
-      for name, results in reversed(all_results.items()):
-        writer.write(step, {f"{name}/{k}": v for k, v in results.items()}, split=name,
-                     data=scored_data(self.config))
+      for name, record in reversed(records.items()):
+        writer.write(step, record, split=name, data=scored_data(self.config))
         logging.info("eval step %d %s: %s", step, name,
-                     "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
-    return all_results[self.split]
+                     "  ".join(f"{k.removeprefix(name + '/')} {v:.4f}" for k, v in record.items()))
+    prefix = self.split + "/"
+    return {k[len(prefix):]: v for k, v in records[self.split].items() if k.startswith(prefix)}
 
 
 def summarize(totals: dict, config, num_batches: int, seconds: float) -> dict:

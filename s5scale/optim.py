@@ -65,7 +65,9 @@ def accumulated_value_and_grad(loss_fn, params, batch: dict, accum_steps: int):
   One train step is still one global batch and one update, so step k's data and schedule do not
   depend on the accumulation setting; only peak activation memory does.
 
-  loss_fn(params, micro_batch, micro_index) -> (loss, aux).
+  loss_fn(params, micro_batch, micro_index) -> (loss, (aux, rows)): aux is averaged over the
+  micro-batches; rows (leading dim: the micro-batch's rows, e.g. carried states) are put back
+  together in the batch's row order.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if accum_steps == 1:
@@ -75,10 +77,13 @@ def accumulated_value_and_grad(loss_fn, params, batch: dict, accum_steps: int):
 
   def accumulate(totals, inputs):
     index, micro_batch = inputs
-    values = grad_fn(params, micro_batch, index)
-    return jax.tree.map(jnp.add, totals, values), None
+    (loss, (aux, rows)), grads = grad_fn(params, micro_batch, index)
+    return jax.tree.map(jnp.add, totals, (loss, aux, grads)), rows
 
-  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(
-      lambda x: x[0], micro), 0))
-  totals, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum_steps), micro))
-  return jax.tree.map(lambda x: x / accum_steps, totals)
+  shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), 0)
+  (loss_shape, (aux_shape, _)), grads_shape = shapes
+  zeros = jax.tree.map(jnp.zeros_like, (loss_shape, aux_shape, grads_shape))
+  (loss, aux, grads), rows = jax.lax.scan(accumulate, zeros, (jnp.arange(accum_steps), micro))
+  rows = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), rows)
+  mean = lambda tree: jax.tree.map(lambda x: x / accum_steps, tree)
+  return (mean(loss), (mean(aux), rows)), mean(grads)

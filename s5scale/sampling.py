@@ -1,7 +1,8 @@
 """Recurrent-mode sampling of audio or text from a checkpoint (`python -m s5scale.generate`).
 
-A prompt (text prefix or audio file) is processed with the parallel scan; each new sample then
-costs one recurrent step, O(1) in the context length. Each run writes a new folder
+A prompt (text prefix or audio file) is processed with the parallel scan, in windows of
+data.seq_len with the state carried from one to the next (any prompt length, memory of one
+window); each new sample then costs one recurrent step, O(1) in the context length. Each run writes a new folder
 samples/run_<N>/ (WAV or .txt samples, the prompt as the model saw it, settings.json) and
 tensorboard (add_audio, add_text); an earlier run's folder is never written again.
 """
@@ -33,14 +34,25 @@ def sample_token(logits, key, temperature: float, top_p: float):
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def make_sampler(model, length: int, temperature: float, top_p: float):
+def make_sampler(model, length: int, temperature: float, top_p: float,
+                 prefill_window: int | None = None):
   """(variables, prompt (batch, Lp) int32, seed) -> sampled tokens (batch, length) int32.
 
-  The sampling RNG for new token k is fold_in(seed, k) (docs/design.md, "Determinism").
+  The prompt is read by the parallel scan in windows of prefill_window tokens (None: one window),
+  each starting from the states the previous one ended with, so prefill memory depends on the
+  window, not on the prompt's length; then one recurrent step per new token. The sampling RNG for
+  new token k is fold_in(seed, k) (docs/design.md, "Determinism").
   """
+  prefill_first = jax.jit(lambda variables, window: model.apply(variables, window,
+                                                                method=S5Model.prefill))
 
-  def sample(variables, prompt, seed):
-    states, logits = model.apply(variables, prompt, method=S5Model.prefill)
+  @jax.jit
+  def prefill_next(variables, states, window):
+    logits, states = model.apply(variables, window, states=states)
+    return states, logits
+
+  @jax.jit
+  def decode(variables, states, last_logits, seed):
     base_key = jax.random.PRNGKey(seed)
 
     def one_step(carry, index):
@@ -49,10 +61,17 @@ def make_sampler(model, length: int, temperature: float, top_p: float):
       states, next_logits = model.apply(variables, states, token, method=S5Model.step)
       return (states, next_logits), token
 
-    _, tokens = jax.lax.scan(one_step, (states, logits[:, -1]), jnp.arange(length))
+    _, tokens = jax.lax.scan(one_step, (states, last_logits), jnp.arange(length))
     return tokens.T
 
-  return jax.jit(sample)
+  def sample(variables, prompt, seed):
+    window = prefill_window or prompt.shape[1]
+    states, logits = prefill_first(variables, prompt[:, :window])
+    for start in range(window, prompt.shape[1], window):
+      states, logits = prefill_next(variables, states, prompt[:, start:start + window])
+    return decode(variables, states, logits[:, -1], seed)
+
+  return sample
 
 
 def prompt_tokens(data_config, prompt: str, batch: int) -> np.ndarray:
@@ -133,7 +152,8 @@ def generate(config, workdir: str, step: int | None) -> int:
   prompt_text, prompt_source = read_prompt(config.data, settings.prompt)  # fails before restoring
   model, variables, step, _ = inference.restore_model(workdir, config, step)
   prompt = prompt_tokens(config.data, prompt_text, settings.num_samples)
-  sampler = make_sampler(model, settings.length, settings.temperature, settings.top_p)
+  sampler = make_sampler(model, settings.length, settings.temperature, settings.top_p,
+                         prefill_window=config.data.seq_len)
   logging.info("sampling %d x %d tokens from step %d (prompt %d tokens)", settings.num_samples,
                settings.length, step, prompt.shape[1])
   tokens = np.asarray(sampler(variables, prompt, settings.seed))
