@@ -23,8 +23,11 @@ from tests import helpers
 from tests.helpers import tiny_config
 
 NUM_STEPS = 12
+# With the SSM state carried from step to step (data.carry_state), so a resume must restore the
+# carried states and the streams' positions too; tests/test_carried_training.py resumes it on a
+# sharded mesh.
 FLAGS = helpers.overrides(train__num_steps=NUM_STEPS, checkpoint__every_steps=4,
-                       checkpoint__async_save=True)
+                       checkpoint__async_save=True, data__carry_state=True)
 
 
 def complete_steps(workdir) -> list[int]:
@@ -91,8 +94,9 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, uninterrupted):
   assert f"resumed from checkpoint step {stopped_at}" in resumed.stderr
   assert run_status(tmp_path) == {"status": "finished", "step": NUM_STEPS}
   assert helpers.losses(tmp_path) == helpers.losses(uninterrupted)  # exact float equality
-  assert_same_tree(saved_state(tmp_path, NUM_STEPS)["params"],
-                   saved_state(uninterrupted, NUM_STEPS)["params"])
+  for key in ("params", "carried"):
+    assert_same_tree(saved_state(tmp_path, NUM_STEPS)[key],
+                     saved_state(uninterrupted, NUM_STEPS)[key])
 
 
 @pytest.mark.slow

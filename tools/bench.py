@@ -4,6 +4,7 @@
   python tools/bench.py s4d         # S5 vs S4D (FFT conv, and recurrence) fwd+bwd over lengths
   python tools/bench.py train       # training-step MFU vs a GEMM peak measured alongside
   python tools/bench.py calibrate   # AOT cost model's bounds vs the measured CPU train step
+  python tools/bench.py carry       # train step with data.carry_state vs without
                                     # (also: compile, data, checkpoint, generate)
 
 Each subcommand is one function, registered in SUBCOMMANDS (the system ones live in

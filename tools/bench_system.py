@@ -229,6 +229,30 @@ def bench_train(args) -> dict:
   return result
 
 
+# ----------------------------------------------------------------------------- carried state
+
+def bench_carry(args) -> dict:
+  """Train step with data.carry_state=True vs the same step without, timed in alternating rounds:
+  the carried states (an initial state folded into each scan's first input, a final state kept)
+  should cost next to nothing."""
+  built = {"fresh": build_step(load_config(args.config)),
+           "carried": build_step(load_config(args.config, data__carry_state=True))}
+  times = {name: [] for name in built}
+  for round_index in range(args.repeats + 1):
+    for name, step in built.items():
+      start = time.perf_counter()
+      step["state"], step_metrics = step["compiled"](step["state"], step["batch"])
+      jax.block_until_ready(step_metrics)
+      if round_index:   # the first round warms up
+        times[name].append(time.perf_counter() - start)
+  ratio = float(np.median(times["carried"]) / np.median(times["fresh"]))
+  result = {"bench": "carry", "config": args.config, "fresh": summary(times["fresh"]),
+            "carried": summary(times["carried"]), "carried_over_fresh": ratio,
+            "target_ratio<=1.05": ratio <= 1.05}
+  emit(result)
+  return result
+
+
 def add_flags(parser, name: str) -> None:
   parser.add_argument("--repeats", type=int, default=5)
   if name == "compile":
@@ -260,4 +284,5 @@ SYSTEM_SUBCOMMANDS = {
     "checkpoint": (bench_checkpoint, "loop time blocked per async save vs step time"),
     "generate": (bench_generate, "recurrent samples/s vs parallel recompute at 16k context"),
     "train": (bench_train, "training-step MFU vs measured GEMM peak"),
+    "carry": (bench_carry, "train step with data.carry_state vs without"),
 }
