@@ -12,6 +12,8 @@
     → [heldout, or packed] every process builds the same rows and keeps every
       process_count-th, (held-out: padded to equal length)
     → batch(data.batch_size // process_count) → the batch dict the trainer consumes
+  data.carry_state (train): whole items instead of crops; row j of the global batch is a lane
+  reading items j, j + B, ... and packing them in order (streams.py); no worker processes.
 
 Element k of a process's stream is a fixed function of (seed, k, process layout), so the batch
 at step k is too, and the iterator state (all ints) resumes it exactly. The global batch at step k

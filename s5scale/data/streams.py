@@ -14,6 +14,7 @@ Held-out: `heldout_batches` gives each row one item, from its first window to it
 padding rows until the longest item of its group of B is done; then the next group.
 """
 
+import itertools
 import math
 
 import grain
@@ -80,7 +81,7 @@ def heldout_batches(examples, spec, batch_size: int, seq_len: int, process_index
   first = process_index * local
   padding = spec.padding_row
   group = []
-  for example in [*examples, None]:
+  for example in itertools.chain(examples, [None]):     # None: the end, flush the last group
     if example is not None:
       group.append(example)
       if len(group) < batch_size:
