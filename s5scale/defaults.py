@@ -88,6 +88,9 @@ DATA = dict(
     num_workers=f(0, NonNegative),                    # grain worker processes (0: in-process)
     task=f("lm", OneOf("lm", "classify")),          # classify: labels are folder names
     read_threads=f(4, Count),                       # per process (or worker), reading/decoding
+    carry_state=f(False, Bool()),                   # LM train: each row streams whole items
+                                                    # (recordings, documents) window after
+                                                    # window; the model carries its state
 )
 
 OPTIM = dict(
@@ -236,6 +239,11 @@ RULES = [
     Rule(("data.bandlimit_prob", "data.bandlimit_hz", "data.task"),
          lambda prob, cutoff, task: prob == 0 or (task == "classify" and cutoff > 0),
          "data.bandlimit_prob 0, or (data.task=classify) with data.bandlimit_hz > 0"),
+    Rule(("data.carry_state", "model.bidirectional"), lambda carry, both: not (carry and both),
+         "model.bidirectional=False with data.carry_state=True (a backward pass would need the "
+         "windows still to come)"),
+    Rule(("data.carry_state", "model.task"), lambda carry, task: not carry or task == "lm",
+         "model.task='lm' with data.carry_state=True (a classifier reads one clip per example)"),
     Rule(("eval.lowpass_hz", "data.sample_rate", "model.task"),
          lambda cutoff, rate, task: cutoff == 0 or (task == "classify" and 2 * cutoff < rate),
          "eval.lowpass_hz 0, or (model.task=classify) with 2 x eval.lowpass_hz < data.sample_rate"),

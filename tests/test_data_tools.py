@@ -11,6 +11,7 @@ import soundfile
 
 from s5scale import data
 from s5scale import defaults
+from s5scale.data import split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -166,6 +167,28 @@ def test_make_spoken_digits_writes_the_sc09_layout(tmp_path):
   assert abs((loud[0] + loud[-1]) / 2 - 8000) < 100               # the word is centred
   config = _config(out, kind="audio", task="classify")
   assert data.num_classes(config) == 10
+
+
+def test_make_spoken_digits_long_recordings_one_speaker_per_file(tmp_path):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  time = np.arange(22050) / 22050
+  soundfile.write(tmp_path / "tone.wav", 0.5 * np.sin(2 * np.pi * 440 * time), 22050,
+                  subtype="PCM_16")
+  fake = bin_dir / "espeak-ng"
+  fake.write_text(_FAKE_ESPEAK.format(tone=tmp_path / "tone.wav"))
+  fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+  out = tmp_path / "long"
+  result = _run_tool("make_spoken_digits.py", f"--output={out}", "--long_seconds=0.5",
+                     "--files_per_speaker=2", "--num_workers=2",
+                     env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+  assert result.returncode == 0, result.stderr
+  names = sorted(path.name for path in out.iterdir())
+  speakers = ["gmw-en-US", "gmw-en-US-f2", "gmw-en-US-m3"]       # the voice x LONG_VARIANTS
+  assert names == sorted(f"{s}_nohash_{n}.wav" for s in speakers for n in (0, 1))
+  waveform, rate = soundfile.read(out / names[0])
+  assert rate == 16000 and waveform.shape == (8000,)              # cut at --long_seconds
+  assert {split.split_key(name) for name in names} == set(speakers)   # held out by voice
 
 
 def test_make_spoken_digits_without_espeak_exits_2_saying_how_to_install(tmp_path):

@@ -5,6 +5,16 @@
       split "train" or "heldout"; batches hold data.batch_size // process_count rows.
       num_epochs=None repeats forever; a finite stream pads its last batch with mask-0 rows,
       and every process gets the same number of held-out batches.
+      data.carry_state=True, split "train": row r is a lane streaming whole train items in order,
+      cut into consecutive windows (streams.py): global lane j = process_index * B + r takes
+      the shuffled items at positions j, j + B', j + 2B', ... (B' = data.batch_size), so the
+      global batch at step k is the same for any process count. reset marks each item's start,
+      mask is 0 on the target that would cross into the next item. "heldout" is unchanged.
+  carried_heldout_iterator(data_config, batch_size, seq_len, *, process_index=0,
+                           process_count=1, max_items=None) -> iterator of LM batches
+      each row streams ONE held-out item from its first window (reset[:, 0] True) to its last,
+      then padding (mask 0) until the longest item of the group of batch_size items ends; then
+      the next group. Every process reads every item and yields the same number of batches.
   example_batch(data_config, batch_size) -> zero batch dict shaped like make_iterator's
   vocab_size(data_config) -> int
   num_classes(data_config) -> int                  (audio classification: label folders)
@@ -34,10 +44,11 @@ from s5scale.data import mixture
 from s5scale.data import text
 from s5scale.data import transforms
 from s5scale.data.bad_data import DataError
+from s5scale.data.pipeline import carried_heldout_iterator
 from s5scale.data.pipeline import heldout_splits
 from s5scale.data.pipeline import make_iterator
 
-__all__ = ["DataError", "make_iterator", "vocab_size", "num_classes", "fill_num_classes",
+__all__ = ["DataError", "make_iterator", "carried_heldout_iterator", "vocab_size", "num_classes", "fill_num_classes",
            "label_names",
            "bad_data_counts", "source_counts", "heldout_splits", "decode_tokens",
            "encode_prompt", "example_batch"]

@@ -12,6 +12,8 @@
     → [heldout, or packed] every process builds the same rows and keeps every
       process_count-th, (held-out: padded to equal length)
     → batch(data.batch_size // process_count) → the batch dict the trainer consumes
+  data.carry_state (train): whole items instead of crops; row j of the global batch is a lane
+  reading items j, j + B, ... and packing them in order (streams.py); no worker processes.
 
 Element k of a process's stream is a fixed function of (seed, k, process layout), so the batch
 at step k is too, and the iterator state (all ints) resumes it exactly. The global batch at step k
@@ -31,6 +33,7 @@ import numpy as np
 from s5scale.data import bad_data
 from s5scale.data import mixture
 from s5scale.data import split as split_lib
+from s5scale.data import streams
 from s5scale.data import transforms
 from s5scale.data.packing import PackRowsIterDataset, ShardRowsIterDataset
 
@@ -95,10 +98,14 @@ def _items(data_config, split, number, spec, num_epochs):
   return items.repeat(num_epochs).map(mixture.TagIndex(number)), indices.size
 
 
-def _rows(data_config, split, parts, process_index, process_count, num_epochs):
-  """IterDataset of rows (packing.py format, or classify rows) for this process."""
+def loaded_items(data_config, split, parts, num_epochs, whole_items=False):
+  """(MapDataset of loader outputs, number of distinct items): the split's items of every part,
+  shuffled per epoch and mixed (train) or concatenated, each read and decoded when accessed.
+
+  An element is an example or a bad-data marker. whole_items: audio clips whole, not cropped
+  (carried-state streams read each recording from its start to its end).
+  """
   train = split == "train"
-  spec = parts[0].spec        # the sources of a mixture differ only in data.source
   tagged = [_items(data_config, split, number, part.spec, num_epochs)
             for number, part in enumerate(parts)]
   num_items = sum(size for _, size in tagged)
@@ -108,11 +115,28 @@ def _rows(data_config, split, parts, process_index, process_count, num_epochs):
     items = grain.MapDataset.mix([items for items, _ in tagged], [p.weight for p in parts])
   else:
     items = grain.MapDataset.concatenate([items for items, _ in tagged])
-  loader = mixture.TaggedLoader([part.spec.loader(train) for part in parts])
+  loader = mixture.TaggedLoader([part.spec.loader(train and not whole_items) for part in parts])
   if loader.is_random:
-    items = items.random_map(loader, seed=data_config.seed)
-  else:
-    items = items.map(loader)
+    return items.random_map(loader, seed=data_config.seed), num_items
+  return items.map(loader), num_items
+
+
+def description_of(parts) -> str:
+  return " + ".join(part.spec.source.description for part in parts)
+
+
+def _checker(parts, num_items):
+  """stream -> stream: bad items dropped (logged, counted), mixture sources counted."""
+  marker_filter = bad_data.MarkerFilter(num_items, description_of(parts))
+  counter = mixture.CountSources([part.name for part in parts if part.name])
+  return lambda stream: stream.filter(marker_filter).map(counter)
+
+
+def _rows(data_config, split, parts, process_index, process_count, num_epochs):
+  """IterDataset of rows (packing.py format, or classify rows) for this process."""
+  train = split == "train"
+  spec = parts[0].spec        # the sources of a mixture differ only in data.source
+  items, num_items = loaded_items(data_config, split, parts, num_epochs)
   if train and spec.packing(train) is None:
     # Strided items: the global batch at step k holds the same examples for any process count.
     items = items[process_index::process_count]
@@ -122,9 +146,7 @@ def _rows(data_config, split, parts, process_index, process_count, num_epochs):
     _ensure_absl_flags_parsed()
     stream = stream.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=data_config.num_workers, per_worker_buffer_size=4))
-  description = " + ".join(part.spec.source.description for part in parts)
-  stream = stream.filter(bad_data.MarkerFilter(num_items, description))
-  stream = stream.map(mixture.CountSources([part.name for part in parts if part.name]))
+  stream = _checker(parts, num_items)(stream)
   packing = spec.packing(train)
   if packing is not None:
     stream = PackRowsIterDataset(stream, data_config.seq_len + 1, spec.pad_id,
@@ -149,8 +171,10 @@ def make_iterator(data_config, split, *, process_index=0, process_count=1, num_e
       raise ValueError(f"split {split}/{source_name}: not a held-out split of data.mixture="
                        f"{data_config.mixture!r}")
   spec = parts[0].spec
+  if split == "train" and data_config.get("carry_state", False):
+    return iter(_carried_train(data_config, parts, process_index, batch_size, num_epochs))
   stream = _rows(data_config, split, parts, process_index, process_count, num_epochs)
-  description = f"the {split} split of " + " + ".join(p.spec.source.description for p in parts)
+  description = f"the {split} split of " + description_of(parts)
   if split == "heldout" or spec.packing(split == "train") is not None:
     # Packed rows depend on every document before them, so each process packs the same global
     # stream and keeps every process_count-th row: again layout-independent global batches.
@@ -160,6 +184,38 @@ def make_iterator(data_config, split, *, process_index=0, process_count=1, num_e
     stream = ShardRowsIterDataset(stream, 0, 1, batch_size, spec.padding_row, description)
   stream = stream.batch(batch_size, drop_remainder=True).map(spec.finalize)
   return iter(stream)
+
+
+def _carried_train(data_config, parts, process_index, batch_size, num_epochs):
+  """data.carry_state: each row a lane reading whole train items in order (streams.py)."""
+  if num_epochs is not None:
+    raise ValueError("data.carry_state streams train items forever (num_epochs=None): a lane "
+                     "ends its epoch in the middle of a window, at a step of its own")
+  items, num_items = loaded_items(data_config, "train", parts, None, whole_items=True)
+  spec = parts[0].spec
+  lanes = streams.train_lanes(items, spec, _checker(parts, num_items),
+                              data_config, process_index, batch_size)
+  return lanes.map(spec.finalize)
+
+
+def carried_heldout_iterator(data_config, batch_size, seq_len, *, process_index=0,
+                             process_count=1, max_items=None):
+  """Held-out batches in which each row streams one held-out item (see s5scale.data)."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  data_config = data_config.copy_and_resolve_references().unlock()
+  data_config.batch_size, data_config.seq_len = batch_size, seq_len
+  local_batch_size(data_config, process_count)      # checks that the batch divides
+  parts = components(data_config, "heldout")
+  items, num_items = loaded_items(data_config, "heldout", parts, 1, whole_items=True)
+  if max_items is not None:
+    items = items[:max_items]
+  # Every process reads every item: all of them must know each group's longest item.
+  examples = _checker(parts, num_items)(items.to_iter_dataset(
+      grain.ReadOptions(num_threads=data_config.read_threads,
+                        prefetch_buffer_size=data_config.read_threads)))
+  return streams.heldout_batches(examples, parts[0].spec, batch_size, seq_len, process_index,
+                                 process_count)
 
 
 def _ensure_absl_flags_parsed():
