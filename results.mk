@@ -3,7 +3,7 @@
 
 .PHONY: results results-text results-audio results-classify curves results-audio-whole-clips \
 	results-samples results-samples-60min results-zero-shot results-classify-full-band \
-	results-context results-s4d-classify results-s4d-text
+	results-context results-s4d-classify results-s4d-text results-carried
 
 # The text, audio and classifier results, then the learning curves (docs/results.md).
 results: results-text results-audio results-classify curves
@@ -115,3 +115,20 @@ results-s4d-text: venv
 curves: venv
 	$(PY) tools/plot_metrics.py --output docs/learning_curves.png --workdirs \
 	  $(WORKDIR) $(AUDIO_WORKDIR) $(CLASSIFY_WORKDIR)
+
+# Carried state against fresh windows on long recordings of unseen voices (docs/results.md#carried-state).
+LONG_DIGITS := data/long_digits
+$(LONG_DIGITS)/.complete: | venv
+	$(PY) tools/make_spoken_digits.py --output=$(LONG_DIGITS) --long_seconds=120
+	touch $@
+CARRIED_WORKDIR := workdirs/long_digits_carried
+FRESH_WORKDIR := workdirs/long_digits_fresh
+results-carried: venv $(LONG_DIGITS)/.complete
+	$(PY) -m s5scale.train --config=configs/long_digits_lm.py --workdir=$(CARRIED_WORKDIR)
+	$(PY) -m s5scale.train --config=configs/long_digits_lm.py --workdir=$(FRESH_WORKDIR) \
+	  --config.data.carry_state=False
+	$(PY) -m s5scale.evaluate --config=configs/long_digits_lm.py --workdir=$(CARRIED_WORKDIR) --all
+	$(PY) -m s5scale.evaluate --config=configs/long_digits_lm.py --workdir=$(FRESH_WORKDIR) --all \
+	  --config.data.carry_state=False
+	$(PY) tools/context_curve.py --config=configs/long_digits_lm.py --workdir=$(CARRIED_WORKDIR) \
+	  --seq_lens=256,2048,16000 --carried --output=docs/context_curve_carried.png
