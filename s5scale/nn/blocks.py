@@ -39,6 +39,13 @@ def mlp_hidden(x):
   """(batch, L, F): the MLP's hidden width split over model (column-parallel)."""
   return nn.with_logical_constraint(x, ("batch", "length", "mlp")) if x.ndim == 3 else x
 
+
+def ssm_dtype(x):
+  """The SSM's input dtype: at least float32 (a bfloat16 stream is widened; a float64 one, in
+  float64 tests, stays)."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
 ACTIVATIONS = ("full_glu", "half_glu1", "half_glu2", "gelu")
 NORMS = ("layer", "rms", "batch")
 # Running statistics <- momentum * running + (1 - momentum) * batch's (see Norm).
@@ -125,14 +132,14 @@ class ResidualBlock(nn.Module):
       x = self.norm_layer(x)
     if x.ndim == 3:
       # Gathered before the float32 cast, so the all-gather moves the residual stream's dtype.
-      ssm_input = gathered(x).astype(jnp.float32)
+      ssm_input = gathered(x).astype(ssm_dtype(x))
       if state is None:
         x = self.ssm(ssm_input, reset=reset)
       else:
         x, state = self.ssm(ssm_input, reset=reset, initial_state=state)
       x = residual_stream(x)  # reduce-scattered readout
     else:
-      state, x = self.ssm.step(state, x.astype(jnp.float32))
+      state, x = self.ssm.step(state, x.astype(ssm_dtype(x)))
     x = residual_stream((skip + self._activate(x)).astype(self.residual_dtype))
     if not self.prenorm:
       x = self.norm_layer(x)

@@ -121,7 +121,9 @@ class S5Model(nn.Module):
   def _head(self, x):
     features = self.vocab_size if self.task == "lm" else self.num_classes
     head = logical_dense(features, ("embed", "vocab"), self.compute_dtype, "head")
-    return head(gathered(x)).astype(jnp.float32)  # the loss is always computed in float32
+    logits = head(gathered(x))
+    # The loss is always computed in at least float32 (float64 in float64 tests).
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
   @nn.compact
   def __call__(self, inputs, *, reset=None, mask=None, train: bool = False, states=None):
