@@ -203,7 +203,8 @@ def test_2000_recurrent_steps_equal_the_parallel_call():
   final, ys = jax.lax.scan(one_step, state0, jnp.swapaxes(u, 0, 1))
   parallel = layer.apply(variables, u)
   assert_close(jnp.swapaxes(ys, 0, 1), parallel)
-  prefill = layer.apply(variables, u, method=S4D.final_state)
+  carried_y, prefill = layer.apply(variables, u, initial_state=state0)
+  assert_close(carried_y, parallel)
   assert_close(prefill, final)
 
 

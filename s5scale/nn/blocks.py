@@ -1,8 +1,9 @@
 """Residual SSM block: norm → S5 or S4D → activation (GLU variants as in the S5 paper) → MLP
 (optional).
 
-Runs in parallel mode over (batch, L, H), or one recurrent step over (batch, H) when given the
-SSM state, so training and generation share the same parameters and code.
+Runs in parallel mode over (batch, L, H), from a zero SSM state or from one carried from the
+previous window, or one recurrent step over (batch, H) from the SSM state, so training,
+prefill and generation share the same parameters and code.
 
 In parallel mode the residual stream is pinned to the logical axes ("batch", "length",
 "act_embed") and each projection group's input to "act_gathered". parallel.py maps the first to
@@ -37,6 +38,13 @@ def gathered(x):
 def mlp_hidden(x):
   """(batch, L, F): the MLP's hidden width split over model (column-parallel)."""
   return nn.with_logical_constraint(x, ("batch", "length", "mlp")) if x.ndim == 3 else x
+
+
+def ssm_dtype(x):
+  """The SSM's input dtype: at least float32 (a bfloat16 stream is widened; a float64 one, in
+  float64 tests, stays)."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
 
 ACTIVATIONS = ("full_glu", "half_glu1", "half_glu2", "gelu")
 NORMS = ("layer", "rms", "batch")
@@ -86,7 +94,6 @@ class ResidualBlock(nn.Module):
   compute_dtype: jnp.dtype = jnp.float32
   residual_dtype: jnp.dtype = jnp.float32  # the stream between blocks; the SSM state is float32
   train: bool = False
-  prefill: bool = False           # parallel mode that also returns the final SSM state
 
   def setup(self):
     self.norm_layer = Norm(self.norm, self.train, self.residual_dtype)
@@ -111,8 +118,9 @@ class ResidualBlock(nn.Module):
       self.mlp_out = logical_dense(h, ("mlp", "embed"), self.compute_dtype, "mlp_out")
 
   def __call__(self, x, reset, state):
-    """Parallel: x (batch, L, H), reset (batch, L) bool or None, state None -> (x, None), or
-    (x, final state (batch, P')) with prefill.
+    """Parallel: x (batch, L, H), reset (batch, L) bool or None, and state None -> (x, None), or
+    state (batch, P') complex, the SSM state entering the window (carried state) -> (x, the
+    state after its last step).
 
     Recurrent: x (batch, H), state (batch, P') complex -> (x, state). (S4D's state is
     (batch, H, N/2) wherever S5's is (batch, P').)
@@ -122,14 +130,16 @@ class ResidualBlock(nn.Module):
     skip = x
     if self.prenorm:
       x = self.norm_layer(x)
-    if state is None:
+    if x.ndim == 3:
       # Gathered before the float32 cast, so the all-gather moves the residual stream's dtype.
-      ssm_input = gathered(x).astype(jnp.float32)
-      x = residual_stream(self.ssm(ssm_input, reset=reset))  # reduce-scattered readout
-      if self.prefill:
-        state = self.ssm.final_state(ssm_input, reset=reset)
+      ssm_input = gathered(x).astype(ssm_dtype(x))
+      if state is None:
+        x = self.ssm(ssm_input, reset=reset)
+      else:
+        x, state = self.ssm(ssm_input, reset=reset, initial_state=state)
+      x = residual_stream(x)  # reduce-scattered readout
     else:
-      state, x = self.ssm.step(state, x.astype(jnp.float32))
+      state, x = self.ssm.step(state, x.astype(ssm_dtype(x)))
     x = residual_stream((skip + self._activate(x)).astype(self.residual_dtype))
     if not self.prenorm:
       x = self.norm_layer(x)

@@ -8,8 +8,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from s5scale.nn.blocks import BLOCK_INPUT, Norm, ResidualBlock, gathered, logical_dense, \
-    residual_stream
+from s5scale.nn.blocks import LAYERS, BLOCK_INPUT, Norm, ResidualBlock, gathered, \
+    logical_dense, residual_stream
+from s5scale.nn.s5 import zero_state
 
 # jax.checkpoint policies per block. Under nn.scan a rematerialised block keeps its input for
 # the backward pass whatever the policy (it is the recomputation's starting point), so "full"
@@ -72,7 +73,7 @@ class S5Model(nn.Module):
     fields["residual_dtype"] = jnp.dtype(model_config.residual_dtype)
     return cls(**{**fields, **overrides})
 
-  def _stack(self, train: bool, prefill: bool = False):
+  def _stack(self, train: bool):
     block = ResidualBlock
     if self.remat != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
@@ -80,7 +81,7 @@ class S5Model(nn.Module):
                   norm=self.norm,
                   prenorm=self.prenorm, activation=self.activation, mlp_ratio=self.mlp_ratio,
                   dropout=self.dropout, compute_dtype=self.compute_dtype,
-                  residual_dtype=self.residual_dtype, train=train, prefill=prefill)
+                  residual_dtype=self.residual_dtype, train=train)
     if not self.scan_layers:
       return [block(**kwargs, name=f"block_{i}") for i in range(self.num_layers)]
     scanned = nn.scan(block, variable_axes={"params": 0, "batch_stats": 0},
@@ -88,12 +89,14 @@ class S5Model(nn.Module):
                       length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(**kwargs, name="blocks")
 
-  def _run_blocks(self, x, reset, states, train: bool, prefill: bool = False):
-    """states: None (parallel) or (num_layers, batch, P') complex (recurrent).
+  def _run_blocks(self, x, reset, states, train: bool):
+    """x (batch, L, H) (parallel) or (batch, H) (recurrent); states None (parallel from zero
+    states) or (num_layers, batch, P') complex: each layer's state entering the window (carried)
+    or the step.
 
     Returns x and the layers' states: None in plain parallel mode, (num_layers, batch, P') else.
     """
-    stack = self._stack(train, prefill)
+    stack = self._stack(train)
     if self.scan_layers:
       return stack(x, reset, states)
     new_states = []
@@ -118,22 +121,32 @@ class S5Model(nn.Module):
   def _head(self, x):
     features = self.vocab_size if self.task == "lm" else self.num_classes
     head = logical_dense(features, ("embed", "vocab"), self.compute_dtype, "head")
-    return head(gathered(x)).astype(jnp.float32)  # the loss is always computed in float32
+    logits = head(gathered(x))
+    # The loss is always computed in at least float32 (float64 in float64 tests).
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
   @nn.compact
-  def __call__(self, inputs, *, reset=None, mask=None, train: bool = False):
+  def __call__(self, inputs, *, reset=None, mask=None, train: bool = False, states=None):
     """Parallel mode.
 
     Args:
       inputs: (batch, L) int32 tokens, or (batch, L, C) float for continuous inputs.
-      reset: (batch, L) bool, True at the first step of each packed document.
+      reset: (batch, L) bool, True at the first step of each packed document (or item).
       mask: (batch, L) float, 1 on real steps (classifier pooling honours it).
+      states: None, or "lm" only, every layer's SSM state entering this window
+        ((num_layers, batch, P') complex; S4D (num_layers, batch, H, N/2)): the window continues
+        the previous one (carried state, zero_states for the first).
     Returns:
-      (batch, L, vocab) float32 logits for "lm", (batch, num_classes) for "classify".
+      (batch, L, vocab) float32 logits for "lm", (batch, num_classes) for "classify"; with
+      states, (logits, final_states), final_states shaped as states: the states after the last
+      step, for the next window or for `step`.
     """
-    x = self._trunk(inputs, reset, train)
+    if states is not None and self.task != "lm":
+      raise ValueError(f"carried states need task='lm' (a causal stream), got {self.task!r}")
+    x, final_states = self._trunk(inputs, reset, train, states)
     if self.task == "lm":
-      return self._head(x)
+      logits = self._head(x)
+      return logits if states is None else (logits, final_states)
     return self._head(pool(x.astype(jnp.float32), mask, self.pooling))
 
   @nn.compact
@@ -149,26 +162,27 @@ class S5Model(nn.Module):
     Returns:
       ((batch, d_model) float32 features, (batch, num_classes) float32 logits).
     """
-    features = pool(self._trunk(inputs, None, train=False).astype(jnp.float32), mask, self.pooling)
+    x, _ = self._trunk(inputs, None, train=False)
+    features = pool(x.astype(jnp.float32), mask, self.pooling)
     return features.astype(jnp.float32), self._head(features)
 
-  def _trunk(self, inputs, reset, train: bool):
-    """(batch, L[, C]) inputs -> (batch, L, H) normalised outputs of the last block."""
-    x, _ = self._run_blocks(self._embed(inputs), reset, None, train)
-    return self._final_norm(x, train)
+  def _trunk(self, inputs, reset, train: bool, states=None):
+    """(batch, L[, C]) inputs -> (batch, L, H) normalised outputs of the last block, and the
+    layers' final states (None without entering states)."""
+    x, final_states = self._run_blocks(self._embed(inputs), reset, states, train)
+    return self._final_norm(x, train), final_states
 
-  @nn.compact
   def prefill(self, inputs):
-    """Parallel scan over a prompt, returning what `step` needs to continue from it.
+    """Parallel scan over a prompt from zero states, returning what `step` needs to continue
+    from it (one scan: the carried-state call).
 
     Args:
       inputs: (batch, L) int32 tokens, or (batch, L, C) float.
     Returns:
       (states (num_layers, batch, P') complex, (batch, L, vocab) float32 logits).
     """
-    x = self._embed(inputs)
-    x, states = self._run_blocks(x, None, None, train=False, prefill=True)
-    return states, self._head(self._final_norm(x, False))
+    logits, states = self(inputs, states=zero_states(self, inputs.shape[0]))
+    return states, logits
 
   @nn.compact
   def step(self, states, inputs_t):
@@ -196,6 +210,19 @@ def pool(x, mask, pooling: str):
   return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
 
 
-def initial_states(num_layers: int, batch: int, num_states: int, dtype=jnp.complex64):
-  """Zero recurrent state for every layer: (num_layers, batch, P') complex."""
-  return jnp.zeros((num_layers, batch, num_states), dtype)
+def zero_states(model, batch: int):
+  """Every layer's zero SSM state: the first window's `states`, or `step`'s before any input.
+
+  Args:
+    model: an S5Model, or the config.model that describes one (S5Model.from_config).
+    batch: rows.
+  Returns:
+    (num_layers, batch, P') complex for S5, (num_layers, batch, H, N/2) for S4D; complex64
+    (complex128 for float64 SSM parameters).
+  """
+  if not isinstance(model, S5Model):
+    model = S5Model.from_config(model)
+  # parent=None: a free-standing description of the layer, also inside a bound model's method.
+  layer = LAYERS[model.layer](d_model=model.d_model, **(model.ssm_kwargs or {}), parent=None)
+  return jnp.broadcast_to(zero_state(layer, batch), (model.num_layers, batch)
+                          + tuple(layer.state_shape()))

@@ -1,12 +1,12 @@
-"""The S4D layer as a Flax module, with the S5 layer's interface (parallel call, prefill, step), so
+"""The S4D layer as a Flax module, with the S5 layer's interface (parallel call, carried state, step), so
 a residual block holds either. Math from ssm/s4d.py (docs/design.md, "S4D")."""
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from s5scale import ssm
+from s5scale.nn.s5 import zero_state
 from s5scale.ssm import init as ssm_init
 
 
@@ -60,52 +60,46 @@ class S4D(nn.Module):
       raise ValueError("bidirectional=True has no recurrent mode: the backward kernel needs the "
                        "future")
 
-  def __call__(self, u, reset=None, intervals=None):
-    """Parallel mode, three ways to the same numbers: FFT convolution; with resets, the chunked
-    form (Toeplitz within chunks, the recurrence between them); with per-step intervals, which
-    vary the system along time, the recurrence.
+  def __call__(self, u, reset=None, intervals=None, initial_state=None):
+    """Parallel mode, three ways to the same numbers: FFT convolution (or, with time split over
+    the mesh, the chunked form: ssm.s4d_conv decides); with resets, the chunked form (Toeplitz
+    within chunks, the recurrence between them); with per-step intervals, which vary the system
+    along time, the recurrence.
 
     Args:
       u: (batch, L, H) real.
       reset: (batch, L) bool, True where a new document starts (state zeroed before that step).
       intervals: (batch, L) positive real, multiplies Δ at each step (irregular sampling).
+      initial_state: (batch, H, N/2) complex, the state entering step 0 (carried from the
+        previous window), or None. Causal layers only.
     Returns:
-      (batch, L, H) real.
+      (batch, L, H) real; with initial_state, (y, final_state (batch, H, N/2) complex).
     """
     u = nn.with_logical_constraint(u, ("batch", "length", "channel"))
     lambda_, c = self._system()
     # The chunk-end states (batch, L/T, 2, H·N/2), H major in the last axis.
     chunk_ends = nn.logical_to_mesh_axes(("batch", "length", None, "channel"))
-    if reset is None and intervals is None and ssm.time_axis(chunk_ends) is not None:
-      # Time split over the mesh: a whole-sequence FFT would gather it; the chunked form keeps
-      # each device on its own segment and hands the state across segments.
-      reset = jnp.zeros(u.shape[:-1], bool)
+    common = dict(bidirectional=self.bidirectional, D=self.D, step_rescale=self.step_rescale,
+                  initial_state=initial_state)
     if reset is None and intervals is None:
-      y = ssm.s4d_conv(lambda_, c, self.log_step, u, bidirectional=self.bidirectional, D=self.D,
-                       step_rescale=self.step_rescale)
+      out = ssm.s4d_conv(lambda_, c, self.log_step, u, sharding=chunk_ends, **common)
     elif intervals is None:
-      y = ssm.s4d_chunked(lambda_, c, self.log_step, u, bidirectional=self.bidirectional,
-                          reset=reset, D=self.D, step_rescale=self.step_rescale,
-                          sharding=chunk_ends)
+      out = ssm.s4d_chunked(lambda_, c, self.log_step, u, reset=reset, sharding=chunk_ends,
+                            **common)
     else:
-      y = ssm.s4d_recurrence(lambda_, c, self.log_step, u, bidirectional=self.bidirectional,
-                             D=self.D, reset=reset, intervals=intervals,
-                             step_rescale=self.step_rescale)
-    return nn.with_logical_constraint(y, ("batch", "length", "channel"))
+      out = ssm.s4d_recurrence(lambda_, c, self.log_step, u, reset=reset, intervals=intervals,
+                               **common)
+    y, final_state = (out, None) if initial_state is None else out
+    y = nn.with_logical_constraint(y, ("batch", "length", "channel"))
+    return y if initial_state is None else (y, final_state)
 
-  def final_state(self, u, reset=None):
-    """The state after a whole sequence (prompt prefill): (batch, H, N/2) complex."""
-    self._check_causal()
-    lambda_, _ = self._system()
-    states = ssm.s4d_states(lambda_, self.log_step, u, reset=reset,
-                            step_rescale=self.step_rescale)
-    last = states[..., -1, :, :, :]                  # (batch, 2, H, N/2) planar
-    return jax.lax.complex(last[..., 0, :, :], last[..., 1, :, :])
+  def state_shape(self) -> tuple[int, int]:
+    """(H, N/2), from the fields alone (an unbound module answers it)."""
+    return (self.d_model, self.state_size // 2)
 
   def initial_state(self, batch: int):
     """x_0 = 0: (batch, H, N/2) complex."""
-    dtype = jnp.complex128 if self.param_dtype == jnp.float64 else jnp.complex64
-    return jnp.zeros((batch,) + self.Lambda_re.shape, dtype)
+    return zero_state(self, batch)
 
   def step(self, state, u_t, interval=None):
     """Recurrent mode, O(1) per step: state (batch, H, N/2) complex, u_t (batch, H) real,

@@ -7,6 +7,14 @@ from s5scale import ssm
 from s5scale.ssm import init as ssm_init
 
 
+def zero_state(layer, batch: int):
+  """The zero state of an S5 or S4D layer (bound or not): (batch,) + layer.state_shape() complex,
+  complex128 for float64 parameters and complex64 otherwise (whatever the compute dtype: the
+  recurrence runs in float32)."""
+  dtype = jnp.complex128 if jnp.dtype(layer.param_dtype) == jnp.float64 else jnp.complex64
+  return jnp.zeros((batch,) + tuple(layer.state_shape()), dtype)
+
+
 class S5(nn.Module):
   """One MIMO diagonal SSM with P states mapping (batch, L, H) -> (batch, L, H).
 
@@ -66,15 +74,18 @@ class S5(nn.Module):
     if self.bidirectional:
       raise ValueError("bidirectional=True has no recurrent mode: the backward scan needs the future")
 
-  def __call__(self, u, reset=None, intervals=None):
+  def __call__(self, u, reset=None, intervals=None, initial_state=None):
     """Parallel mode.
 
     Args:
       u: (batch, L, H) real.
       reset: (batch, L) bool, True where a new document starts (state zeroed before that step).
       intervals: (batch, L) positive real, multiplies Δ at each step (irregular sampling).
+      initial_state: (batch, P') complex, the state entering step 0 (carried from the previous
+        window of the same items; a reset at step 0 drops it), or None. Causal layers only.
     Returns:
-      (batch, L, H) real.
+      (batch, L, H) real; with initial_state, (y, final_state (batch, P') complex): the state
+      after step L − 1, the next window's initial_state (or `step`'s state).
     """
     lambda_bar, input_factor, b_tilde, c_tilde = self._discretized(intervals)
     # A time-invariant factor folds into B̄ (P', H); a per-step one scales B̃u instead of building
@@ -84,7 +95,7 @@ class S5(nn.Module):
         lambda_bar, b_tilde if varying else input_factor[:, None] * b_tilde, c_tilde, u,
         conj_sym=self.conj_sym, bidirectional=self.bidirectional, D=self.D, reset=reset,
         input_scale=input_factor if varying else None, impl=self.scan_impl,
-        sharding=self._state_sharding(), gemm_dtype=self.gemm_dtype)
+        sharding=self._state_sharding(), gemm_dtype=self.gemm_dtype, initial_state=initial_state)
 
   @staticmethod
   def _state_sharding():
@@ -94,25 +105,14 @@ class S5(nn.Module):
     than one device (ssm/context_parallel.py)."""
     return nn.logical_to_mesh_axes(("batch", "length", None, "state"))
 
-  def final_state(self, u, reset=None):
-    """The state after a whole sequence, computed with the parallel scan (prompt prefill).
-
-    Args:
-      u: (batch, L, H) real.
-    Returns:
-      x_L: (batch, P') complex, ready for `step`.
-    """
-    self._check_causal()
-    lambda_bar, input_factor, b_tilde, _ = self._discretized()
-    bu = ssm.project_input(b_tilde, u) * input_factor
-    states = ssm.scan_states(lambda_bar, bu, bidirectional=False, reset=reset,
-                             impl=self.scan_impl)
-    return states[..., -1, :]
+  def state_shape(self) -> tuple[int]:
+    """(P',): P/2 complex states with conj_sym (one of each conjugate pair), else P. From the
+    fields alone, so an unbound module answers it."""
+    return (self.ssm_size // 2 if self.conj_sym else self.ssm_size,)
 
   def initial_state(self, batch: int):
     """x_0 = 0: (batch, P') complex."""
-    dtype = jnp.complex128 if self.param_dtype == jnp.float64 else jnp.complex64
-    return jnp.zeros((batch, self.Lambda_re.shape[0]), dtype)
+    return zero_state(self, batch)
 
   def step(self, state, u_t, interval=None):
     """Recurrent mode, O(1) per step.

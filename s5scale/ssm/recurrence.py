@@ -33,7 +33,7 @@ from s5scale.ssm import chunked_scan
 from s5scale.ssm import context_parallel
 from s5scale.ssm import mesh_spec
 from s5scale.ssm import pallas_scan
-from s5scale.ssm.planar_complex import from_planar, to_planar
+from s5scale.ssm.planar_complex import complex_multiply, from_planar, to_planar
 
 IMPLS = ("auto", "chunked", "pallas", "reference")
 
@@ -62,6 +62,13 @@ def keep_masks(reset, bidirectional: bool):
     return [forward]
   backward = jnp.concatenate([forward[..., 1:], jnp.ones_like(forward[..., :1])], axis=-1)
   return [forward, backward]
+
+
+def check_carried(initial_state, bidirectional: bool) -> None:
+  """A carried initial state needs a causal layer: ValueError for a bidirectional one."""
+  if initial_state is not None and bidirectional:
+    raise ValueError("initial_state (carried state) needs a causal layer: bidirectional=True "
+                     "reads the future, which the next window has not seen")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,11 +144,35 @@ def _associative_scan(multipliers, inputs, keep, reverse: bool):
   return to_planar(states)
 
 
+def fold_initial_state(multipliers, inputs, keep, initial_state):
+  """b with the state h entering step 0 folded into it: b_0 + a_0 keep_0 h.
+
+  Then the recurrence from a zero state gives every state of the one entering from h, for every
+  implementation and the context-parallel path alike; a reset at step 0 drops h, and autodiff
+  carries gradients to h and a_0 through this one product.
+
+  Args:
+    multipliers: (2, P) or (..., L, 2, P) planar a.
+    inputs: (..., L, 2, P) planar b.
+    keep: (..., L) real or None.
+    initial_state: (..., 2, P) planar h, inputs' leading dims.
+  Returns:
+    (..., L, 2, P) planar, inputs' dtype.
+  """
+  first_multiplier = multipliers if multipliers.ndim == 2 else multipliers[..., 0, :, :]
+  entering = complex_multiply(first_multiplier, initial_state.astype(inputs.dtype))
+  if keep is not None:
+    entering = entering * keep[..., 0, None, None]
+  # An in-place update of one step: no pass over the other L − 1.
+  return inputs.at[..., 0, :, :].add(entering.astype(inputs.dtype))
+
+
 def linear_recurrence_planar(multipliers, inputs, keep=None, reverse: bool = False, *,
                              impl: str = "auto", num_chunks: int | None = None,
                              time_tile: int | None = None, interpret=False,
-                             sharding: PartitionSpec | None = None):
-  """States of x_k = a_k keep_k x_{k-1} + b_k (x_{k+1} when reverse), x outside [0, L) = 0.
+                             sharding: PartitionSpec | None = None, initial_state=None):
+  """States of x_k = a_k keep_k x_{k-1} + b_k (x_{k+1} when reverse), x_{-1} = initial_state
+  (zero when None) and x_L = 0 when reverse.
 
   Args:
     multipliers: (2, P) planar a, or (..., L, 2, P) when it varies along time.
@@ -157,10 +188,14 @@ def linear_recurrence_planar(multipliers, inputs, keep=None, reverse: bool = Fal
       when it splits time over a mesh axis of more than one device, the context-parallel scan
       runs (context_parallel.py: each device its segment, one all-gather of end states); an
       axis of size 1 changes nothing.
+    initial_state: (..., 2, P) planar state entering step 0 (inputs' leading dims), forward only;
+      None: zero. Carried state: a window continues where the previous one ended.
   Returns:
     (..., L, 2, P) planar states, inputs' dtype.
   """
   check_impl(impl)
+  if initial_state is not None and reverse:
+    raise ValueError("initial_state enters step 0 of a forward recurrence; reverse=True has none")
   if inputs.ndim < 3 or inputs.shape[-2] != 2:
     raise ValueError(f"inputs must be planar (..., L, 2, P), got shape {inputs.shape}")
   if multipliers.shape[-2:] != inputs.shape[-2:]:
@@ -171,6 +206,11 @@ def linear_recurrence_planar(multipliers, inputs, keep=None, reverse: bool = Fal
     raise ValueError(f"num_chunks must be a positive divisor of L={length}, got {num_chunks}")
   if time_tile is not None and time_tile < 1:
     raise ValueError(f"time_tile must be positive, got {time_tile}")
+  if initial_state is not None:
+    if initial_state.shape != inputs.shape[:-3] + inputs.shape[-2:]:
+      raise ValueError(f"initial_state must be (..., 2, P) = {inputs.shape[:-3] + inputs.shape[-2:]}"
+                       f", got {initial_state.shape}")
+    inputs = fold_initial_state(multipliers, inputs, keep, initial_state)
   flat = (-1,) + inputs.shape[-3:]
   if multipliers.ndim > 2:
     multipliers = jnp.broadcast_to(multipliers, inputs.shape).reshape(flat)

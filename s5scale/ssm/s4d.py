@@ -7,274 +7,68 @@ which is the causal convolution y = K * u + D u with
   K_h[l] = 2·Re Σ_n C_hn (Λ̄_hn − 1)/Λ_hn · Λ̄_hn^l.
 
 Three ways to compute the same numbers:
-- convolution (`s4d_kernel` + `causal_conv`): FFTs of length 2L, O(L log L), no state is built;
-- chunked (`s4d_chunked`): resets (packed documents) cut the convolution, which no single kernel
-  can express; a masked Toeplitz product inside chunks of T steps, and the recurrence carries the
-  state across chunk ends only;
+- convolution (`s4d_kernel` + `causal_conv`, s4d_kernel.py; `s4d_conv`): FFTs of length 2L,
+  O(L log L), no state is built;
+- chunked (`s4d_chunked`, s4d_chunked.py): resets (packed documents) cut the convolution, which
+  no single kernel can express; a masked Toeplitz product inside chunks of T steps, and the
+  recurrence carries the state across chunk ends only. It is also the form for time split over
+  the mesh;
 - recurrence (`s4d_recurrence`): the project's linear recurrence over H·N/2 states, for per-step
-  intervals (Λ̄ varies along time) and prompt prefill; `s4d_step` is its one-step form.
+  intervals (Λ̄ varies along time); `s4d_step` is its one-step form.
+Each causal form also takes a carried initial state x_{−1} (a window continuing the previous one)
+and then returns the state after its last step too.
 
 Shapes: Lambda, C (H, N/2) complex (C (2, H, N/2) when bidirectional: forward, backward);
-log_step (H,) real; u (..., L, H) real, y (..., L, H) real.
+log_step (H,) real; u (..., L, H) real, y (..., L, H) real; states (..., H, N/2) complex.
 """
 
-import math
-
-import jax
 import jax.numpy as jnp
 
+from s5scale.ssm import mesh_spec
 from s5scale.ssm import recurrence
 from s5scale.ssm.discretize import zoh_factors
-from s5scale.ssm.planar_complex import to_planar
-
-# The kernel's GEMM must not drop to bfloat16 passes on TPU: K feeds every output of the layer.
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def run_recurrence(multipliers, inputs, keep, reverse: bool, sharding=None):
-  """The one call through which S4D runs the linear recurrence x_k = a_k keep_k x_{k∓1} + b_k.
-
-  Planar shapes as recurrence.linear_recurrence_planar: multipliers (2, P) or (..., L, 2, P),
-  inputs (..., L, 2, P), keep (..., L) or None. Returns (..., L, 2, P) states. sharding: the
-  states' PartitionSpec; when it splits time over the mesh, the recurrence runs context-parallel.
-
-  Always the chunked scan: the Pallas kernel is sharded by S5's ("batch", "length", "state")
-  layout, and S4D's flattened H·N/2 states would need their own partition spec first.
-  """
-  return recurrence.linear_recurrence_planar(multipliers, inputs, keep, reverse, impl="chunked",
-                                             sharding=sharding)
+from s5scale.ssm.planar_complex import from_planar, to_planar
+from s5scale.ssm.s4d_chunked import s4d_chunked
+from s5scale.ssm.s4d_kernel import (bidirectional_conv, causal_conv, channel_steps, discretized,
+                                    power_sum, run_recurrence, s4d_kernel, weighted_powers)
 
 
-def channel_steps(log_step, step_rescale=1.0, intervals=None):
-  """Δ per channel: (H,), or intervals.shape + (H,) when per-step intervals multiply it."""
-  delta = step_rescale * jnp.exp(log_step)
-  return delta if intervals is None else delta * intervals[..., None]
-
-
-# ----------------------------------------------------------------------------- convolution
-
-def s4d_kernel(Lambda, C, log_step, length: int, *, step_rescale=1.0):
-  """The ZOH convolution kernel K_h[l], l = 0..L−1.
-
-  Λ̄^l is evaluated as exp(ΔΛ·(aT)) · exp(ΔΛ·t) for l = aT + t with T ≈ sqrt(L): the Vandermonde
-  product then is one real GEMM of (H, L/T, N) by (H, N, T), and the (H, N/2, L) matrix of powers
-  is never built (2 GB at H = 128, N = 64, L = 65,536).
-
-  Args:
-    Lambda: (H, N/2) complex.
-    C: (..., H, N/2) complex (e.g. (2, H, N/2) for both directions).
-    log_step: (H,) real.
-    length: L >= 1.
-  Returns:
-    K: (..., H, L) real, log_step's dtype.
-  """
-  if length < 1:
-    raise ValueError(f"length must be >= 1, got {length}")
-  delta = channel_steps(log_step, step_rescale)[:, None]
-  _, input_factor = zoh_factors(Lambda, delta)
-  weights = C * input_factor                                     # (..., H, N/2)
-  exponent = Lambda * delta                                      # (H, N/2): log Λ̄
-  inner_length = math.isqrt(length - 1) + 1                      # T, with T² ≥ L
-  outer_length = -(-length // inner_length)                      # ceil(L / T)
-  real_dtype = jnp.real(weights).dtype
-  outer_steps = jnp.arange(outer_length, dtype=real_dtype) * inner_length
-  inner_steps = jnp.arange(inner_length, dtype=real_dtype)
-  outer = weights[..., None, :] * jnp.exp(exponent[:, None, :] * outer_steps[:, None])
-  inner = jnp.exp(exponent[..., None] * inner_steps)             # (H, N/2, T)
-  # 2·Re(a·b) = 2(Re a Re b − Im a Im b): one real GEMM contracting 2·(N/2) terms.
-  outer_planar = jnp.concatenate([outer.real, -outer.imag], axis=-1)   # (..., H, A, N)
-  inner_planar = jnp.concatenate([inner.real, inner.imag], axis=-2)    # (H, N, T)
-  kernel = 2 * jnp.einsum("...han,hnt->...hat", outer_planar, inner_planar, precision=_HIGHEST)
-  kernel = kernel.reshape(kernel.shape[:-2] + (outer_length * inner_length,))
-  return kernel[..., :length]
-
-
-def _fft_conv(u, two_sided_kernel):
-  """y[k] = Σ_j kernel[(k − j) mod 2L] u[j] by FFTs of length 2L: no wrap-around for |k − j| < L.
-
-  u: (..., L, H); two_sided_kernel: (H, 2L). Returns (..., L, H), u's dtype.
-  """
-  length = u.shape[-2]
-  u_spectrum = jnp.fft.rfft(u, n=2 * length, axis=-2)                 # (..., L+1, H)
-  kernel_spectrum = jnp.fft.rfft(two_sided_kernel, axis=-1).T          # (L+1, H)
-  y = jnp.fft.irfft(u_spectrum * kernel_spectrum, n=2 * length, axis=-2)
-  return y[..., :length, :].astype(u.dtype)
-
-
-def _check_kernel(u, K, name):
-  if K.shape != (u.shape[-1], u.shape[-2]):
-    raise ValueError(f"{name} must be (H, L) = {(u.shape[-1], u.shape[-2])} for u {u.shape}, got "
-                     f"{K.shape}")
-
-
-def causal_conv(u, K, D=None):
-  """y_k = Σ_{j ≤ k} K[k − j] u_j (+ D u_k), per channel, by FFTs of length 2L.
-
-  Args:
-    u: (..., L, H) real.
-    K: (H, L) real.
-    D: (H,) real or None.
-  Returns:
-    y: (..., L, H) real.
-  """
-  _check_kernel(u, K, "K")
-  padding = jnp.zeros(K.shape, K.dtype)
-  y = _fft_conv(u, jnp.concatenate([K, padding], axis=-1))
-  return y if D is None else y + D * u
-
-
-def bidirectional_conv(u, K_forward, K_backward, D=None):
-  """causal_conv(u, K_forward) plus K_backward applied to the time-reversed input:
-  y_k = Σ_{j ≤ k} K_forward[k − j] u_j + Σ_{j ≥ k} K_backward[j − k] u_j (+ D u_k).
-
-  One FFT pair: the two kernels form one two-sided kernel of length 2L (K_backward[m] at lag −m).
-  Lag 0 gets both kernels' first taps, as S5's reverse scan reads u_k into the backward state at k.
-
-  Args:
-    u: (..., L, H) real; K_forward, K_backward: (H, L) real; D: (H,) real or None.
-  Returns:
-    y: (..., L, H) real.
-  """
-  _check_kernel(u, K_forward, "K_forward")
-  _check_kernel(u, K_backward, "K_backward")
-  lag_zero = K_forward[:, :1] + K_backward[:, :1]
-  gap = jnp.zeros_like(lag_zero)                      # lag ±L never occurs
-  two_sided = jnp.concatenate(
-      [lag_zero, K_forward[:, 1:], gap, jnp.flip(K_backward[:, 1:], axis=-1)], axis=-1)
-  y = _fft_conv(u, two_sided)
-  return y if D is None else y + D * u
-
-
-def s4d_conv(Lambda, C, log_step, u, *, bidirectional: bool, D=None, step_rescale=1.0):
+def s4d_conv(Lambda, C, log_step, u, *, bidirectional: bool, D=None, step_rescale=1.0,
+             sharding=None, initial_state=None):
   """The S4D layer's SSM over a whole sequence by convolution.
+
+  With an initial state h (the state entering step 0), y_k gains 2·Re Σ_n C_n Λ̄_n^{k+1} h_n and
+  the state after the last step is x_{L−1} = Λ̄^L h + (Λ̄−1)/Λ · Σ_j Λ̄^j u_{L−1−j}; both are sums
+  of powers split as the kernel's (s4d_kernel.py), so no per-step state is built.
 
   Args:
     Lambda: (H, N/2) complex; C: (H, N/2) complex, or (2, H, N/2) when bidirectional.
     log_step: (H,) real; u: (..., L, H) real; D: (H,) real or None.
+    sharding: PartitionSpec of the chunk-end states (..., L/T, 2, H·N/2) over the tracing
+      context's mesh, or None. When it splits time over a mesh axis of more than one device, the
+      chunked form runs instead (s4d_chunked): a whole-sequence FFT would gather time, while the
+      chunked form keeps each device on its own segment and hands the state across segments.
+    initial_state: (..., H, N/2) complex state entering step 0, or None (zero). Causal only.
   Returns:
-    y: (..., L, H) real.
+    y: (..., L, H) real; with initial_state, (y, final_state (..., H, N/2) complex).
   """
-  kernel = s4d_kernel(Lambda, C, log_step, u.shape[-2], step_rescale=step_rescale)
+  recurrence.check_carried(initial_state, bidirectional)
+  if mesh_spec.time_axis(sharding) is not None:
+    return s4d_chunked(Lambda, C, log_step, u, bidirectional=bidirectional, D=D,
+                       step_rescale=step_rescale, sharding=sharding, initial_state=initial_state)
+  length = u.shape[-2]
+  kernel = s4d_kernel(Lambda, C, log_step, length, step_rescale=step_rescale)
   if bidirectional:
     return bidirectional_conv(u, kernel[0], kernel[1], D)
-  return causal_conv(u, kernel, D)
-
-
-# ----------------------------------------------------------------------------- chunked, with resets
-
-def _chunk_masks(reset, chunk: int):
-  """Which inputs reach which outputs inside chunks of `chunk` steps, from forward resets.
-
-  With r the resets counted from the chunk's start (inclusive), u_s reaches x_t (s ≤ t) exactly
-  when no reset lies in (s, t], i.e. r_s = r_t.
-
-  Args:
-    reset: (..., L) bool, L a multiple of chunk.
-  Returns:
-    within (..., L/T, T, T): u_s reaches y_t inside the chunk;
-    carried (..., L/T, T): the state entering the chunk reaches y_t;
-    to_end (..., L/T, T): u_s reaches the chunk's last state.
-  """
-  resets = jnp.cumsum(reset.reshape(reset.shape[:-1] + (-1, chunk)).astype(jnp.int32), axis=-1)
-  causal = jnp.tril(jnp.ones((chunk, chunk), bool))
-  within = (resets[..., :, None] == resets[..., None, :]) & causal
-  return within, resets == 0, resets == resets[..., -1:]
-
-
-def _toeplitz(kernel):
-  """(H, T) kernel -> (H, T, T) lower-triangular Toeplitz matrices, [h, t, s] = K[h, t − s]."""
-  chunk = kernel.shape[-1]
-  lags = jnp.arange(chunk)[:, None] - jnp.arange(chunk)[None, :]
-  return jnp.where(lags >= 0, kernel[:, jnp.maximum(lags, 0)], 0)
-
-
-def _planar_powers(factor, exponent, powers):
-  """factor·Λ̄^k for each k in powers as planar (K, 2, H, N/2): factor, exponent (H, N/2) complex."""
-  values = factor * jnp.exp(exponent * powers[:, None, None])
-  return jnp.stack([values.real, values.imag], axis=1)
-
-
-def _forward_chunked(Lambda, C, log_step, u, reset, chunk: int, step_rescale, sharding):
-  """One forward direction with resets, no D: u (..., L, H), reset (..., L), L = multiple of T.
-
-  Three parts per chunk of T steps: the chunk's own inputs through the masked (T, T) Toeplitz
-  kernel; the state entering the chunk, read out through C Λ̄^{t+1}; and the chunk's last state,
-  carried from chunk to chunk by the project's recurrence over L/T steps. States exist only at
-  chunk ends, (..., L/T, H, N/2), T times fewer than s4d_states builds.
-  """
-  *batch, length, channels = u.shape
-  within, carried, to_end = _chunk_masks(reset, chunk)
-  chunks = u.reshape(*batch, length // chunk, chunk, channels)             # (..., A, T, H)
-  dtype = u.dtype
-  toeplitz = _toeplitz(s4d_kernel(Lambda, C, log_step, chunk, step_rescale=step_rescale))
-  y = jnp.einsum("...ats,hts,...ash->...ath", within.astype(dtype), toeplitz.astype(dtype),
-                 chunks, precision=_HIGHEST)
-  delta = channel_steps(log_step, step_rescale)[:, None]
-  lambda_bar, input_factor = zoh_factors(Lambda, delta)
-  exponent = Lambda * delta
-  steps = jnp.arange(chunk, dtype=jnp.real(exponent).dtype)
-  # The chunk's inputs into its last state: Σ_s (Λ̄−1)/Λ · Λ̄^{T−1−s} u_s over s reaching the end.
-  into_end = _planar_powers(input_factor, exponent, chunk - 1 - steps).astype(dtype)
-  local = jnp.einsum("...ash,sphn->...aphn", chunks * to_end[..., None].astype(dtype), into_end,
-                     precision=_HIGHEST)                                     # (..., A, 2, H, N/2)
-  local = local.reshape(local.shape[:-2] + (-1,))
-  chunk_decay = to_planar((lambda_bar ** chunk).reshape(-1)).astype(dtype)
-  ends = run_recurrence(chunk_decay, local, carried[..., -1].astype(dtype), reverse=False,
-                        sharding=sharding)
-  entering = jnp.concatenate([jnp.zeros_like(ends[..., :1, :, :]), ends[..., :-1, :, :]], axis=-3)
-  entering = entering.reshape(entering.shape[:-1] + Lambda.shape)            # (..., A, 2, H, N/2)
-  # 2·Re(C Λ̄^{t+1} x) = 2(Re(CΛ̄^{t+1}) Re x − Im(CΛ̄^{t+1}) Im x).
-  readout_powers = _planar_powers(C, exponent, steps + 1) * jnp.asarray([1, -1])[:, None, None]
-  y = y + 2 * carried[..., None].astype(dtype) * jnp.einsum(
-      "...aphn,tphn->...ath", entering, readout_powers.astype(dtype), precision=_HIGHEST)
-  return y.reshape(u.shape)
-
-
-def s4d_chunked(Lambda, C, log_step, u, *, bidirectional: bool, reset, D=None, step_rescale=1.0,
-                chunk_size: int = 16, sharding=None):
-  """The same SSM as s4d_recurrence with resets (packed documents), without a state per step.
-
-  Per chunk of T steps a masked (T, T) Toeplitz product, plus the chunk-end states carried by the
-  recurrence: O(L·T·H + L·H·N) work and (L/T)·H·N/2 states, where s4d_recurrence keeps L·H·N/2
-  (text_small with N = 256: 16× less memory). The backward direction runs forward in reversed
-  time. Per-step intervals vary Λ̄ along time and need s4d_recurrence.
-
-  T = 16 balances the two costs: fwd+bwd of one text_small layer (batch 4, L 512, H 256, N 256)
-  took 0.62, 0.37, 0.42, 0.84 and 1.61 s at T = 8, 16, 32, 64 and 128 on 2 shared CPU cores, and
-  3.7 s through s4d_recurrence.
-
-  Time split over the mesh (context parallelism): everything but the chunk-end recurrence is
-  local to a chunk, so with `sharding` naming the split (PartitionSpec of the chunk-end states
-  (..., L/T, 2, H·N/2)) that recurrence runs context-parallel (one all-gather of segment end
-  states) and each device keeps its own segment of time, as long as a segment holds whole chunks.
-
-  Args:
-    as s4d_conv, plus reset (..., L) bool (True where a new document starts), chunk_size T and
-    sharding (a PartitionSpec or None).
-  Returns:
-    y: (..., L, H) real.
-  """
-  length = u.shape[-2]
-  chunk = min(chunk_size, length)
-  padding = -length % chunk
-
-  def forward(c_direction, inputs, resets):
-    # Zeros after the end never reach an earlier output of a forward direction.
-    inputs = jnp.pad(inputs, [(0, 0)] * (inputs.ndim - 2) + [(0, padding), (0, 0)])
-    resets = jnp.pad(resets, [(0, 0)] * (resets.ndim - 1) + [(0, padding)])
-    y = _forward_chunked(Lambda, c_direction, log_step, inputs, resets, chunk, step_rescale,
-                         sharding)
-    return y[..., :length, :]
-
-  if not bidirectional:
-    y = forward(C, u, reset)
-  else:
-    # Reversed time: the state carried from k+1 into k is dropped where reset[k+1].
-    reversed_reset = jnp.concatenate([jnp.zeros_like(reset[..., :1]),
-                                      jnp.flip(reset, axis=-1)[..., :-1]], axis=-1)
-    y = forward(C[0], u, reset) + jnp.flip(forward(C[1], jnp.flip(u, axis=-2), reversed_reset),
-                                           axis=-2)
-  return y if D is None else y + D * u
+  y = causal_conv(u, kernel, D)
+  if initial_state is None:
+    return y
+  lambda_bar, input_factor, exponent = discretized(Lambda, log_step, step_rescale)
+  carried = weighted_powers(C * lambda_bar * initial_state, exponent, length)   # (..., H, L)
+  y = y + jnp.swapaxes(carried, -1, -2).astype(y.dtype)
+  final = (jnp.exp(exponent * length) * initial_state
+           + input_factor * power_sum(exponent, jnp.flip(u, axis=-2)))
+  return y, final.astype(jnp.result_type(u.dtype, jnp.complex64))
 
 
 # ----------------------------------------------------------------------------- recurrence
@@ -290,7 +84,7 @@ def _planar_inputs(input_factor, u):
 
 
 def s4d_states(Lambda, log_step, u, *, reset=None, intervals=None, step_rescale=1.0,
-               reverse: bool = False):
+               reverse: bool = False, initial_state=None):
   """Every state x_k of one direction's recurrence.
 
   Args:
@@ -298,6 +92,7 @@ def s4d_states(Lambda, log_step, u, *, reset=None, intervals=None, step_rescale=
     reset: (..., L) bool or None; forward, True at k drops the state carried into k; reverse, the
       state carried from k+1 into k is dropped where reset[k+1] (the next document starts there).
     intervals: (..., L) positive real or None; step k uses Δ·intervals[k].
+    initial_state: (..., H, N/2) complex state entering step 0 (forward only), or None (zero).
   Returns:
     (..., L, 2, H, N/2) planar states [Re x; Im x], u's dtype.
   """
@@ -306,7 +101,9 @@ def s4d_states(Lambda, log_step, u, *, reset=None, intervals=None, step_rescale=
   inputs = _planar_inputs(input_factor, u).astype(u.dtype)
   multipliers = to_planar(lambda_bar.reshape(lambda_bar.shape[:-2] + (-1,)))
   keep = recurrence.keep_masks(reset, bidirectional=True)[int(reverse)]
-  states = run_recurrence(multipliers, inputs, keep, reverse)
+  entering = None if initial_state is None else to_planar(
+      initial_state.reshape(initial_state.shape[:-2] + (-1,)))
+  states = run_recurrence(multipliers, inputs, keep, reverse, initial_state=entering)
   return states.reshape(states.shape[:-1] + Lambda.shape)
 
 
@@ -317,22 +114,27 @@ def readout(C, planar_states):
 
 
 def s4d_recurrence(Lambda, C, log_step, u, *, bidirectional: bool, D=None, reset=None,
-                   intervals=None, step_rescale=1.0):
+                   intervals=None, step_rescale=1.0, initial_state=None):
   """The same SSM as s4d_conv, by the linear recurrence; also with resets and per-step intervals.
 
   Args:
     as s4d_conv, plus reset (..., L) bool and intervals (..., L) positive real, each or None.
   Returns:
-    y: (..., L, H) real.
+    y: (..., L, H) real; with initial_state, (y, final_state (..., H, N/2) complex).
   """
+  recurrence.check_carried(initial_state, bidirectional)
   directions = [False, True] if bidirectional else [False]
   readouts = C if bidirectional else C[None]
   y = 0
   for reverse, c_direction in zip(directions, readouts):
     states = s4d_states(Lambda, log_step, u, reset=reset, intervals=intervals,
-                        step_rescale=step_rescale, reverse=reverse)
+                        step_rescale=step_rescale, reverse=reverse, initial_state=initial_state)
     y = y + readout(c_direction, states)
-  return y if D is None else y + D * u
+  y = y if D is None else y + D * u
+  if initial_state is None:
+    return y
+  last = states[..., -1, :, :, :]                          # (..., 2, H, N/2)
+  return y, from_planar(last.reshape(last.shape[:-2] + (-1,))).reshape(initial_state.shape)
 
 
 def s4d_step(Lambda, C, log_step, state, u_t, *, D=None, interval=None, step_rescale=1.0):

@@ -49,7 +49,8 @@ def project_output(c_tilde, states, conj_sym: bool):
   return 2 * y if conj_sym else y
 
 
-def scan_states(lambda_bar, bu, *, bidirectional: bool, reset=None, impl: str = "auto"):
+def scan_states(lambda_bar, bu, *, bidirectional: bool, reset=None, impl: str = "auto",
+                initial_state=None):
   """All states of the recurrence; bidirectional concatenates the reversed scan's states.
 
   Args:
@@ -58,21 +59,25 @@ def scan_states(lambda_bar, bu, *, bidirectional: bool, reset=None, impl: str = 
     reset: (..., L) bool or None.
     impl: recurrence.IMPLS ("auto": Pallas on TPU, chunked elsewhere; "reference":
       associative_scan with plain autodiff).
+    initial_state: (..., P') complex state entering step 0 (forward only), or None: zero.
   Returns:
     (..., L, P') complex, or (..., L, 2P') when bidirectional.
   """
   recurrence.check_impl(impl)
+  recurrence.check_carried(initial_state, bidirectional)
   directions = [False, True] if bidirectional else [False]
   bu_planar, multipliers = to_planar(bu), to_planar(lambda_bar)
   keeps = recurrence.keep_masks(reset, bidirectional)
+  entering = None if initial_state is None else to_planar(initial_state)
   states = [from_planar(recurrence.linear_recurrence_planar(multipliers, bu_planar, keep, reverse,
-                                                            impl=impl))
+                                                            impl=impl, initial_state=entering))
             for reverse, keep in zip(directions, keeps)]
   return jnp.concatenate(states, axis=-1) if bidirectional else states[0]
 
 
 def apply_ssm(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirectional: bool, D=None,
-              reset=None, input_scale=None, impl: str = "auto", sharding=None, gemm_dtype=None):
+              reset=None, input_scale=None, impl: str = "auto", sharding=None, gemm_dtype=None,
+              initial_state=None):
   """One S5 SSM over a whole sequence (parallel mode).
 
   Args:
@@ -94,21 +99,26 @@ def apply_ssm(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirectional: b
     gemm_dtype: operand dtype of the planar B̄ and C̃ GEMMs (bfloat16: float32 accumulation,
       and the states stay float32); None: the operands' own. The reference formulation's complex
       arithmetic ignores it.
+    initial_state: (..., P') complex, the state entering step 0 (a window that continues the
+      previous one: carried state); a reset at step 0 drops it. Causal layers only.
   Returns:
-    y: (..., L, H) real.
+    y: (..., L, H) real; with initial_state, (y, final_state): final_state (..., P') complex,
+    the state after step L − 1, to enter the next window.
   """
   recurrence.check_impl(impl)
   if impl != "reference":
     return apply_ssm_planar(lambda_bar, b_bar, c_tilde, u, conj_sym=conj_sym,
                             bidirectional=bidirectional, D=D, reset=reset,
                             input_scale=input_scale, impl=impl, sharding=sharding,
-                            gemm_dtype=gemm_dtype)
+                            gemm_dtype=gemm_dtype, initial_state=initial_state)
   bu = project_input(b_bar, u)
   if input_scale is not None:
     bu = bu * input_scale
-  states = scan_states(lambda_bar, bu, bidirectional=bidirectional, reset=reset, impl=impl)
+  states = scan_states(lambda_bar, bu, bidirectional=bidirectional, reset=reset, impl=impl,
+                       initial_state=initial_state)
   y = project_output(c_tilde, states, conj_sym)
-  return y if D is None else y + D * u
+  y = y if D is None else y + D * u
+  return y if initial_state is None else (y, states[..., -1, :])
 
 
 def step(lambda_bar, b_bar, c_tilde, state, u_t, *, conj_sym: bool, D=None):
@@ -232,13 +242,14 @@ def project_output_planar(c_tilde, states, conj_sym: bool, gemm_dtype=None, *,
 
 def apply_ssm_planar(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirectional: bool, D=None,
                      reset=None, input_scale=None, impl: str = "auto", sharding=None,
-                     gemm_dtype=None):
+                     gemm_dtype=None, initial_state=None):
   """One S5 SSM over a whole sequence, as apply_ssm (same arguments and shapes), computed with
   real GEMMs around the planar recurrence that `impl` runs (recurrence.linear_recurrence_planar).
 
   Returns:
-    y: (..., L, H), u's dtype.
+    y: (..., L, H), u's dtype; with initial_state, (y, final_state (..., P') complex).
   """
+  recurrence.check_carried(initial_state, bidirectional)
   flatten = mesh_spec.time_axis(sharding) is None
   if b_bar.ndim == 2:
     bu = project_input_planar(b_bar, u, gemm_dtype, flatten=flatten)
@@ -251,10 +262,12 @@ def apply_ssm_planar(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirecti
   directions = [False, True] if bidirectional else [False]
   y = None
   keeps = recurrence.keep_masks(reset, bidirectional)
+  entering = None if initial_state is None else to_planar(initial_state)
   for direction, (reverse, keep) in enumerate(zip(directions, keeps)):
     states = recurrence.linear_recurrence_planar(multipliers, bu, keep, reverse, impl=impl,
-                                                 sharding=sharding)
+                                                 sharding=sharding, initial_state=entering)
     readout = c_tilde[:, direction * num_states:(direction + 1) * num_states]
     direction_y = project_output_planar(readout, states, conj_sym, gemm_dtype, flatten=flatten)
     y = direction_y if y is None else y + direction_y
-  return y if D is None else y + D * u
+  y = y if D is None else y + D * u
+  return y if initial_state is None else (y, from_planar(states[..., -1, :, :]))
