@@ -38,8 +38,15 @@ def split_key(item_id: str) -> str:
 
 
 def _without_chunk(item_id: str) -> str:
+  return chunk_of(item_id)[0]
+
+
+def chunk_of(item_id: str) -> tuple[str, int | None]:
+  """("book.flac", 12) for the chunk id "book.flac#00012"; (item_id, None) for any other id."""
   stem, mark, number = item_id.rpartition(CHUNK_MARK)
-  return stem if mark and number.isdigit() and stem.lower().endswith(AUDIO_EXTENSIONS) else item_id
+  if mark and number.isdigit() and stem.lower().endswith(AUDIO_EXTENSIONS):
+    return stem, int(number)
+  return item_id, None
 
 
 def heldout_score(key: str) -> float:
