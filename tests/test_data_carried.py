@@ -312,3 +312,14 @@ def test_resume_in_the_middle_of_a_seeked_file_is_bit_identical(tmp_path, small_
     for key in one:
       np.testing.assert_array_equal(one[key], other[key], key)
   _check_epochs(before + after, files, batch_size=2, epochs=1)
+
+
+def test_a_long_file_cut_short_is_skipped_before_its_first_window(tmp_path, small_blocks, caplog):
+  files = _long_files(tmp_path / "raw")
+  cut = (tmp_path / "raw" / "long.wav").read_bytes()
+  (tmp_path / "raw" / "v_cut.wav").write_bytes(cut[:len(cut) // 2])    # header says 9000
+  before = data.bad_data_counts()["bad_files"]
+  with caplog.at_level(logging.WARNING, logger="s5scale.data"):
+    batches = _take(data.make_iterator(_seek_config(tmp_path / "raw"), "train"), 20)
+  assert data.bad_data_counts()["bad_files"] == before + 1 and "v_cut.wav" in caplog.text
+  _check_epochs(batches, files, batch_size=2, epochs=1)
