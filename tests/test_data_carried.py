@@ -6,9 +6,12 @@ exactly on the target that crosses into the next file; the lanes together must r
 file once per epoch. The shuffled order is never recomputed: only its invariants are checked.
 """
 
+import functools
+import io
 import json
 import logging
 
+import grain
 import ml_collections
 import numpy as np
 import pytest
@@ -18,6 +21,9 @@ from s5scale import cli
 from s5scale import data
 from s5scale import defaults
 from s5scale.data import audio
+from s5scale.data import audio_streams
+from s5scale.data import shards
+from s5scale.data import sources
 
 RATE = 16000
 SEQ_LEN = 32
@@ -210,3 +216,110 @@ def test_carry_state_with_a_backward_scan_or_a_classifier_exits_2(changes, other
   stderr = capsys.readouterr().err
   assert stop.value.code == 2 and "data.carry_state=True" in stderr and other in stderr
   cli.exit_if_invalid(_full_config(**changes))      # each alone is fine
+
+
+def _normalized_codes(waveform):
+  """The oracle's codes of a whole recording: float32 mono / its peak, mu-law 8 bit."""
+  waveform = np.asarray(waveform, np.float32)
+  return audio.quantize(waveform / np.abs(waveform).max(), "mulaw", 8)
+
+
+def test_chunks_of_a_prepared_file_stream_as_one_item_in_order(tmp_path):
+  raw, out, chunk = tmp_path / "raw", tmp_path / "shards", 200
+  raw.mkdir()
+  rng = np.random.default_rng(4)
+  originals = {}
+  # a: 5 chunks, its second one quiet; b: 4 (a short last one); c: one record, not chunked;
+  # e: 2 chunks, its 10-sample tail dropped (under a quarter chunk).
+  for name, length in (("a.wav", 1000), ("b.wav", 730), ("c.wav", 150), ("e.wav", 410)):
+    waveform = rng.uniform(-0.8, 0.8, length)
+    waveform[chunk:2 * chunk] *= 0.2
+    soundfile.write(raw / name, waveform, RATE, subtype="PCM_16")
+    originals[name] = soundfile.read(raw / name, dtype="float32")[0]
+  encode = functools.partial(shards.audio_record, sample_rate=RATE, chunk_seconds=chunk / RATE)
+  shards.write_shards(sources.open_source("audio", str(raw), RATE), encode, str(out), 2, 1)
+  # Oracle: the records on disk, grouped by the file their id names, decoded by soundfile.
+  ids = [i for p in sorted(out.glob("*.json")) for i in json.loads(p.read_text())["ids"]]
+  records = grain.sources.ArrayRecordDataSource(sorted(map(str, out.glob("*.array_record"))))
+  joined = {}
+  for number, item_id in enumerate(ids):
+    decoded = soundfile.read(io.BytesIO(records[number]), dtype="float32")[0]
+    joined.setdefault(item_id.split("#")[0], []).append(decoded)
+  assert [len(joined[name]) for name in sorted(joined)] == [5, 4, 1, 2]
+  files = {}
+  for name, pieces in joined.items():
+    whole = np.concatenate(pieces)
+    kept = originals[name][:whole.size]
+    np.testing.assert_allclose(whole / np.abs(whole).max(), kept / np.abs(kept).max(), atol=1e-4)
+    files[name] = _normalized_codes(whole)       # one peak for the file, not one per chunk
+  batches = _take(data.make_iterator(_config(out, batch_size=2), "train"), 80)
+  order = _check_epochs(batches, files, batch_size=2, epochs=2)   # one reset per file
+  assert [order[p] for p in range(4)] != [order[p] for p in range(4, 8)]  # files reshuffled
+
+
+def _long_files(root):
+  """Two files a lane must seek in (mono WAV, stereo FLAC) and a short one; {name: codes}."""
+  root.mkdir()
+  rng = np.random.default_rng(6)
+  files = {}
+  for name, length, channels in (("long.wav", 9000, 1), ("long.flac", 7000, 2),
+                                 ("short.wav", 300, 1)):
+    soundfile.write(root / name, rng.uniform(-0.7, 0.7, (length, channels)), RATE,
+                    subtype="PCM_16")
+    whole = soundfile.read(root / name, dtype="float32", always_2d=True)[0]
+    files[name] = _normalized_codes(whole.mean(axis=1, dtype=np.float32))
+  return files
+
+
+def _seek_config(root):
+  return _config(root, batch_size=2, seq_len=1024, long_audio_seconds=4000 / RATE)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+  """Blocks of 1500 samples, and the sizes of every read and whole decode made."""
+  monkeypatch.setattr(audio_streams, "READ_AHEAD", 1500)
+  reads, decoded = [], []
+  read_crop, decode = audio.read_crop, audio.decode
+  monkeypatch.setattr(audio, "read_crop", lambda sound, start, length, rate: (
+      reads.append(length), read_crop(sound, start, length, rate))[1])
+  monkeypatch.setattr(audio, "decode", lambda payload: (
+      decoded.append(len(payload)), decode(payload))[1])
+  return reads, decoded
+
+
+def test_long_files_are_read_by_seeking_and_equal_the_whole_file_decode(tmp_path, small_blocks):
+  files = _long_files(tmp_path / "raw")
+  batches = _take(data.make_iterator(_seek_config(tmp_path / "raw"), "train"), 20)
+  _check_epochs(batches, files, batch_size=2, epochs=1)
+  reads, decoded = small_blocks
+  assert reads and max(reads) <= 1500             # never more than a block at once
+  assert decoded and max(decoded) < 2000          # only short.wav was decoded whole
+
+
+def test_resume_in_the_middle_of_a_seeked_file_is_bit_identical(tmp_path, small_blocks):
+  files = _long_files(tmp_path / "raw")
+  config = _seek_config(tmp_path / "raw")
+  iterator = data.make_iterator(config, "train")
+  before = _take(iterator, 3)
+  state = json.loads(json.dumps(iterator.get_state()))
+  assert any(lane["offset"] > 0 for lane in state["lanes"])
+  expected = _take(iterator, 17)
+  resumed = data.make_iterator(config, "train")
+  resumed.set_state(state)
+  after = _take(resumed, 17)
+  for one, other in zip(expected, after):
+    for key in one:
+      np.testing.assert_array_equal(one[key], other[key], key)
+  _check_epochs(before + after, files, batch_size=2, epochs=1)
+
+
+def test_a_long_file_cut_short_is_skipped_before_its_first_window(tmp_path, small_blocks, caplog):
+  files = _long_files(tmp_path / "raw")
+  cut = (tmp_path / "raw" / "long.wav").read_bytes()
+  (tmp_path / "raw" / "v_cut.wav").write_bytes(cut[:len(cut) // 2])    # header says 9000
+  before = data.bad_data_counts()["bad_files"]
+  with caplog.at_level(logging.WARNING, logger="s5scale.data"):
+    batches = _take(data.make_iterator(_seek_config(tmp_path / "raw"), "train"), 20)
+  assert data.bad_data_counts()["bad_files"] == before + 1 and "v_cut.wav" in caplog.text
+  _check_epochs(batches, files, batch_size=2, epochs=1)

@@ -10,8 +10,10 @@ training on the raw folder. Bad files are skipped and named in the log. Progress
 logged; re-running the same command resumes, skipping shards that are already complete.
 --chunk_seconds=N cuts long files (podcasts, audiobooks) into N-second records, ids
 "<file>#00000", "<file>#00001", ...; all chunks of a file share its held-out split, and the
-file is normalized once, so its chunks keep their relative loudness. (A file is decoded whole
-in one worker: memory grows with its length.)
+file is normalized once, so the stored chunks keep their relative loudness. Fresh-window
+training loads each chunk as a clip and normalizes it again on its own; data.carry_state=True
+streams a file's chunks in order as one recording at the file's level (docs/data.md). (A file
+is decoded whole in one worker: memory grows with its length.)
 Speech Commands' testing_list.txt / validation_list.txt are copied beside the shards, so the
 shards keep the published split. Exit 2: bad flags or a source with no audio.
 """

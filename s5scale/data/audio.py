@@ -18,19 +18,21 @@ class UnreadableAudio(ValueError):
   """The bytes are not a complete audio file (the message says why)."""
 
 
-def wav_truncation(payload: bytes) -> str | None:
+def wav_truncation(payload: bytes, size: int | None = None) -> str | None:
   """Why a RIFF/WAVE payload is cut short, or None when it is whole (or not a WAV at all).
 
   libsndfile silently returns the frames that exist in a truncated WAV, so a half-copied file
   would otherwise train as a short clip; the data chunk's declared size gives it away.
+  payload may be the file's head alone when `size` gives the whole file's length in bytes.
   """
+  size = len(payload) if size is None else size
   if len(payload) < 12 or payload[:4] != b"RIFF" or payload[8:12] != b"WAVE":
     return None
   position = 12
   while position + 8 <= len(payload):
     chunk_id = payload[position:position + 4]
     (chunk_size,) = struct.unpack("<I", payload[position + 4:position + 8])
-    available = len(payload) - (position + 8)
+    available = size - (position + 8)
     if chunk_id == b"data":
       # Writers streaming to a pipe cannot seek back, so they leave 0 or a huge placeholder
       # (espeak-ng: 0x7FFFF000, others 0xFFFFFFFF); nothing to check then.
@@ -38,7 +40,8 @@ def wav_truncation(payload: bytes) -> str | None:
         return f"data chunk declares {chunk_size} bytes but only {available} are present"
       return None
     position += 8 + chunk_size + (chunk_size & 1)
-  return "no data chunk before the end of the file"
+  # A head that ends before the data chunk says nothing; libsndfile judges the rest.
+  return "no data chunk before the end of the file" if len(payload) == size else None
 
 
 def decode(payload: bytes) -> tuple[np.ndarray, int]:
@@ -100,7 +103,16 @@ def band_limit(waveforms: np.ndarray, sample_rate: int, cutoff_hz: float, axis: 
 
 def peak_normalize(waveform: np.ndarray) -> np.ndarray:
   """Scales so max |sample| is 1; an all-silent clip stays silent."""
-  peak = float(np.max(np.abs(waveform))) if waveform.size else 0.0
+  return divide_by_peak(waveform, peak_of(waveform))
+
+
+def peak_of(waveform: np.ndarray) -> float:
+  """max |sample| (0 for no samples); the max of the blocks' peaks is the whole file's."""
+  return float(np.max(np.abs(waveform))) if waveform.size else 0.0
+
+
+def divide_by_peak(waveform: np.ndarray, peak: float) -> np.ndarray:
+  """waveform / peak as float32, sample by sample (so a block gives its slice of the whole)."""
   if peak == 0.0:
     return waveform.astype(np.float32, copy=False)
   return (waveform / peak).astype(np.float32)

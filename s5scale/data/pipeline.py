@@ -30,6 +30,7 @@ from typing import NamedTuple
 import grain
 import numpy as np
 
+from s5scale.data import audio_streams
 from s5scale.data import bad_data
 from s5scale.data import mixture
 from s5scale.data import split as split_lib
@@ -76,8 +77,11 @@ def heldout_splits(data_config) -> list[str]:
   return ["heldout"] + [f"heldout/{entry.name}" for entry in mixture.parse(data_config.mixture)]
 
 
-def _items(data_config, split, number, spec, num_epochs):
-  """MapDataset of (source number, item index) over one source's split, shuffled for train."""
+def _items(data_config, split, number, spec, num_epochs, whole_items=False):
+  """MapDataset of (source number, item index) over one source's split, shuffled for train.
+
+  whole_items (audio): a file's chunk records are one item, named by its first chunk.
+  """
   listed = spec.source.listed_split
   if data_config.heldout_source:
     # Named held-out data: each split is all of its own source (components() picked it).
@@ -85,6 +89,8 @@ def _items(data_config, split, number, spec, num_epochs):
   else:
     indices = split_lib.split_indices(spec.source.ids, split, data_config.heldout_fraction, listed)
   indices = indices[np.isin(indices, spec.usable_indices)]
+  if whole_items and spec.kind == "audio":
+    indices = audio_streams.whole_recordings(spec.source, indices)
   if indices.size == 0:
     rule = (f"data.heldout_source={data_config.heldout_source!r}" if data_config.heldout_source
             else "its testing_list.txt" if listed is not None
@@ -102,11 +108,12 @@ def loaded_items(data_config, split, parts, num_epochs, whole_items=False):
   """(MapDataset of loader outputs, number of distinct items): the split's items of every part,
   shuffled per epoch and mixed (train) or concatenated, each read and decoded when accessed.
 
-  An element is an example or a bad-data marker. whole_items: audio clips whole, not cropped
-  (carried-state streams read each recording from its start to its end).
+  An element is an example or a bad-data marker. whole_items: audio recordings whole, not
+  cropped, a long file's chunks joined (carried-state streams read each recording from its
+  start to its end; audio_streams.py).
   """
   train = split == "train"
-  tagged = [_items(data_config, split, number, part.spec, num_epochs)
+  tagged = [_items(data_config, split, number, part.spec, num_epochs, whole_items)
             for number, part in enumerate(parts)]
   num_items = sum(size for _, size in tagged)
   if len(parts) == 1:
@@ -115,10 +122,16 @@ def loaded_items(data_config, split, parts, num_epochs, whole_items=False):
     items = grain.MapDataset.mix([items for items, _ in tagged], [p.weight for p in parts])
   else:
     items = grain.MapDataset.concatenate([items for items, _ in tagged])
-  loader = mixture.TaggedLoader([part.spec.loader(train and not whole_items) for part in parts])
+  loader = mixture.TaggedLoader([_loader(part.spec, train, whole_items) for part in parts])
   if loader.is_random:
     return items.random_map(loader, seed=data_config.seed), num_items
   return items.map(loader), num_items
+
+
+def _loader(spec, train, whole_items):
+  if whole_items and spec.kind == "audio":
+    return audio_streams.CarriedAudioLoader(spec.source, spec.data_config, spec.loader(False))
+  return spec.loader(train and not whole_items)
 
 
 def description_of(parts) -> str:

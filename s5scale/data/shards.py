@@ -73,8 +73,9 @@ def audio_record(source, index: int, sample_rate: int, chunk_seconds: float = 0.
   """Item -> 16-bit WAV bytes, mono, resampled to sample_rate and peak-normalized; or a marker.
 
   chunk_seconds > 0 cuts a longer file into a list of consecutive chunks of that length (the
-  whole file normalized once, so chunks keep their relative level); a final piece shorter
-  than a quarter chunk is dropped.
+  whole file normalized once, so the stored chunks keep their relative level; the fresh-window
+  loader re-normalizes each chunk, carried-state lanes join them at the file's level); a final
+  piece shorter than a quarter chunk is dropped.
   """
   try:
     payload = source.read(index)

@@ -29,7 +29,7 @@ def split_key(item_id: str) -> str:
   Chunks that tools/prepare_audio.py cut from one long file ("book.flac#00012") are keyed by
   the file, so a file's chunks share its split, the one the raw file has.
   """
-  item_id = _without_chunk(item_id)
+  item_id = chunk_of(item_id)[0]
   basename = item_id.rsplit("/", 1)[-1]
   speaker, mark, _ = basename.partition(SPEAKER_MARK)
   if mark and speaker and basename.lower().endswith(AUDIO_EXTENSIONS):
@@ -37,9 +37,12 @@ def split_key(item_id: str) -> str:
   return item_id
 
 
-def _without_chunk(item_id: str) -> str:
+def chunk_of(item_id: str) -> tuple[str, int | None]:
+  """("book.flac", 12) for the chunk id "book.flac#00012"; (item_id, None) for any other id."""
   stem, mark, number = item_id.rpartition(CHUNK_MARK)
-  return stem if mark and number.isdigit() and stem.lower().endswith(AUDIO_EXTENSIONS) else item_id
+  if mark and number.isdigit() and stem.lower().endswith(AUDIO_EXTENSIONS):
+    return stem, int(number)
+  return item_id, None
 
 
 def heldout_score(key: str) -> float:

@@ -22,8 +22,9 @@ import numpy as np
 
 from s5scale.data.packing import PackRowsIterDataset
 
-# A lane needs its next item only every (item length / L) steps, and whole decoded recordings
-# are large: one reader thread and one item read ahead per lane.
+# A lane needs its next item only every (item length / L) steps, and an item read ahead costs a
+# whole decode (short files) or a first pass for the peak (long ones, audio_streams.py): one
+# reader thread and one item read ahead per lane.
 _LANE_READ = grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)
 
 
