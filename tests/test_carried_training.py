@@ -91,3 +91,32 @@ def test_carried_state_restores_onto_another_mesh(straight, mesh_shape):
   # Rows over (data, fsdp) like the batch, P' over model like the S5 state.
   spec = state.carried.sharding.spec
   assert spec[0] == ("data", "fsdp") and spec[2] == "model"
+
+
+def test_carried_evaluation_scores_each_item_as_one_pass(tmp_path):
+  """eval.carry_state: held-out items streamed in 16-token windows with the state carried score
+  the same as each item read in one window (one parallel scan, no state handed on)."""
+  from s5scale import evaluation  # pylint: disable=g-import-not-at-top
+  from s5scale.nn.model import S5Model  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  (tmp_path / "text").mkdir()
+  for index in range(8):
+    words = rng.choice(["state", "space", "model", "carry", "window", "scan"], 20 + 15 * index)
+    (tmp_path / "text" / f"doc{index}.txt").write_text(" ".join(words))
+  scores = {}
+  for name, seq_len in (("windows", 16), ("one_pass", 1024)):
+    config = helpers.tiny_config(data__source=str(tmp_path / "text"), data__heldout_fraction=0.5,
+                                 eval__carry_state=True, eval__max_batches=0, eval__batch_size=2,
+                                 eval__seq_len=seq_len)
+    model = S5Model.from_config(config.model)
+    params = model.init(jax.random.PRNGKey(0), np.zeros((2, 16), np.int32))["params"]
+    evaluator = evaluation.Evaluator(config, model, parallel.make_mesh(config.mesh,
+                                                                       jax.devices()[:1]))
+    scores[name] = evaluator.evaluate_carried(params, {})
+    if name == "windows":
+      scores["fresh"] = evaluator.evaluate(params, {})
+  assert scores["windows"]["num_predictions"] == scores["one_pass"]["num_predictions"] > 1000
+  assert scores["windows"]["num_batches"] > scores["one_pass"]["num_batches"]
+  np.testing.assert_allclose(scores["windows"]["loss"], scores["one_pass"]["loss"], rtol=1e-5)
+  # Fresh 16-token windows see less context: a different score.
+  assert abs(scores["fresh"]["loss"] - scores["one_pass"]["loss"]) > 1e-4
