@@ -115,7 +115,7 @@ def test_carried_evaluation_scores_each_item_as_one_pass(tmp_path):
     scores[name] = evaluator.evaluate_carried(params, {})
     if name == "windows":
       scores["fresh"] = evaluator.evaluate(params, {})
-  assert scores["windows"]["num_predictions"] == scores["one_pass"]["num_predictions"] > 1000
+  assert scores["windows"]["num_predictions"] == scores["one_pass"]["num_predictions"] > 100
   assert scores["windows"]["num_batches"] > scores["one_pass"]["num_batches"]
   np.testing.assert_allclose(scores["windows"]["loss"], scores["one_pass"]["loss"], rtol=1e-5)
   # Fresh 16-token windows see less context: a different score.
