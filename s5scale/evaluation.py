@@ -145,7 +145,7 @@ class Evaluator:
         break
       batch = parallel.global_batch(local_batch, self.mesh)
       if stored is None:   # rows start at an item's first window: reset[:, 0] drops this state
-        stored = self.zero_states(params, batch_stats, batch["inputs"])
+        stored = self.zero_states(batch["inputs"].shape[0])
       sums, stored = self.carried_eval_step(params, batch_stats, batch, stored)
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
       num_batches += 1
@@ -153,9 +153,9 @@ class Evaluator:
       raise data.DataError(f"the {SPLIT} split of data.source={self.config.data.source!r} is empty")
     return summarize(jax.device_get(totals), self.config, num_batches, time.time() - start)
 
-  def zero_states(self, params, batch_stats, inputs):
-    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-    boxed = steps.zero_carried_states(self.model, variables, inputs)
+  def zero_states(self, batch: int):
+    """Stored zero states for `batch` rows, sharded like the carried training state."""
+    boxed = steps.zero_carried_states(self.model, batch)
     return jax.device_put(boxed.unbox(), parallel.logical_shardings(boxed, self.mesh))
 
   def compressor_results(self, symbols) -> dict:

@@ -14,7 +14,7 @@ import optax
 
 from s5scale import optim
 from s5scale.nn.blocks import BATCH_NORM_MOMENTUM
-from s5scale.nn.model import S5Model
+from s5scale.nn.model import zero_states
 
 
 @flax.struct.dataclass
@@ -171,20 +171,18 @@ def init_train_state(model, optimizer, config, sample_batch: dict) -> TrainState
   params = variables["params"]
   carried = {}
   if config.data.get("carry_state"):
-    carried = zero_carried_states(model, variables, sample_batch["inputs"])
+    carried = zero_carried_states(model, sample_batch["inputs"].shape[0])
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                     batch_stats=variables.get("batch_stats", {}), rng=rng,
                     bad_steps=jnp.zeros((), jnp.int32), skipped_steps=jnp.zeros((), jnp.int32),
                     carried=carried)
 
 
-def zero_carried_states(model, variables, inputs):
-  """Zero stored states for a batch shaped like `inputs`, boxed with logical axis names so that
-  parallel.py shards them like the batch, with S5's P' (or S4D's H) over `model`."""
-  states = jax.eval_shape(lambda: model.apply(variables, inputs, method=S5Model.prefill))[0]
-  stored = jax.eval_shape(stored_states, states)
+def zero_carried_states(model, batch: int):
+  """Zero stored states for `batch` rows, boxed with logical axis names so that parallel.py
+  shards them like the batch, with S5's P' (or S4D's H) over `model`."""
   per_layer = ("state",) if model.layer == "s5" else ("channel", None)
-  return nn.Partitioned(jnp.zeros(stored.shape, stored.dtype),
+  return nn.Partitioned(stored_states(zero_states(model, batch)),
                         names=("batch", "layers") + per_layer + (None,))
 
 

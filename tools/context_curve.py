@@ -89,7 +89,7 @@ def carried_curve(config, workdir: str, step: int | None) -> list[dict]:
                                                    data_config.seq_len):
     batch = parallel.global_batch(local_batch, mesh)
     if stored is None:
-      stored = evaluator.zero_states(variables["params"], batch_stats, batch["inputs"])
+      stored = evaluator.zero_states(local_batch["inputs"].shape[0])
       offsets = np.zeros(local_batch["inputs"].shape[0], np.int64)
     nll, stored = nll_and_states(batch, stored)
     # A row whose window starts an item counts positions from 0 again.
