@@ -37,7 +37,8 @@ train: venv
 	$(PY) -m s5scale.evaluate --config=configs/text_small.py --workdir=$(WORKDIR) --all $(FLAGS)
 
 test: venv
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	# The slowest tests are listed at the end: the suite must stay under 20 minutes on 2 cores.
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 # S5 layer benchmark (docs/benchmarks.md).
 bench: venv
