@@ -36,8 +36,8 @@ train: venv
 	$(PY) -m s5scale.train --config=configs/text_small.py --workdir=$(WORKDIR) $(FLAGS)
 	$(PY) -m s5scale.evaluate --config=configs/text_small.py --workdir=$(WORKDIR) --all $(FLAGS)
 
+# The 25 slowest tests are listed at the end: the suite must stay under 20 minutes on 2 cores.
 test: venv
-	# The slowest tests are listed at the end: the suite must stay under 20 minutes on 2 cores.
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 # S5 layer benchmark (docs/benchmarks.md).
