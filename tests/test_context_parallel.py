@@ -127,6 +127,37 @@ def test_every_local_implementation_splits_the_same(impl):
                                atol=1e-12)
 
 
+@pytest.mark.parametrize("impl,context,length,varying", [
+    ("chunked", 4, 23, True), ("pallas", 4, 24, False), ("reference", 8, 24, False)])
+def test_both_directions_in_one_gather_equal_the_loop(impl, context, length, varying):
+  """bidirectional_recurrence_planar (both directions through one shard_map and one gather):
+  each direction's states equal the NumPy loop, and the gradients the unsplit scans'."""
+  with jax.enable_x64(True):
+    (a, b, _), (a_c, b_c, _) = _problem(context + length, length, varying=varying, resets=None)
+    reset = np.zeros((ROWS, length), bool)
+    reset[:, [5, 6, 11]] = True                      # 6: a segment boundary at context=4
+    keeps = recurrence.keep_masks(jnp.asarray(reset), bidirectional=True)
+    weights = jnp.asarray(np.random.default_rng(3).normal(size=(2,) + b.shape))
+
+    def values_and_gradients(a, b, split):
+      def states(a, b):
+        return jnp.stack(recurrence.bidirectional_recurrence_planar(
+            a, b, keeps, impl=impl if split else "chunked", interpret=impl == "pallas",
+            sharding=SPEC if split else None))
+      loss = lambda a, b: jnp.sum(weights * states(a, b) ** 2)
+      return states(a, b), jax.grad(loss, argnums=(0, 1))(a, b)
+
+    got = _jit_on(_mesh(context), functools.partial(values_and_gradients, split=True), a, b)
+    want = _jit_on(None, functools.partial(values_and_gradients, split=False), a, b)
+  for reverse, keep in zip((False, True), keeps):
+    np.testing.assert_allclose(
+        np.asarray(got[0][int(reverse)]),
+        planar(loop_recurrence(a_c, b_c, np.asarray(keep), reverse)), rtol=1e-10, atol=1e-12)
+  for got_leaf, want_leaf in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_allclose(np.asarray(got_leaf), np.asarray(want_leaf), rtol=1e-10,
+                               atol=1e-12)
+
+
 @pytest.mark.parametrize("context", [2, 8])
 def test_bidirectional_layer_with_resets_splits_the_same(context):
   """apply_ssm both ways with documents crossing segment boundaries and starting on them."""
@@ -205,14 +236,16 @@ def _context_groups(mesh) -> frozenset:
 LAYERS = 3
 
 
-def _context_config():
+def _context_config(**changes):
   # scan_layers=False: each layer's collectives appear once in the program, not in a layer loop.
   return tiny_config(mesh__data=2, mesh__context=4, model__num_layers=LAYERS,
-                     model__scan_layers=False)
+                     model__scan_layers=False, **changes)
 
 
-def test_forward_crosses_the_context_axis_once_per_layer():
-  config = _context_config()
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_forward_crosses_the_context_axis_once_per_layer(bidirectional):
+  """One all-gather per layer; a bidirectional layer's two directions share it."""
+  config = _context_config(model__bidirectional=bidirectional)
   mesh = parallel.make_mesh(config.mesh)
   model = S5Model.from_config(config.model)
   tokens = np.zeros((8, 128), np.int32)
@@ -228,6 +261,10 @@ def test_forward_crosses_the_context_axis_once_per_layer():
       jax.ShapeDtypeStruct(tokens.shape, tokens.dtype)).compile().as_text()
   # Nothing else moves between devices: time is never gathered, H and P' are whole.
   assert _collectives(hlo) == [("all-gather", _context_groups(mesh))] * LAYERS
+  # Each gather carries (directions, end state and transfer, S segments, rows, 2, P') numbers.
+  directions, rows = 2 if bidirectional else 1, 8 // config.mesh.data
+  shapes = re.findall(r"= \w+\[([\d,]+)\][^=]*\ball-gather(?:-start)?\(", hlo)
+  assert shapes == [f"{directions},2,4,{rows},2,{config.model.ssm_size // 2}"] * LAYERS, shapes
 
 
 def test_train_step_gathers_once_per_layer_and_scatters_its_mirror_outside_time_loops():

@@ -196,6 +196,55 @@ def linear_recurrence_planar(multipliers, inputs, keep=None, reverse: bool = Fal
   return states.reshape(inputs.shape)
 
 
+
+def bidirectional_recurrence_planar(multipliers, inputs, keeps=(None, None), *, impl: str = "auto",
+                                    num_chunks: int | None = None, time_tile: int | None = None,
+                                    interpret=False, sharding: PartitionSpec | None = None):
+  """Both directions of a bidirectional layer over the same a and b: linear_recurrence_planar
+  forward with keeps[0] and reverse with keeps[1] (keep_masks(reset, True)). Under context
+  parallelism the two directions share ONE all-gather over the time axis
+  (context_parallel.context_parallel_directions), not one each.
+
+  Args:
+    multipliers, inputs, impl, num_chunks, time_tile, interpret, sharding: as
+      linear_recurrence_planar.
+    keeps: (forward keep, backward keep), each (..., L) real or None.
+  Returns:
+    (forward states, backward states), each (..., L, 2, P) planar, inputs' dtype.
+  """
+  time_axis = mesh_spec.time_axis(sharding)
+  if time_axis is None:
+    return tuple(linear_recurrence_planar(multipliers, inputs, keep, reverse, impl=impl,
+                                          num_chunks=num_chunks, time_tile=time_tile,
+                                          interpret=interpret, sharding=sharding)
+                 for reverse, keep in zip((False, True), keeps))
+  check_impl(impl)
+  if inputs.ndim < 3 or inputs.shape[-2] != 2 or multipliers.shape[-2:] != inputs.shape[-2:]:
+    raise ValueError(f"expected planar (..., L, 2, P) inputs and multipliers, got "
+                     f"{inputs.shape} and {multipliers.shape}")
+  if num_chunks is not None and (num_chunks < 1 or inputs.shape[-3] % num_chunks):
+    raise ValueError(f"num_chunks must be a positive divisor of L={inputs.shape[-3]}, got "
+                     f"{num_chunks}")
+  flat = (-1,) + inputs.shape[-3:]
+  if multipliers.ndim > 2:
+    multipliers = jnp.broadcast_to(multipliers, inputs.shape).reshape(flat)
+  multipliers = multipliers.astype(inputs.dtype)
+  keeps = [None if keep is None else
+           jnp.broadcast_to(keep, inputs.shape[:-2]).reshape(flat[:2]).astype(inputs.dtype)
+           for keep in keeps]
+  # The local scans run per device inside the one shard_map: no sharding of their own.
+  options = _Options(impl, num_chunks, time_tile, interpret, None)
+
+  def local_scan(reverse):
+    if impl == "reference":
+      return lambda a, b, keep: _associative_scan(a, b, keep, reverse)
+    return lambda a, b, keep: _recurrence(a, b, keep, reverse, options)
+
+  states = context_parallel.context_parallel_directions(
+      [local_scan(False), local_scan(True)], multipliers, inputs.reshape(flat), keeps,
+      [False, True], axis=time_axis, spec=sharding)
+  return tuple(direction.reshape(inputs.shape) for direction in states)
+
 def linear_recurrence(multipliers, bu, reverse: bool = False, *, impl: str = "auto"):
   """Complex interface: x_k = a_k x_{k∓1} + b_k over axis -2.
 

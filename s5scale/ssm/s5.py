@@ -248,12 +248,15 @@ def apply_ssm_planar(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirecti
     bu = complex_multiply(to_planar(input_scale), bu)
   multipliers = to_planar(lambda_bar)
   num_states = bu.shape[-1]
-  directions = [False, True] if bidirectional else [False]
   y = None
   keeps = recurrence.keep_masks(reset, bidirectional)
-  for direction, (reverse, keep) in enumerate(zip(directions, keeps)):
-    states = recurrence.linear_recurrence_planar(multipliers, bu, keep, reverse, impl=impl,
-                                                 sharding=sharding)
+  if bidirectional:  # both directions at once: split over context, they share one all-gather
+    all_states = recurrence.bidirectional_recurrence_planar(multipliers, bu, keeps, impl=impl,
+                                                            sharding=sharding)
+  else:
+    all_states = [recurrence.linear_recurrence_planar(multipliers, bu, keeps[0], False, impl=impl,
+                                                      sharding=sharding)]
+  for direction, states in enumerate(all_states):
     readout = c_tilde[:, direction * num_states:(direction + 1) * num_states]
     direction_y = project_output_planar(readout, states, conj_sym, gemm_dtype, flatten=flatten)
     y = direction_y if y is None else y + direction_y
