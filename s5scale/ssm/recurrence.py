@@ -197,23 +197,26 @@ def linear_recurrence_planar(multipliers, inputs, keep=None, reverse: bool = Fal
 
 
 
-def bidirectional_recurrence_planar(multipliers, inputs, keeps=(None, None), *, impl: str = "auto",
+def bidirectional_recurrence_planar(multipliers, inputs, keep=None, *, impl: str = "auto",
                                     num_chunks: int | None = None, time_tile: int | None = None,
                                     interpret=False, sharding: PartitionSpec | None = None):
   """Both directions of a bidirectional layer over the same a and b: linear_recurrence_planar
-  forward with keeps[0] and reverse with keeps[1] (keep_masks(reset, True)). Under context
-  parallelism the two directions share ONE all-gather over the time axis
-  (context_parallel.context_parallel_directions), not one each.
+  forward and reverse, with keep_masks(reset, True)'s two keeps built from the forward `keep`.
+  Under context parallelism the two directions share ONE all-gather over the time axis, and the
+  reverse keep is derived on each device (context_parallel.context_parallel_directions): no
+  other collective.
 
   Args:
     multipliers, inputs, impl, num_chunks, time_tile, interpret, sharding: as
       linear_recurrence_planar.
-    keeps: (forward keep, backward keep), each (..., L) real or None.
+    keep: (..., L) real forward keep (1 - reset), or None.
   Returns:
     (forward states, backward states), each (..., L, 2, P) planar, inputs' dtype.
   """
   time_axis = mesh_spec.time_axis(sharding)
   if time_axis is None:
+    keeps = [None, None] if keep is None else [
+        keep, jnp.concatenate([keep[..., 1:], jnp.ones_like(keep[..., :1])], axis=-1)]
     return tuple(linear_recurrence_planar(multipliers, inputs, keep, reverse, impl=impl,
                                           num_chunks=num_chunks, time_tile=time_tile,
                                           interpret=interpret, sharding=sharding)
@@ -229,9 +232,8 @@ def bidirectional_recurrence_planar(multipliers, inputs, keeps=(None, None), *, 
   if multipliers.ndim > 2:
     multipliers = jnp.broadcast_to(multipliers, inputs.shape).reshape(flat)
   multipliers = multipliers.astype(inputs.dtype)
-  keeps = [None if keep is None else
-           jnp.broadcast_to(keep, inputs.shape[:-2]).reshape(flat[:2]).astype(inputs.dtype)
-           for keep in keeps]
+  if keep is not None:
+    keep = jnp.broadcast_to(keep, inputs.shape[:-2]).reshape(flat[:2]).astype(inputs.dtype)
   # The local scans run per device inside the one shard_map: no sharding of their own.
   options = _Options(impl, num_chunks, time_tile, interpret, None)
 
@@ -241,9 +243,10 @@ def bidirectional_recurrence_planar(multipliers, inputs, keeps=(None, None), *, 
     return lambda a, b, keep: _recurrence(a, b, keep, reverse, options)
 
   states = context_parallel.context_parallel_directions(
-      [local_scan(False), local_scan(True)], multipliers, inputs.reshape(flat), keeps,
-      [False, True], axis=time_axis, spec=sharding)
+      [local_scan(False), local_scan(True)], multipliers, inputs.reshape(flat), [keep],
+      [False, True], axis=time_axis, spec=sharding, bidirectional_keep=True)
   return tuple(direction.reshape(inputs.shape) for direction in states)
+
 
 def linear_recurrence(multipliers, bu, reverse: bool = False, *, impl: str = "auto"):
   """Complex interface: x_k = a_k x_{k∓1} + b_k over axis -2.

@@ -251,8 +251,8 @@ def apply_ssm_planar(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirecti
   y = None
   keeps = recurrence.keep_masks(reset, bidirectional)
   if bidirectional:  # both directions at once: split over context, they share one all-gather
-    all_states = recurrence.bidirectional_recurrence_planar(multipliers, bu, keeps, impl=impl,
-                                                            sharding=sharding)
+    all_states = recurrence.bidirectional_recurrence_planar(multipliers, bu, keeps[0],
+                                                            impl=impl, sharding=sharding)
   else:
     all_states = [recurrence.linear_recurrence_planar(multipliers, bu, keeps[0], False, impl=impl,
                                                       sharding=sharding)]
