@@ -127,6 +127,40 @@ def test_every_local_implementation_splits_the_same(impl):
                                atol=1e-12)
 
 
+@pytest.mark.parametrize("impl,context,length,varying", [
+    ("chunked", 4, 23, True), ("pallas", 4, 24, False), ("reference", 8, 24, False)])
+def test_both_directions_in_one_gather_equal_the_loop(impl, context, length, varying):
+  """bidirectional_recurrence_planar (both directions through one shard_map and one gather):
+  each direction's states equal the NumPy loop, and the gradients the unsplit scans'."""
+  with jax.enable_x64(True):
+    (a, b, _), (a_c, b_c, _) = _problem(context + length, length, varying=varying, resets=None)
+    reset = np.zeros((ROWS, length), bool)
+    reset[:, [5, 6, 11]] = True                      # 6 and 12: segment boundaries at context=4
+    reset[1, 12] = True
+    # Forward, a reset at k drops the state carried into k; backward, the one carried from k
+    # into k-1 (the reverse scan's document ends before the next one starts).
+    keeps = (1.0 - reset, np.concatenate([1.0 - reset[:, 1:], np.ones((ROWS, 1))], axis=1))
+    weights = jnp.asarray(np.random.default_rng(3).normal(size=(2,) + b.shape))
+
+    def values_and_gradients(a, b, split):
+      def states(a, b):
+        return jnp.stack(recurrence.bidirectional_recurrence_planar(
+            a, b, jnp.asarray(keeps[0]), impl=impl if split else "chunked",
+            interpret=impl == "pallas", sharding=SPEC if split else None))
+      loss = lambda a, b: jnp.sum(weights * states(a, b) ** 2)
+      return states(a, b), jax.grad(loss, argnums=(0, 1))(a, b)
+
+    got = _jit_on(_mesh(context), functools.partial(values_and_gradients, split=True), a, b)
+    want = _jit_on(None, functools.partial(values_and_gradients, split=False), a, b)
+  for reverse, keep in zip((False, True), keeps):
+    np.testing.assert_allclose(
+        np.asarray(got[0][int(reverse)]),
+        planar(loop_recurrence(a_c, b_c, keep, reverse)), rtol=1e-10, atol=1e-12)
+  for got_leaf, want_leaf in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_allclose(np.asarray(got_leaf), np.asarray(want_leaf), rtol=1e-10,
+                               atol=1e-12)
+
+
 @pytest.mark.parametrize("context", [2, 8])
 def test_bidirectional_layer_with_resets_splits_the_same(context):
   """apply_ssm both ways with documents crossing segment boundaries and starting on them."""
@@ -190,7 +224,8 @@ def _collectives(hlo_text: str):
     listed = re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", line)
     groups = (frozenset(frozenset(map(int, g.split(","))) for g in re.findall(r"\{([\d,]+)\}",
                                                                                listed.group(1)))
-              if listed else re.search(r"replica_groups=(\S+)", line).group(1))
+              if listed else re.search(r"(?:replica_groups|source_target_pairs)=(\S+)",
+                                       line).group(1))
     found.append((match.group(1), groups))
   return found
 
@@ -205,14 +240,16 @@ def _context_groups(mesh) -> frozenset:
 LAYERS = 3
 
 
-def _context_config():
+def _context_config(**changes):
   # scan_layers=False: each layer's collectives appear once in the program, not in a layer loop.
   return tiny_config(mesh__data=2, mesh__context=4, model__num_layers=LAYERS,
-                     model__scan_layers=False)
+                     model__scan_layers=False, **changes)
 
 
-def test_forward_crosses_the_context_axis_once_per_layer():
-  config = _context_config()
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_forward_crosses_the_context_axis_once_per_layer(bidirectional):
+  """One all-gather per layer; a bidirectional layer's two directions share it."""
+  config = _context_config(model__bidirectional=bidirectional)
   mesh = parallel.make_mesh(config.mesh)
   model = S5Model.from_config(config.model)
   tokens = np.zeros((8, 128), np.int32)
@@ -228,10 +265,16 @@ def test_forward_crosses_the_context_axis_once_per_layer():
       jax.ShapeDtypeStruct(tokens.shape, tokens.dtype)).compile().as_text()
   # Nothing else moves between devices: time is never gathered, H and P' are whole.
   assert _collectives(hlo) == [("all-gather", _context_groups(mesh))] * LAYERS
+  # Each gather carries (directions, end state and transfer, S segments, rows, 2, P') numbers.
+  directions, rows = 2 if bidirectional else 1, 8 // config.mesh.data
+  shapes = re.findall(r"= \w+\[([\d,]+)\][^=]*\ball-gather(?:-start)?\(", hlo)
+  assert shapes == [f"{directions},2,4,{rows},2,{config.model.ssm_size // 2}"] * LAYERS, shapes
 
 
-def test_train_step_gathers_once_per_layer_and_scatters_its_mirror_outside_time_loops():
-  config = _context_config()
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_train_step_gathers_once_per_layer_and_scatters_its_mirror_outside_time_loops(
+    bidirectional):
+  config = _context_config(model__bidirectional=bidirectional)
   mesh = parallel.make_mesh(config.mesh)
   length = 128
   sample = {"inputs": np.zeros((8, length), np.int32), "targets": np.zeros((8, length), np.int32),
@@ -248,6 +291,9 @@ def test_train_step_gathers_once_per_layer_and_scatters_its_mirror_outside_time_
   assert (found.count(("reduce-scatter", context)) + found.count(("all-reduce", context))
           == LAYERS), found
   assert [kind for kind, _ in found].count("all-gather") == LAYERS, "time gathered somewhere"
+  # No flag or halo crosses a segment boundary on its own (a bidirectional layer's reverse keep
+  # is derived on each device), and nothing is re-laid out over context.
+  assert not {"collective-permute", "all-to-all"} & {kind for kind, _ in found}, found
   computations = hlo_computations(hlo)
   loops = re.findall(r"while\(.*body=%?([\w.\-]+)", "\n".join(computations.values()))
   assert loops, "expected the time scans to compile to loops"

@@ -58,10 +58,13 @@ def keep_masks(reset, bidirectional: bool):
   if reset is None:
     return [None, None] if bidirectional else [None]
   forward = 1 - reset.astype(jnp.float32)
-  if not bidirectional:
-    return [forward]
-  backward = jnp.concatenate([forward[..., 1:], jnp.ones_like(forward[..., :1])], axis=-1)
-  return [forward, backward]
+  return [forward, backward_keep(forward)] if bidirectional else [forward]
+
+
+def backward_keep(forward_keep):
+  """The reverse direction's keep from the forward one: step k keeps what k+1 carries unless
+  k+1 starts a document. (..., L) -> (..., L)."""
+  return jnp.concatenate([forward_keep[..., 1:], jnp.ones_like(forward_keep[..., :1])], axis=-1)
 
 
 def check_carried(initial_state, bidirectional: bool) -> None:
@@ -167,6 +170,31 @@ def fold_initial_state(multipliers, inputs, keep, initial_state):
   return inputs.at[..., 0, :, :].add(entering.astype(inputs.dtype))
 
 
+def _check_operands(multipliers, inputs, impl: str, num_chunks, time_tile) -> None:
+  check_impl(impl)
+  if inputs.ndim < 3 or inputs.shape[-2] != 2:
+    raise ValueError(f"inputs must be planar (..., L, 2, P), got shape {inputs.shape}")
+  if multipliers.shape[-2:] != inputs.shape[-2:]:
+    raise ValueError(f"multipliers' trailing (2, P) {multipliers.shape[-2:]} != inputs' "
+                     f"{inputs.shape[-2:]}")
+  length = inputs.shape[-3]
+  if num_chunks is not None and (num_chunks < 1 or length % num_chunks):
+    raise ValueError(f"num_chunks must be a positive divisor of L={length}, got {num_chunks}")
+  if time_tile is not None and time_tile < 1:
+    raise ValueError(f"time_tile must be positive, got {time_tile}")
+
+
+def _as_rows(multipliers, inputs, keep):
+  """Leading dims flattened to rows: multipliers (2, P) or (M, L, 2, P), inputs (M, L, 2, P) and
+  keep (M, L), all in inputs' dtype."""
+  flat = (-1,) + inputs.shape[-3:]
+  if multipliers.ndim > 2:
+    multipliers = jnp.broadcast_to(multipliers, inputs.shape).reshape(flat)
+  if keep is not None:
+    keep = jnp.broadcast_to(keep, inputs.shape[:-2]).reshape(flat[:2]).astype(inputs.dtype)
+  return multipliers.astype(inputs.dtype), inputs.reshape(flat), keep
+
+
 def linear_recurrence_planar(multipliers, inputs, keep=None, reverse: bool = False, *,
                              impl: str = "auto", num_chunks: int | None = None,
                              time_tile: int | None = None, interpret=False,
@@ -193,31 +221,15 @@ def linear_recurrence_planar(multipliers, inputs, keep=None, reverse: bool = Fal
   Returns:
     (..., L, 2, P) planar states, inputs' dtype.
   """
-  check_impl(impl)
+  _check_operands(multipliers, inputs, impl, num_chunks, time_tile)
   if initial_state is not None and reverse:
     raise ValueError("initial_state enters step 0 of a forward recurrence; reverse=True has none")
-  if inputs.ndim < 3 or inputs.shape[-2] != 2:
-    raise ValueError(f"inputs must be planar (..., L, 2, P), got shape {inputs.shape}")
-  if multipliers.shape[-2:] != inputs.shape[-2:]:
-    raise ValueError(f"multipliers' trailing (2, P) {multipliers.shape[-2:]} != inputs' "
-                     f"{inputs.shape[-2:]}")
-  length = inputs.shape[-3]
-  if num_chunks is not None and (num_chunks < 1 or length % num_chunks):
-    raise ValueError(f"num_chunks must be a positive divisor of L={length}, got {num_chunks}")
-  if time_tile is not None and time_tile < 1:
-    raise ValueError(f"time_tile must be positive, got {time_tile}")
   if initial_state is not None:
     if initial_state.shape != inputs.shape[:-3] + inputs.shape[-2:]:
       raise ValueError(f"initial_state must be (..., 2, P) = {inputs.shape[:-3] + inputs.shape[-2:]}"
                        f", got {initial_state.shape}")
     inputs = fold_initial_state(multipliers, inputs, keep, initial_state)
-  flat = (-1,) + inputs.shape[-3:]
-  if multipliers.ndim > 2:
-    multipliers = jnp.broadcast_to(multipliers, inputs.shape).reshape(flat)
-  multipliers = multipliers.astype(inputs.dtype)
-  if keep is not None:
-    keep = jnp.broadcast_to(keep, inputs.shape[:-2]).reshape(flat[:2]).astype(inputs.dtype)
-  rows = inputs.reshape(flat)
+  multipliers, rows, keep = _as_rows(multipliers, inputs, keep)
   time_axis = mesh_spec.time_axis(sharding)
   # Under context parallelism the local scan already runs per device: no sharding of its own.
   options = _Options(impl, num_chunks, time_tile, interpret,
@@ -234,6 +246,46 @@ def linear_recurrence_planar(multipliers, inputs, keep=None, reverse: bool = Fal
     states = context_parallel.context_parallel_states(local_scan, multipliers, rows, keep, reverse,
                                                       axis=time_axis, spec=sharding)
   return states.reshape(inputs.shape)
+
+
+
+def bidirectional_recurrence_planar(multipliers, inputs, keep=None, *, impl: str = "auto",
+                                    num_chunks: int | None = None, time_tile: int | None = None,
+                                    interpret=False, sharding: PartitionSpec | None = None):
+  """Both directions of a bidirectional layer over the same a and b: linear_recurrence_planar
+  forward and reverse, with keep_masks(reset, True)'s two keeps built from the forward `keep`.
+  Under context parallelism the two directions share ONE all-gather over the time axis, and the
+  reverse keep is derived on each device (context_parallel.context_parallel_directions): no
+  other collective.
+
+  Args:
+    multipliers, inputs, impl, num_chunks, time_tile, interpret, sharding: as
+      linear_recurrence_planar.
+    keep: (..., L) real forward keep (1 - reset), or None.
+  Returns:
+    (forward states, backward states), each (..., L, 2, P) planar, inputs' dtype.
+  """
+  time_axis = mesh_spec.time_axis(sharding)
+  if time_axis is None:
+    keeps = [None, None] if keep is None else [keep, backward_keep(keep)]
+    return tuple(linear_recurrence_planar(multipliers, inputs, keep, reverse, impl=impl,
+                                          num_chunks=num_chunks, time_tile=time_tile,
+                                          interpret=interpret, sharding=sharding)
+                 for reverse, keep in zip((False, True), keeps))
+  _check_operands(multipliers, inputs, impl, num_chunks, time_tile)
+  multipliers, rows, keep = _as_rows(multipliers, inputs, keep)
+  # The local scans run per device inside the one shard_map: no sharding of their own.
+  options = _Options(impl, num_chunks, time_tile, interpret, None)
+
+  def local_scan(reverse):
+    if impl == "reference":
+      return lambda a, b, keep: _associative_scan(a, b, keep, reverse)
+    return lambda a, b, keep: _recurrence(a, b, keep, reverse, options)
+
+  states = context_parallel.context_parallel_directions(
+      [local_scan(False), local_scan(True)], multipliers, rows, [keep],
+      [False, True], axis=time_axis, spec=sharding, bidirectional_keep=True)
+  return tuple(direction.reshape(inputs.shape) for direction in states)
 
 
 def linear_recurrence(multipliers, bu, reverse: bool = False, *, impl: str = "auto"):

@@ -259,13 +259,17 @@ def apply_ssm_planar(lambda_bar, b_bar, c_tilde, u, *, conj_sym: bool, bidirecti
     bu = complex_multiply(to_planar(input_scale), bu)
   multipliers = to_planar(lambda_bar)
   num_states = bu.shape[-1]
-  directions = [False, True] if bidirectional else [False]
   y = None
-  keeps = recurrence.keep_masks(reset, bidirectional)
-  entering = None if initial_state is None else to_planar(initial_state)
-  for direction, (reverse, keep) in enumerate(zip(directions, keeps)):
-    states = recurrence.linear_recurrence_planar(multipliers, bu, keep, reverse, impl=impl,
-                                                 sharding=sharding, initial_state=entering)
+  # The backward direction derives its own keep from the forward one (recurrence.py).
+  keep = recurrence.keep_masks(reset, bidirectional=False)[0]
+  if bidirectional:  # both directions at once: split over context, they share one all-gather
+    all_states = recurrence.bidirectional_recurrence_planar(multipliers, bu, keep, impl=impl,
+                                                            sharding=sharding)
+  else:
+    entering = None if initial_state is None else to_planar(initial_state)
+    all_states = [recurrence.linear_recurrence_planar(multipliers, bu, keep, False, impl=impl,
+                                                      sharding=sharding, initial_state=entering)]
+  for direction, states in enumerate(all_states):
     readout = c_tilde[:, direction * num_states:(direction + 1) * num_states]
     direction_y = project_output_planar(readout, states, conj_sym, gemm_dtype, flatten=flatten)
     y = direction_y if y is None else y + direction_y
