@@ -120,3 +120,16 @@ def test_carried_evaluation_scores_each_item_as_one_pass(tmp_path):
   np.testing.assert_allclose(scores["windows"]["loss"], scores["one_pass"]["loss"], rtol=1e-5)
   # Fresh 16-token windows see less context: a different score.
   assert abs(scores["fresh"]["loss"] - scores["one_pass"]["loss"]) > 1e-4
+
+
+def test_micro_batches_carry_each_rows_own_state(tmp_path):
+  """optim.grad_accum_steps=2 splits the rows and their carried states into micro-batches and
+  puts the final states back in row order: the losses equal the unsplit run's."""
+  losses = {}
+  for accum in (1, 2):
+    config = helpers.tiny_config(train__num_steps=3, data__carry_state=True, eval__every_steps=0,
+                                 checkpoint__every_steps=100, optim__grad_accum_steps=accum)
+    losses[accum] = helpers.train_in_process(config, tmp_path / f"accum{accum}")
+  assert sorted(losses[1]) == [1, 2, 3]
+  np.testing.assert_allclose([losses[2][s] for s in (1, 2, 3)], [losses[1][s] for s in (1, 2, 3)],
+                             rtol=1e-5)
