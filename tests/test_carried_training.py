@@ -128,7 +128,8 @@ def test_micro_batches_carry_each_rows_own_state(tmp_path):
   losses = {}
   for accum in (1, 2):
     config = helpers.tiny_config(train__num_steps=3, data__carry_state=True, eval__every_steps=0,
-                                 checkpoint__every_steps=100, optim__grad_accum_steps=accum)
+                                 checkpoint__every_steps=100, optim__grad_accum_steps=accum,
+                                 mesh__data=2, mesh__fsdp=1, mesh__model=4)
     losses[accum] = helpers.train_in_process(config, tmp_path / f"accum{accum}")
   assert sorted(losses[1]) == [1, 2, 3]
   np.testing.assert_allclose([losses[2][s] for s in (1, 2, 3)], [losses[1][s] for s in (1, 2, 3)],
