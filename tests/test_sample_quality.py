@@ -328,18 +328,28 @@ def test_context_curve_scores_each_length_as_the_eval_job_does(tiny_runs, tmp_pa
   result = subprocess.run(
       [sys.executable, f"{helpers.REPO}/tools/context_curve.py",
        f"--config={helpers.REPO}/configs/spoken_digits_lm.py", f"--workdir={lm}", "--step=4",
-       "--seq_lens=16,128", f"--output={output}", *lm_flags, *whole_split],
+       "--seq_lens=16,128", "--carried", f"--output={output}", *lm_flags, *whole_split],
       env=helpers.env_for(1), capture_output=True, text=True, timeout=600, cwd=helpers.REPO)
   assert result.returncode == 0, result.stderr[-3000:]
-  rows = helpers.read_jsonl(f"{output}.jsonl")
+  rows = [r for r in helpers.read_jsonl(f"{output}.jsonl") if "seq_len" in r]
+  carried = [r for r in helpers.read_jsonl(f"{output}.jsonl") if "context" in r]
   assert [r["seq_len"] for r in rows] == [16, 128] and all(r["step"] == 4 for r in rows)
+  # Bins of position in the clip, [0, 256), [256, 512), ...: every sample in exactly one.
+  assert [r["context"] for r in carried] == [256 * 2**k for k in range(len(carried))]
   import matplotlib.image  # pylint: disable=g-import-not-at-top
   assert matplotlib.image.imread(output).shape[:2] == (400, 600)
   # The eval job at eval.seq_len=16, a separate process, gives the first point.
+  # With eval.carry_state it also streams each clip whole, in 16-sample windows with the state
+  # carried: the curve's bins, weighted by their samples, give that score back.
   result = helpers.run("evaluate", "spoken_digits_lm.py", lm,
-                    lm_flags + whole_split + ["--step=4", "--config.eval.seq_len=16"])
+                    lm_flags + whole_split + ["--step=4", "--config.eval.seq_len=16",
+                                              "--config.eval.carry_state=True"])
   assert result.returncode == 0, result.stderr[-3000:]
   heldout = [r for r in helpers.read_jsonl(lm / "eval" / "metrics.jsonl") if r["split"] == "heldout"]
   assert heldout[-1]["heldout/bits_per_sample"] == pytest.approx(rows[0]["bits_per_sample"],
                                                                 rel=1e-6)
   assert heldout[-1]["heldout/num_predictions"] == rows[0]["num_predictions"]
+  scored = sum(r["num_samples"] for r in carried)
+  assert heldout[-1]["heldout_carried/num_predictions"] == scored
+  binned = sum(r["bits_per_sample"] * r["num_samples"] for r in carried) / scored
+  assert heldout[-1]["heldout_carried/bits_per_sample"] == pytest.approx(binned, rel=1e-4)

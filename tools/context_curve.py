@@ -101,7 +101,8 @@ def carried_curve(config, workdir: str, step: int | None) -> list[dict]:
     offsets += local_batch["inputs"].shape[1]
   rows = []
   for index in np.flatnonzero(counts):
-    row = {"context": 256 * 2**index,   # the bin's upper edge "step": step, "num_samples": int(counts[index]),
+    # context: the bin's upper edge.
+    row = {"context": 256 * 2**int(index), "step": step, "num_samples": int(counts[index]),
            "bits_per_sample": sums[index] / counts[index] / np.log(2),
            "wall_s": time.time() - start}
     print(json.dumps(row), flush=True)
