@@ -122,7 +122,8 @@ def plot(rows: list[dict], output: str, title: str, carried: list[dict] = ()) ->
     if all(key in r for r in rows):
       axes.plot(lengths, [r[key] for r in rows], "--", color=color, label=name)
   axes.set_xscale("log")
-  ticks = sorted(set(lengths) | {r["context"] for r in carried})
+  # The carried bins' edges when there are any: they cover the fresh lengths' range.
+  ticks = [r["context"] for r in carried] or lengths
   axes.set_xticks(ticks, [f"{n:,}" for n in ticks], rotation=45 if carried else 0)
   axes.set_xlabel("context (samples per fresh window; samples heard, carried)")
   axes.set_ylabel("held-out bits/sample")
