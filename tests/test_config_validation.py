@@ -68,6 +68,7 @@ BAD_VALUES = {
     "data.task": ["segment"],
     "data.read_threads": [0],
     "data.carry_state": [1, "yes", None],
+    "eval.carry_state": [1, "yes", None],
     "optim.learning_rate": [-1.0, float("nan"), "fast"],
     "optim.ssm_learning_rate": [-1e-3],
     "optim.weight_decay": [-0.05],
@@ -137,6 +138,7 @@ CROSS_KEY = [
     ({"data.mixture": "a=x:1,b=y:1", "data.heldout_source": "z"}, "data.heldout_source"),
     ({"data.carry_state": True, "model.bidirectional": True}, "model.bidirectional"),
     ({"data.carry_state": True, "model.task": "classify"}, "data.carry_state"),
+    ({"eval.carry_state": True, "model.bidirectional": True}, "eval.carry_state"),
     ({"data.kind": "text", "data.task": "classify"}, "data.kind"),               # an LM has no clips to filter
 ]
 
@@ -147,7 +149,7 @@ GOOD_EDGES = [
     {"model.dropout": 0.0}, {"data.heldout_fraction": 0.0}, {"checkpoint.every_steps": 200, "checkpoint.keep_every": 400},
     {"model.ssm_size": 24, "model.blocks": 3}, {"optim.warmup_steps": 8000},
     {"model.layer": "s4d", "model.ssm_size": 24, "model.blocks": 5},  # S5's keys: not S4D's
-    {"data.carry_state": True},
+    {"data.carry_state": True}, {"eval.carry_state": True},
     {"data.carry_state": True, "data.mixture": "a=x:1,b=y:1", "data.source": ""},  # mixtures too
 ]
 
