@@ -84,6 +84,29 @@ def train_in_process(config, workdir) -> dict[int, float]:
   return losses(workdir)
 
 
+def saved_state(workdir, step: int) -> dict:
+  """The train state of a checkpoint as plain NumPy, read with orbax alone (no s5scale code)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  reader = ocp.PyTreeCheckpointer()
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                          reader.metadata(path).item_metadata.tree)
+  return reader.restore(path, restore_args=as_numpy)
+
+
+def wait_for_step(workdir, step: int, proc, timeout=300):
+  """Blocks until the trainer has logged `step` (or has exited)."""
+  import time  # pylint: disable=g-import-not-at-top
+  deadline = time.time() + timeout
+  path = os.path.join(workdir, "metrics.jsonl")
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(path) and max(losses(workdir), default=0) >= step:
+      return
+    time.sleep(0.05)
+  raise AssertionError(f"trainer never reached step {step}")
+
+
 def build_state(config, mesh):
   """A fresh train state of config's model, created sharded on mesh."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top

@@ -6,13 +6,10 @@ Oracles: an uninterrupted run in another process (losses compared as exact float
 checkpoint read back with plain orbax.
 """
 
-import os
 import signal
-import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from s5scale import checkpoint, parallel, training
@@ -23,24 +20,6 @@ NUM_STEPS = 10
 FLAGS = helpers.overrides(train__num_steps=NUM_STEPS, checkpoint__every_steps=100,
                           data__carry_state=True, eval__every_steps=0, mesh__data=2,
                           mesh__fsdp=1, mesh__model=4)
-
-
-def saved_state(workdir, step: int) -> dict:
-  path = os.path.join(workdir, "checkpoints", str(step), "state")
-  reader = ocp.PyTreeCheckpointer()
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                          reader.metadata(path).item_metadata.tree)
-  return reader.restore(path, restore_args=as_numpy)
-
-
-def wait_for_step(workdir, step: int, proc, timeout=300):
-  deadline = time.time() + timeout
-  path = os.path.join(workdir, "metrics.jsonl")
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(path) and max(helpers.losses(workdir), default=0) >= step:
-      return
-    time.sleep(0.05)
-  raise AssertionError(f"trainer never reached step {step}")
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +33,14 @@ def straight(tmp_path_factory):
 @pytest.mark.slow
 def test_sigterm_then_resume_on_a_sharded_mesh_is_bit_identical(tmp_path, straight):
   proc = helpers.start("train", "text_small.py", tmp_path, FLAGS, devices=8)
-  wait_for_step(tmp_path, 3, proc)
+  helpers.wait_for_step(tmp_path, 3, proc)
   proc.send_signal(signal.SIGTERM)
   output = proc.communicate(timeout=300)[0]
   assert proc.returncode == 0, output[-3000:]
   stopped = [line for line in output.splitlines() if "preempted at step" in line]
   stopped_at = int(stopped[0].split("preempted at step ")[1].split(",")[0])
   assert 3 <= stopped_at < NUM_STEPS
-  carried = saved_state(tmp_path, stopped_at)["carried"]
+  carried = helpers.saved_state(tmp_path, stopped_at)["carried"]
   # (rows, layers, P', [re, im]): the layers' states after that step's windows, not zeros.
   assert carried.shape == (8, 2, 8, 2) and np.abs(carried).max() > 0
 
@@ -69,15 +48,15 @@ def test_sigterm_then_resume_on_a_sharded_mesh_is_bit_identical(tmp_path, straig
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert helpers.losses(tmp_path) == helpers.losses(straight)
   for key in ("params", "carried"):
-    for a, b in zip(jax.tree.leaves(saved_state(tmp_path, NUM_STEPS)[key]),
-                    jax.tree.leaves(saved_state(straight, NUM_STEPS)[key])):
+    for a, b in zip(jax.tree.leaves(helpers.saved_state(tmp_path, NUM_STEPS)[key]),
+                    jax.tree.leaves(helpers.saved_state(straight, NUM_STEPS)[key])):
       np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)])
 def test_carried_state_restores_onto_another_mesh(straight, mesh_shape):
-  on_disk = saved_state(straight, NUM_STEPS)["carried"]
+  on_disk = helpers.saved_state(straight, NUM_STEPS)["carried"]
   config = helpers.tiny_config(train__num_steps=NUM_STEPS, data__carry_state=True)
   config.mesh.data, config.mesh.fsdp, config.mesh.model = mesh_shape
   devices = jax.devices()[:int(np.prod(mesh_shape))]

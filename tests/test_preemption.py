@@ -14,7 +14,6 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from s5scale import checkpoint, parallel, preemption
@@ -35,15 +34,6 @@ def complete_steps(workdir) -> list[int]:
   return sorted(int(n) for n in names if n.isdigit())
 
 
-def saved_state(workdir, step: int) -> dict:
-  """The train state of a checkpoint as plain NumPy, read with orbax alone."""
-  path = os.path.join(workdir, "checkpoints", str(step), "state")
-  reader = ocp.PyTreeCheckpointer()
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                          reader.metadata(path).item_metadata.tree)
-  return reader.restore(path, restore_args=as_numpy)
-
-
 def run_status(workdir) -> dict:
   with open(os.path.join(workdir, "run_status.json")) as f:
     return json.load(f)
@@ -54,17 +44,6 @@ def assert_same_tree(a, b):
   assert len(leaves_a) == len(leaves_b) > 0
   for x, y in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def wait_for_step(workdir, step: int, proc, timeout=300):
-  """Blocks until the trainer has logged `step` (or has exited)."""
-  deadline = time.time() + timeout
-  path = os.path.join(workdir, "metrics.jsonl")
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(path) and max(helpers.losses(workdir), default=0) >= step:
-      return
-    time.sleep(0.05)
-  raise AssertionError(f"trainer never reached step {step}")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +58,7 @@ def uninterrupted(tmp_path_factory):
 def test_sigterm_then_resume_is_bit_identical(tmp_path, uninterrupted):
   k = random.randint(1, NUM_STEPS - 4)
   proc = helpers.start("train", "text_small.py", tmp_path, FLAGS)
-  wait_for_step(tmp_path, k, proc)
+  helpers.wait_for_step(tmp_path, k, proc)
   proc.send_signal(signal.SIGTERM)
   output = proc.communicate(timeout=300)[0]
   assert proc.returncode == 0, output[-3000:]
@@ -95,8 +74,8 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, uninterrupted):
   assert run_status(tmp_path) == {"status": "finished", "step": NUM_STEPS}
   assert helpers.losses(tmp_path) == helpers.losses(uninterrupted)  # exact float equality
   for key in ("params", "carried"):
-    assert_same_tree(saved_state(tmp_path, NUM_STEPS)[key],
-                     saved_state(uninterrupted, NUM_STEPS)[key])
+    assert_same_tree(helpers.saved_state(tmp_path, NUM_STEPS)[key],
+                     helpers.saved_state(uninterrupted, NUM_STEPS)[key])
 
 
 @pytest.mark.slow
@@ -120,7 +99,7 @@ def test_two_process_preemption(tmp_path):
   base_port = 21000 + os.getpid() % 5000
   finish(launch(tmp_path / "straight", base_port))
   procs = launch(tmp_path / "interrupted", base_port + 1)
-  wait_for_step(tmp_path / "interrupted", 3, procs[0])
+  helpers.wait_for_step(tmp_path / "interrupted", 3, procs[0])
   procs[1].send_signal(signal.SIGTERM)  # one host is preempted; both must stop together
   outputs = finish(procs)
   stops = [next(line for line in o.splitlines() if "preempted at step" in line) for o in outputs]
@@ -129,8 +108,8 @@ def test_two_process_preemption(tmp_path):
   assert complete_steps(tmp_path / "interrupted") == [steps.pop()]
   finish(launch(tmp_path / "interrupted", base_port + 2))
   assert helpers.losses(tmp_path / "interrupted") == helpers.losses(tmp_path / "straight")
-  assert_same_tree(saved_state(tmp_path / "interrupted", num_steps)["params"],
-                   saved_state(tmp_path / "straight", num_steps)["params"])
+  assert_same_tree(helpers.saved_state(tmp_path / "interrupted", num_steps)["params"],
+                   helpers.saved_state(tmp_path / "straight", num_steps)["params"])
 
 
 @pytest.mark.slow
@@ -139,7 +118,7 @@ def test_sigkill_during_save_resumes_from_previous(tmp_path, uninterrupted):
   for attempt in range(5):
     workdir = tmp_path / f"attempt{attempt}"
     proc = helpers.start("train", "text_small.py", workdir, flags)
-    wait_for_step(workdir, 3, proc)
+    helpers.wait_for_step(workdir, 3, proc)
     # Saves run every step; kill as soon as one is being written.
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
@@ -198,7 +177,7 @@ def test_resharded_restore(tmp_path):
                          mesh__fsdp=1, mesh__model=2)
   result = helpers.run("train", "text_small.py", tmp_path, flags, devices=8)
   assert result.returncode == 0, result.stderr[-3000:]
-  on_disk = saved_state(tmp_path, 2)
+  on_disk = helpers.saved_state(tmp_path, 2)
   config = tiny_config(train__num_steps=2)
   sample = {"inputs": np.zeros((8, 32), np.int32)}
   for mesh_shape, devices in (((1, 1, 1), jax.devices()[:1]), ((2, 2, 2), jax.devices())):
@@ -247,8 +226,8 @@ def test_init_from_loads_parameters_only(tmp_path, uninterrupted):
   assert result.returncode == 0, result.stderr[-3000:]
   assert "initialised parameters from" in result.stderr
   assert complete_steps(tmp_path) == [1]  # a fresh run: its own step count and optimizer
-  assert_same_tree(saved_state(tmp_path, 1)["params"],
-                   saved_state(uninterrupted, NUM_STEPS)["params"])
+  assert_same_tree(helpers.saved_state(tmp_path, 1)["params"],
+                   helpers.saved_state(uninterrupted, NUM_STEPS)["params"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +304,7 @@ def test_processes_without_a_coordinator_fall_back_to_their_own_sigterm(tmp_path
                       S5SCALE_NUM_PROCESSES=2, S5SCALE_PROCESS_ID=i) for i in range(2)]
   try:
     for i, proc in enumerate(procs):
-      wait_for_step(tmp_path / f"p{i}", 2, proc)
+      helpers.wait_for_step(tmp_path / f"p{i}", 2, proc)
     for proc in procs:
       proc.send_signal(signal.SIGTERM)
     outputs = [proc.communicate(timeout=300)[0] for proc in procs]

@@ -95,17 +95,25 @@ def centre_in_one_second(waveform: np.ndarray) -> np.ndarray:
 
 def synthesize(binary, word, voice, variant, speed, pitch, path) -> str | None:
   """Writes one clip; returns an error message or None."""
+  return _speak_to_wav(binary, voice, variant, speed, pitch, word, path, centre_in_one_second)
+
+
+def _speak_to_wav(binary, voice, variant, speed, pitch, text, path, shape) -> str | None:
+  """espeak-ng reads `text` into a temporary WAV, which is decoded, made mono at SAMPLE_RATE,
+  passed through shape (waveform -> waveform) and written to path as 16-bit PCM; returns an
+  error message or None."""
   name = voice + (f"+{variant}" if variant else "")
   temporary = path + ".tmp.wav"
   result = subprocess.run([binary, "-v", name, "-s", str(speed), "-p", str(pitch), "-w",
-                           temporary, word], capture_output=True, check=False)
+                           temporary, "--stdin"], input=text.encode(), capture_output=True,
+                          check=False)
   try:
     if result.returncode != 0 or not os.path.exists(temporary):
       return f"espeak-ng -v {name} failed: {result.stderr.decode(errors='replace').strip()}"
     with open(temporary, "rb") as stream:
       waveform, rate = audio.decode(stream.read())
-    clip = centre_in_one_second(audio.resample(audio.to_mono(waveform), rate, SAMPLE_RATE))
-    soundfile.write(temporary, np.clip(clip, -1, 1), SAMPLE_RATE, subtype="PCM_16")
+    waveform = shape(audio.resample(audio.to_mono(waveform), rate, SAMPLE_RATE))
+    soundfile.write(temporary, np.clip(waveform, -1, 1), SAMPLE_RATE, subtype="PCM_16")
     os.replace(temporary, path)
   except audio.UnreadableAudio as error:
     return f"espeak-ng -v {name} wrote unreadable audio: {error}"
@@ -147,28 +155,10 @@ def digit_strings(rng, num_words: int) -> str:
 
 def synthesize_long(binary, voice, variant, speed, pitch, seconds, seed, path) -> str | None:
   """Writes one long recording of about `seconds` (cut there); returns an error or None."""
-  name = voice + (f"+{variant}" if variant else "")
   # espeak-ng speaks about `speed` words a minute; ask for a third more, then cut.
   text = digit_strings(np.random.default_rng(seed), int(seconds * speed / 60 * 4 / 3) + 1)
-  temporary = path + ".tmp.wav"
-  result = subprocess.run([binary, "-v", name, "-s", str(speed), "-p", str(pitch), "-w",
-                           temporary, "--stdin"], input=text.encode(), capture_output=True,
-                          check=False)
-  try:
-    if result.returncode != 0 or not os.path.exists(temporary):
-      return f"espeak-ng -v {name} failed: {result.stderr.decode(errors='replace').strip()}"
-    with open(temporary, "rb") as stream:
-      waveform, rate = audio.decode(stream.read())
-    waveform = audio.resample(audio.to_mono(waveform), rate, SAMPLE_RATE)
-    soundfile.write(temporary, np.clip(waveform[:int(seconds * SAMPLE_RATE)], -1, 1),
-                    SAMPLE_RATE, subtype="PCM_16")
-    os.replace(temporary, path)
-  except audio.UnreadableAudio as error:
-    return f"espeak-ng -v {name} wrote unreadable audio: {error}"
-  finally:
-    if os.path.exists(temporary):
-      os.remove(temporary)
-  return None
+  return _speak_to_wav(binary, voice, variant, speed, pitch, text, path,
+                       lambda waveform: waveform[:int(seconds * SAMPLE_RATE)])
 
 
 def long_jobs(binary, output):
