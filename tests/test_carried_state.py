@@ -35,7 +35,7 @@ def _resets(length, windows):
   return reset
 
 
-def _close(actual, expected, rtol=RTOL):
+def assert_close(actual, expected, rtol=RTOL):
   expected = np.asarray(expected)
   np.testing.assert_allclose(np.asarray(actual), expected, rtol=rtol,
                              atol=rtol * np.max(np.abs(expected)))
@@ -111,13 +111,13 @@ def test_s5_windows_equal_one_pass_and_the_loop(impl):
         impl=impl, initial_state=state))
     y, final = _windowed(apply, WINDOWS, jnp.asarray(h0), u, reset)
     whole, whole_final = apply(jnp.asarray(h0), u, reset)
-  _close(y, expected)
-  _close(final, expected_final)
-  _close(whole, expected)
-  _close(whole_final, expected_final)
+  assert_close(y, expected)
+  assert_close(final, expected_final)
+  assert_close(whole, expected)
+  assert_close(whole_final, expected_final)
 
 
-def _planar_windows(impl, sharding=None, mesh=None):
+def assert_planar_windows_match_the_loop(impl, sharding=None, mesh=None):
   """The planar recurrence window by window (S5's states as the readout) vs the loop."""
   length = sum(WINDOWS)
   reset = _resets(length, WINDOWS)
@@ -140,18 +140,18 @@ def _planar_windows(impl, sharding=None, mesh=None):
                                   reset)
     expected, expected_final = loop(lambda_bar, lambda u_k: u_k @ b_bar.T, None, None, u, reset,
                                     h0, lambda c, x: x)
-  _close(states[:, :, 0] + 1j * states[:, :, 1], expected)
-  _close(final[:, 0] + 1j * final[:, 1], expected_final)
+  assert_close(states[:, :, 0] + 1j * states[:, :, 1], expected)
+  assert_close(final[:, 0] + 1j * final[:, 1], expected_final)
 
 
 def test_pallas_interpreted_windows_equal_the_loop():
-  _planar_windows("pallas")
+  assert_planar_windows_match_the_loop("pallas")
 
 
 @pytest.mark.parametrize("context", [2, 4])
 def test_context_parallel_windows_equal_the_loop(context):
   mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(8 // context, context), ("data", "context"))
-  _planar_windows("chunked", PartitionSpec("data", "context", None, None), mesh)
+  assert_planar_windows_match_the_loop("chunked", PartitionSpec("data", "context", None, None), mesh)
 
 
 def test_refused_without_a_causal_direction():
@@ -186,8 +186,8 @@ def test_s4d_windows_equal_one_pass_and_the_loop(form):
                       **resets)
 
     y, final = _windowed(jax.jit(run), S4D_WINDOWS, jnp.asarray(h0), u, reset)
-  _close(y, expected)
-  _close(final, expected_final)
+  assert_close(y, expected)
+  assert_close(final, expected_final)
 
 
 def test_s4d_conv_with_time_split_runs_chunked_and_carries():
@@ -202,8 +202,8 @@ def test_s4d_conv_with_time_split_runs_chunked_and_carries():
         sharding=PartitionSpec("data", "context", None, None)))
     with jax.set_mesh(mesh):
       y, final = _windowed(run, windows, jnp.asarray(h0), u)
-  _close(y, expected)
-  _close(final, expected_final)
+  assert_close(y, expected)
+  assert_close(final, expected_final)
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -240,7 +240,7 @@ def _assert_same_gradients(apply, step, params, u, windows, h0):
   actual = jax.jit(jax.grad(lambda p, x: _windowed_loss(apply, p, x, weights, windows, h0),
                             argnums=(0, 1)))(params, u)
   for got, want in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-    _close(got, want, rtol=1e-9)
+    assert_close(got, want, rtol=1e-9)
   # The truncation matters: without it the gradient differs (the test could fail).
   full = jax.grad(lambda p: _windowed_loss(apply, p, u, weights, (u.shape[1],), h0))(params)
   assert not all(np.allclose(a, b, rtol=1e-6) for a, b in zip(jax.tree.leaves(full),
@@ -313,4 +313,4 @@ def test_model_windows_equal_one_pass(layer, remat):
       S5Model.from_config(tiny_config(model__task="classify", model__num_classes=3).model).init(
           jax.random.PRNGKey(0), tokens[:, :4], states=states)
   assert whole.dtype == np.float64
-  _close(logits, whole, rtol=1e-9)
+  assert_close(logits, whole, rtol=1e-9)
