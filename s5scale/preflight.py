@@ -55,6 +55,12 @@ def check_resume(config, workdir: str) -> None:
   changed = [f"data.{key}: this workdir's run has {saved_data[key]!r}, now {config.data[key]!r}"
              for key in SPLIT_KEYS
              if key in saved_data and key in config.data and saved_data[key] != config.data[key]]
+  # Carried state adds the layers' states to the train state and gives the data iterator another
+  # state: either way round, the checkpoint would not restore (and would be set aside as damaged).
+  if saved_data.get("carry_state", False) != config.data.get("carry_state", False):
+    raise ConfigError(f"data.carry_state: this workdir's run has "
+                      f"{saved_data.get('carry_state', False)!r}, now {config.data.carry_state!r}; "
+                      "resume it with the run's value or use a new --workdir")
   if changed:
     raise ConfigError(f"{workdir} holds a run with another held-out split; resume it with the "
                       "run's keys or use a new --workdir:\n  " + "\n  ".join(changed))

@@ -64,6 +64,8 @@ REFUSED = {
     "resume with another held-out split": (
         "train", [CONFIG, *TINY_RUN, "--config.data.heldout_fraction=0.2"], 2,
         "another held-out split"),
+    "resume with the state carried": (
+        "train", [CONFIG, *TINY_RUN, "--config.data.carry_state=True"], 2, "data.carry_state"),
     "evaluate a folder with no run and no config": ("evaluate", [], 2, "give --config"),
     "generate from a bidirectional model": (
         "generate", ["--config.model.bidirectional=true"], 2, "generation needs model.task='lm'"),

@@ -114,7 +114,8 @@ def test_two_process_preemption(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_during_save_resumes_from_previous(tmp_path, uninterrupted):
-  flags = helpers.overrides(train__num_steps=NUM_STEPS, checkpoint__every_steps=1)
+  flags = helpers.overrides(train__num_steps=NUM_STEPS, checkpoint__every_steps=1,
+                            data__carry_state=True)
   for attempt in range(5):
     workdir = tmp_path / f"attempt{attempt}"
     proc = helpers.start("train", "text_small.py", workdir, flags)
@@ -156,7 +157,8 @@ def test_damaged_checkpoint_falls_back_then_exits_2(tmp_path, uninterrupted):
   shutil.copytree(uninterrupted, workdir)
   steps = complete_steps(workdir)  # [4, 8, 12] with keep=3
   truncate_largest_array_file(workdir / "checkpoints" / str(steps[-1]))
-  flags = helpers.overrides(train__num_steps=NUM_STEPS + 2, checkpoint__every_steps=4)
+  flags = helpers.overrides(train__num_steps=NUM_STEPS + 2, checkpoint__every_steps=4,
+                            data__carry_state=True)
   result = helpers.run("train", "text_small.py", workdir, flags)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"checkpoint step {steps[-1]}" in result.stderr and "damaged" in result.stderr
@@ -201,7 +203,7 @@ def test_sigterm_before_training_exits_0_leaving_checkpoints(tmp_path, uninterru
   workdir = tmp_path / "run"
   steps_before = complete_steps(workdir)
   proc = helpers.start("train", "text_small.py", workdir,
-                    helpers.overrides(train__num_steps=NUM_STEPS + 8))
+                    helpers.overrides(train__num_steps=NUM_STEPS + 8, data__carry_state=True))
   if when == "imports":
     time.sleep(0.5)
   else:  # the restore is logged just before the train step is compiled
