@@ -67,27 +67,12 @@ class Evaluator:
     if config.eval.step_rescale != 1.0:
       model = S5Model.from_config(config.model, step_rescale=config.eval.step_rescale)
     self.model = model
-    eval_step = steps.make_eval_step(model, config.model.task)
-
-    def eval_step_on_mesh(params, batch_stats, batch):
-      with parallel.logical_constraints(mesh):
-        return eval_step(params, batch_stats, batch)
-
-    self.eval_step = jax.jit(eval_step_on_mesh)
-    carried_eval_step = steps.make_carried_eval_step(model, config.model.task)
-
-    def carried_eval_step_on_mesh(params, batch_stats, batch, stored):
-      with parallel.logical_constraints(mesh):
-        return carried_eval_step(params, batch_stats, batch, stored)
-
-    self.carried_eval_step = jax.jit(carried_eval_step_on_mesh, donate_argnums=3)
-    batch_statistics = steps.make_batch_statistics_step(model)
-
-    def batch_statistics_on_mesh(params, batch_stats, batch):
-      with parallel.logical_constraints(mesh):
-        return batch_statistics(params, batch_stats, batch)
-
-    self.batch_statistics = jax.jit(batch_statistics_on_mesh)
+    task = config.model.task
+    self.eval_step = jax.jit(parallel.on_mesh(steps.make_eval_step(model, task), mesh))
+    self.carried_eval_step = jax.jit(
+        parallel.on_mesh(steps.make_carried_eval_step(model, task), mesh), donate_argnums=3)
+    self.batch_statistics = jax.jit(parallel.on_mesh(steps.make_batch_statistics_step(model),
+                                                     mesh))
 
   def recomputed_batch_stats(self, params, batch_stats):
     """BatchNorm statistics recomputed on the first eval.recompute_batch_stats training batches

@@ -148,6 +148,14 @@ def logical_constraints(mesh: Mesh):
     yield
 
 
+def on_mesh(fn, mesh: Mesh):
+  """fn traced under logical_constraints(mesh): what a step function is jitted as."""
+  def traced_on_mesh(*args):
+    with logical_constraints(mesh):
+      return fn(*args)
+  return traced_on_mesh
+
+
 def with_shardings(abstract_tree, shardings):
   """ShapeDtypeStructs that carry their target sharding (for restore and AOT lowering)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

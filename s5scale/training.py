@@ -178,13 +178,8 @@ def jit_train_step(config, mesh, model, optimizer, schedule, state_shardings):
   """The train step, jitted with the state donated and sharded in place."""
   train_step = steps.make_train_step(model, config.model.task, optimizer, schedule,
                                      config.optim.grad_accum_steps)
-
-  def train_step_on_mesh(state, batch):
-    with parallel.logical_constraints(mesh):
-      return train_step(state, batch)
-
   return jax.jit(
-      train_step_on_mesh,
+      parallel.on_mesh(train_step, mesh),
       in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
       out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
 

@@ -75,13 +75,13 @@ def carried_curve(config, workdir: str, step: int | None) -> list[dict]:
   evaluator = evaluation.Evaluator(config, model, mesh)
   batch_stats = variables.get("batch_stats", {})
 
-  @jax.jit
   def nll_and_states(batch, stored):
-    with parallel.logical_constraints(mesh):
-      (logits, final), _ = steps.forward(model, variables["params"], batch_stats, batch,
-                                         train=False, states=steps.model_states(stored))
+    (logits, final), _ = steps.forward(model, variables["params"], batch_stats, batch,
+                                       train=False, states=steps.model_states(stored))
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     return nll * batch["mask"], steps.stored_states(final)
+
+  nll_and_states = jax.jit(parallel.on_mesh(nll_and_states, mesh))
 
   sums, counts = np.zeros(64), np.zeros(64)
   stored, offsets, start = None, None, time.time()
