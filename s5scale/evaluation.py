@@ -123,7 +123,8 @@ class Evaluator:
     data_config = eval_data_config(self.config)
     batches = data.carried_heldout_iterator(
         data_config, data_config.batch_size, data_config.seq_len,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        row_multiple=parallel.batch_ways(self.mesh))
     totals, stored, num_batches, start = None, None, 0, time.time()
     for local_batch in batches:
       if self.config.eval.max_batches and num_batches >= self.config.eval.max_batches:

@@ -167,6 +167,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
 
+def batch_ways(mesh: Mesh) -> int:
+  """How many parts batch_sharding splits the rows into: a batch must be a multiple of it."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 

@@ -22,6 +22,11 @@ TINY = {
 }
 
 
+# Every projection group a block has (the S5 layer, a full GLU and an MLP), so model-parallel
+# meshes shard the residual stream over H between all of them (tests/test_activation_sharding.py).
+ALL_GROUPS = dict(model__activation="full_glu", model__mlp_ratio=2)
+
+
 def overrides(**changes) -> list[str]:
   """--config.* flags: TINY updated by changes (keys written with __ for dots)."""
   values = dict(TINY)

@@ -3,7 +3,7 @@ zero state, one all-gather hands the end states on (s5scale/ssm/context_parallel
 
 Oracles: the float64 NumPy loop of the recurrence (tests/ssm_oracle.py), the same scan run
 unsplit on one device (values and gradients, float64, rtol 1e-10), the unsplit S4D convolution,
-the losses of an unsplit run, and the collectives in the compiled HLO.
+and the collectives in the compiled HLO.
 """
 
 import functools
@@ -20,8 +20,7 @@ from s5scale import config_check, parallel, ssm, training
 from s5scale.nn.model import S5Model
 from s5scale.ssm import recurrence
 from tests import s4d_oracle
-from tests.helpers import (COLLECTIVES, hlo_computations, reachable, tiny_config,
-                           train_in_process)
+from tests.helpers import COLLECTIVES, hlo_computations, reachable, tiny_config
 from tests.ssm_oracle import loop_recurrence, planar, random_problem
 
 ROWS, STATES = 4, 3
@@ -192,25 +191,8 @@ def test_bidirectional_layer_with_resets_splits_the_same(context):
 
 # ----------------------------------------------------------------------------- the whole system
 
-# (data, fsdp, model, context) on 8 devices; (1, 1, 1, 1) runs in a 1-device process.
-def _mesh_changes(mesh):
-  return dict(zip(("mesh__data", "mesh__fsdp", "mesh__model", "mesh__context"), mesh))
-
-
-# The S5 losses on meshes that split time (2x1x1x4, 1x2x1x4, 1x1x2x4) against the 1-device run
-# are in tests/test_mesh.py::test_same_losses_on_every_mesh, which shares that run's reference.
-
-def test_s4d_same_losses_with_time_split_over_context(tmp_path):
-  """S4D on packed text: the chunked form, its chunk-end recurrence split over context."""
-  results = {}
-  for mesh in ((8, 1, 1, 1), (2, 1, 1, 4)):
-    config = tiny_config(train__num_steps=3, checkpoint__every_steps=100, model__layer="s4d",
-                         **_mesh_changes(mesh))
-    results[mesh] = train_in_process(config, tmp_path / "x".join(map(str, mesh)))
-  reference, split = results[(8, 1, 1, 1)], results[(2, 1, 1, 4)]
-  assert sorted(reference) == [1, 2, 3]
-  np.testing.assert_allclose([split[s] for s in (1, 2, 3)], [reference[s] for s in (1, 2, 3)],
-                             rtol=1e-5)
+# The losses on meshes that split time against the 1-device run are in tests/test_mesh.py (S5) and
+# tests/test_s4d_system.py (S4D), which share that run's reference with the other meshes.
 
 
 def _collectives(hlo_text: str):

@@ -323,3 +323,16 @@ def test_a_long_file_cut_short_is_skipped_before_its_first_window(tmp_path, smal
     batches = _take(data.make_iterator(_seek_config(tmp_path / "raw"), "train"), 20)
   assert data.bad_data_counts()["bad_files"] == before + 1 and "v_cut.wav" in caplog.text
   _check_epochs(batches, files, batch_size=2, epochs=1)
+
+
+@pytest.mark.parametrize("row_multiple, rows", [(1, 3), (2, 4), (8, 8)])
+def test_carried_heldout_batch_shrinks_to_the_items_it_holds(tmp_path, row_multiple, rows):
+  files = _audio_dir(tmp_path / "heldout", 3, seed=2)
+  config = _config(tmp_path / "heldout", heldout_source=str(tmp_path / "heldout"))
+  batches = list(data.carried_heldout_iterator(config, 8, 16, row_multiple=row_multiple))
+  assert {batch["inputs"].shape[0] for batch in batches} == {rows}
+  for row, name in enumerate(sorted(files)):
+    mask = np.concatenate([b["mask"][row] for b in batches]) > 0
+    targets = np.concatenate([b["targets"][row] for b in batches])[mask]
+    np.testing.assert_array_equal(targets, files[name][1:])
+  assert not any(b["mask"][3:].any() for b in batches)          # rows past the items: padding

@@ -229,14 +229,15 @@ def audio_runs(gcs, tmp_path_factory):
   local = tmp_path_factory.mktemp("sc")
   speech_commands_tree(local)
   upload_tree(gcs, local, "sc")
-  prepared = subprocess.run(
-      [sys.executable, f"{helpers.REPO}/tools/prepare_audio.py", f"--source=gs://{BUCKET}/sc",
-       f"--output=gs://{BUCKET}/shards", f"--sample_rate={SAMPLE_RATE}", "--num_shards=2"],
-      env=helpers.env_for(1), capture_output=True, text=True, timeout=300, cwd=helpers.REPO)
+  # The classifier reads the tree, not the shards, so it trains while they are written.
   classifier = helpers.start("train", "speech_commands.py", f"gs://{BUCKET}/classifier",
                              AUDIO_FLAGS + [f"--config.data.source=gs://{BUCKET}/sc",
                                             "--config.train.num_steps=4"])
   try:
+    prepared = subprocess.run(
+        [sys.executable, f"{helpers.REPO}/tools/prepare_audio.py", f"--source=gs://{BUCKET}/sc",
+         f"--output=gs://{BUCKET}/shards", f"--sample_rate={SAMPLE_RATE}", "--num_shards=2"],
+        env=helpers.env_for(1), capture_output=True, text=True, timeout=300, cwd=helpers.REPO)
     lm = helpers.run("train", "spoken_digits_lm.py", f"gs://{BUCKET}/lm", LM_FLAGS)
     classifier_output = classifier.communicate(timeout=300)[0]
   finally:

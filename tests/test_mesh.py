@@ -10,30 +10,32 @@ import pytest
 from s5scale import parallel, training
 from tests import helpers
 from tests.helpers import COLLECTIVES, build_state, hlo_computations, reachable, tiny_config
-from tests.helpers import train_in_process
+from tests.helpers import ALL_GROUPS, train_in_process
 
-# (data, fsdp, model, context): the last three split time over 4 devices (context-parallel
-# recurrence, tests/test_context_parallel.py has its exactness).
+# ((data, fsdp, model, context), remat): the last three split time over 4 devices
+# (context-parallel recurrence, tests/test_context_parallel.py has its exactness). Remat
+# recomputes the same ops, so one mesh checks it: the one that shards the most.
 # (4, 1, 2, 1) is left out: (2, 2, 2, 1) already splits data and model, with fsdp besides.
-MESHES_ON_8 = [(8, 1, 1, 1), (2, 2, 2, 1), (1, 1, 8, 1),
-               (2, 1, 1, 4), (1, 2, 1, 4), (1, 1, 2, 4)]
+MESHES_ON_8 = [((8, 1, 1, 1), "none"), ((2, 2, 2, 1), "none"), ((1, 1, 8, 1), "none"),
+               ((1, 1, 8, 1), "full"), ((2, 1, 1, 4), "none"), ((1, 2, 1, 4), "none"),
+               ((1, 1, 2, 4), "none")]
 
 
 def test_same_losses_on_every_mesh(tmp_path):
   # 1x1x1x1 needs a 1-device process: a mesh smaller than the device count is a config error.
   single = helpers.run("train", "text_small.py", tmp_path / "1x1x1x1",
-                    helpers.overrides(train__num_steps=3, checkpoint__every_steps=100), devices=1)
+                       helpers.overrides(train__num_steps=3, checkpoint__every_steps=100,
+                                         **ALL_GROUPS), devices=1)
   assert single.returncode == 0, single.stderr[-3000:]
-  results = {(1, 1, 1, 1): helpers.losses(tmp_path / "1x1x1x1")}
-  for mesh in MESHES_ON_8:
-    axes = dict(zip(("mesh__data", "mesh__fsdp", "mesh__model", "mesh__context"), mesh))
-    config = tiny_config(train__num_steps=3, checkpoint__every_steps=100, **axes)
-    results[mesh] = train_in_process(config, tmp_path / "x".join(map(str, mesh)))
-  reference = results[(1, 1, 1, 1)]
+  reference = helpers.losses(tmp_path / "1x1x1x1")
   assert sorted(reference) == [1, 2, 3]
-  for mesh, losses in results.items():
+  for mesh, remat in MESHES_ON_8:
+    axes = dict(zip(("mesh__data", "mesh__fsdp", "mesh__model", "mesh__context"), mesh))
+    config = tiny_config(train__num_steps=3, checkpoint__every_steps=100, model__remat=remat,
+                         **axes, **ALL_GROUPS)
+    losses = train_in_process(config, tmp_path / f"{remat}_{'x'.join(map(str, mesh))}")
     np.testing.assert_allclose([losses[s] for s in (1, 2, 3)], [reference[s] for s in (1, 2, 3)],
-                               rtol=1e-5, err_msg=f"mesh {mesh}")
+                               rtol=1e-5, err_msg=f"mesh {mesh}, remat {remat}")
 
 
 def test_model_parallel_shards_b_and_c():

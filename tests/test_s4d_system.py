@@ -23,9 +23,12 @@ def test_same_losses_on_every_mesh(tmp_path):
   assert single.returncode == 0, single.stderr[-3000:]
   reference = helpers.losses(tmp_path / "1x1x1")
   assert sorted(reference) == [1, 2, 3]
-  for mesh in [(4, 1, 2), (1, 1, 8)]:
-    config = tiny_config(train__num_steps=3, mesh__data=mesh[0], mesh__fsdp=mesh[1],
-                         mesh__model=mesh[2], checkpoint__every_steps=100, **S4D)
+  # (data, fsdp, model, context): H over model, and time split over context (the chunked form,
+  # its chunk-end recurrence handed across devices; tests/test_context_parallel.py has its
+  # exactness).
+  for mesh in [(4, 1, 2, 1), (1, 1, 8, 1), (2, 1, 1, 4)]:
+    axes = dict(zip(("mesh__data", "mesh__fsdp", "mesh__model", "mesh__context"), mesh))
+    config = tiny_config(train__num_steps=3, checkpoint__every_steps=100, **axes, **S4D)
     losses = train_in_process(config, tmp_path / "x".join(map(str, mesh)))
     np.testing.assert_allclose([losses[s] for s in (1, 2, 3)], [reference[s] for s in (1, 2, 3)],
                                rtol=1e-5, err_msg=f"mesh {mesh}")

@@ -86,7 +86,8 @@ def carried_curve(config, workdir: str, step: int | None) -> list[dict]:
   sums, counts = np.zeros(64), np.zeros(64)
   stored, offsets, start = None, None, time.time()
   for local_batch in data.carried_heldout_iterator(data_config, data_config.batch_size,
-                                                   data_config.seq_len):
+                                                   data_config.seq_len,
+                                                   row_multiple=parallel.batch_ways(mesh)):
     batch = parallel.global_batch(local_batch, mesh)
     if stored is None:
       stored = evaluator.zero_states(local_batch["inputs"].shape[0])

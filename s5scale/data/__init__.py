@@ -11,10 +11,12 @@
       global batch at step k is the same for any process count. reset marks each item's start,
       mask is 0 on the target that would cross into the next item. "heldout" is unchanged.
   carried_heldout_iterator(data_config, batch_size, seq_len, *, process_index=0,
-                           process_count=1, max_items=None) -> iterator of LM batches
+                           process_count=1, max_items=None, row_multiple=1) -> LM batches
       each row streams ONE held-out item from its first window (reset[:, 0] True) to its last,
       then padding (mask 0) until the longest item of the group of batch_size items ends; then
       the next group. Every process reads every item and yields the same number of batches.
+      Fewer items than rows: the batch shrinks to the fewest multiple of row_multiple (the
+      mesh's batch ways) and of process_count that holds them.
   example_batch(data_config, batch_size) -> zero batch dict shaped like make_iterator's
   vocab_size(data_config) -> int
   num_classes(data_config) -> int                  (audio classification: label folders)

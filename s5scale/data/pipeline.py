@@ -25,6 +25,7 @@ Evaluation reads the whole held-out split in every process (it is small) so that
 know the total row count and stop after the same number of batches without talking to each other.
 """
 
+import math
 from typing import NamedTuple
 
 import grain
@@ -212,8 +213,11 @@ def _carried_train(data_config, parts, process_index, batch_size, num_epochs):
 
 
 def carried_heldout_iterator(data_config, batch_size, seq_len, *, process_index=0,
-                             process_count=1, max_items=None):
-  """Held-out batches in which each row streams one held-out item (see s5scale.data)."""
+                             process_count=1, max_items=None, row_multiple=1):
+  """Held-out batches in which each row streams one held-out item (see s5scale.data). With
+  fewer items than rows the batch shrinks to the fewest multiple of row_multiple (and of the
+  process count) that holds them all: every row streams its item to the end, so an empty row
+  would cost as much as a full one."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   data_config = data_config.copy_and_resolve_references().unlock()
@@ -223,6 +227,9 @@ def carried_heldout_iterator(data_config, batch_size, seq_len, *, process_index=
   items, num_items = loaded_items(data_config, "heldout", parts, 1, whole_items=True)
   if max_items is not None:
     items = items[:max_items]
+  multiple = math.lcm(row_multiple, process_count)
+  if batch_size % multiple == 0:
+    batch_size = min(batch_size, -(-len(items) // multiple) * multiple)
   # Every process reads every item: all of them must know each group's longest item.
   examples = _checker(parts, num_items)(items.to_iter_dataset(
       grain.ReadOptions(num_threads=data_config.read_threads,
