@@ -28,8 +28,8 @@ HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 BATCH, LENGTH = 8, 32
 
 
-# The losses on H-sharded meshes (model 2 and 8, remat none and full) against the 1-device run are
-# in tests/test_mesh.py::test_same_losses_on_every_mesh, which runs every mesh with these groups.
+# The losses on H-sharded meshes (model 2 with remat none, model 8 with remat full) against the
+# 1-device run are in tests/test_mesh.py::test_same_losses_on_every_mesh, with these groups.
 
 
 def _sharded_variables(model, mesh, tokens):

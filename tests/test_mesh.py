@@ -14,11 +14,11 @@ from tests.helpers import ALL_GROUPS, train_in_process
 
 # ((data, fsdp, model, context), remat): the last three split time over 4 devices
 # (context-parallel recurrence, tests/test_context_parallel.py has its exactness). Remat
-# recomputes the same ops, so one mesh checks it: the one that shards the most.
-# (4, 1, 2, 1) is left out: (2, 2, 2, 1) already splits data and model, with fsdp besides.
-MESHES_ON_8 = [((8, 1, 1, 1), "none"), ((2, 2, 2, 1), "none"), ((1, 1, 8, 1), "none"),
-               ((1, 1, 8, 1), "full"), ((2, 1, 1, 4), "none"), ((1, 2, 1, 4), "none"),
-               ((1, 1, 2, 4), "none")]
+# recomputes the same ops, so one mesh checks it: the one that shards H the most. Every axis
+# is split by some mesh here; pure data parallelism ((8, 1, 1, 1)) and (4, 1, 2, 1) are left
+# out, since (2, 2, 2, 1) splits data, fsdp and model at once.
+MESHES_ON_8 = [((2, 2, 2, 1), "none"), ((1, 1, 8, 1), "full"), ((2, 1, 1, 4), "none"),
+               ((1, 2, 1, 4), "none"), ((1, 1, 2, 4), "none")]
 
 
 def test_same_losses_on_every_mesh(tmp_path):

@@ -217,7 +217,8 @@ def test_gradients_finite_for_every_parameter(bidirectional):
   u = jnp.asarray(rng.normal(size=(2, 64, H)).astype(np.float32))
   reset = jnp.asarray(rng.random((2, 64)) < 0.1)
   for kwargs in ({}, {"reset": reset}):
-    grads = jax.grad(lambda p: jnp.sum(layer.apply(p, u, **kwargs) ** 2))(variables)["params"]
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, u, **kwargs) ** 2)))(
+        variables)["params"]
     assert set(grads) == {"Lambda_re", "Lambda_im", "C", "D", "log_step"}
     for name, grad in grads.items():
       assert np.all(np.isfinite(grad)), (name, kwargs)
