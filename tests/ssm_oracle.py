@@ -227,8 +227,8 @@ def assert_recurrence_gradients(recurrence, a, b, keep, reverse, weights):
   oracle_loss = weighted_state_sum(weights, keep, reverse)
   with jax.enable_x64(True):
     keep_jax = None if keep is None else jnp.asarray(keep)
-    value, gradients = jax.value_and_grad(
-        lambda a_, b_: jnp.sum(recurrence(a_, b_, keep_jax) * weights), argnums=(0, 1))(
+    value, gradients = jax.jit(jax.value_and_grad(
+        lambda a_, b_: jnp.sum(recurrence(a_, b_, keep_jax) * weights), argnums=(0, 1)))(
             jnp.asarray(a_planar), jnp.asarray(b_planar))
     assert all(g.dtype == jnp.float64 for g in gradients)
   np.testing.assert_allclose(float(value), oracle_loss(a_planar, b_planar), rtol=1e-12)

@@ -66,7 +66,7 @@ def test_gradients_match_float64_within_bfloat16_rounding():
   def loss(gemm_dtype):
     def weighted(b, c, inputs):
       return jnp.sum(apply(lambda_bar_arg, b, c, d_arg, inputs, gemm_dtype) * weights_arg)
-    return jax.grad(weighted, argnums=(0, 1, 2))
+    return jax.jit(jax.grad(weighted, argnums=(0, 1, 2)))
 
   with jax.enable_x64(True):  # the oracle: the same sum's gradient in float64 arithmetic
     lambda_bar_arg, d_arg, weights_arg = jnp.asarray(lambda_bar), jnp.asarray(d), weights

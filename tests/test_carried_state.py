@@ -242,7 +242,8 @@ def _assert_same_gradients(apply, step, params, u, windows, h0):
   for got, want in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
     assert_close(got, want, rtol=1e-9)
   # The truncation matters: without it the gradient differs (the test could fail).
-  full = jax.grad(lambda p: _windowed_loss(apply, p, u, weights, (u.shape[1],), h0))(params)
+  full = jax.jit(jax.grad(lambda p: _windowed_loss(apply, p, u, weights, (u.shape[1],), h0)))(
+      params)
   assert not all(np.allclose(a, b, rtol=1e-6) for a, b in zip(jax.tree.leaves(full),
                                                              jax.tree.leaves(expected[0])))
 

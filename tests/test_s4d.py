@@ -106,6 +106,11 @@ def test_causal_conv_any_batch_dims_and_float64():
 CHUNK_CASES = [(1, 16), (7, 4), (300, 16), (300, 1), (64, 64), (1000, 16)]
 
 
+# Jitted: run op by op, each call would compile every operation of the scan on its own.
+S4D_CHUNKED = jax.jit(ssm.s4d_chunked, static_argnames=("bidirectional", "chunk_size"))
+S4D_RECURRENCE = jax.jit(ssm.s4d_recurrence, static_argnames="bidirectional")
+
+
 @pytest.mark.parametrize("length,chunk_size", CHUNK_CASES)
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_chunked_with_resets_matches_the_loop_and_the_recurrence(length, chunk_size, bidirectional):
@@ -119,12 +124,12 @@ def test_chunked_with_resets_matches_the_loop_and_the_recurrence(length, chunk_s
     reset[0, 10:14] = True                # documents of one step, back to back
   expected = oracle.s4d_loop(lambda_, c, log_step, u, bidirectional=bidirectional, d=d,
                              step_rescale=0.5, reset=reset)
-  chunked = ssm.s4d_chunked(lambda_, c, log_step, u, bidirectional=bidirectional, reset=reset, D=d,
-                            step_rescale=0.5, chunk_size=chunk_size)
+  chunked = S4D_CHUNKED(lambda_, c, log_step, u, bidirectional=bidirectional, reset=reset, D=d,
+                        step_rescale=0.5, chunk_size=chunk_size)
   assert chunked.shape == u.shape and chunked.dtype == jnp.float32
   assert_close(chunked, expected)
-  recurrence = ssm.s4d_recurrence(lambda_, c, log_step, u, bidirectional=bidirectional,
-                                  reset=jnp.asarray(reset), D=d, step_rescale=0.5)
+  recurrence = S4D_RECURRENCE(lambda_, c, log_step, u, bidirectional=bidirectional,
+                              reset=jnp.asarray(reset), D=d, step_rescale=0.5)
   assert_close(recurrence, expected)
 
 
@@ -135,8 +140,8 @@ def test_chunked_without_resets_is_the_convolution_in_float64():
   with jax.enable_x64(True):
     args = (jnp.asarray(lambda_, jnp.complex128), jnp.asarray(c, jnp.complex128),
             jnp.asarray(log_step, jnp.float64), jnp.asarray(u))
-    chunked = ssm.s4d_chunked(*args, bidirectional=True, reset=jnp.zeros((3, 200), bool))
-    conv = ssm.s4d_conv(*args, bidirectional=True)
+    chunked = S4D_CHUNKED(*args, bidirectional=True, reset=jnp.zeros((3, 200), bool))
+    conv = jax.jit(ssm.s4d_conv, static_argnames="bidirectional")(*args, bidirectional=True)
     assert chunked.dtype == jnp.float64
   np.testing.assert_allclose(chunked, conv, rtol=1e-9, atol=1e-12 * np.max(np.abs(conv)))
 
@@ -155,8 +160,9 @@ def test_recurrence_equals_fft_and_the_loop_with_intervals(bidirectional):
   rng = np.random.default_rng(2)
   layer, variables = layer_and_params(bidirectional, "lin")
   u = rng.normal(size=(2, 300, H)).astype(np.float32)
-  fft = layer.apply(variables, u)
-  recurrence = layer.apply(variables, u, reset=jnp.zeros(u.shape[:2], bool))
+  apply = jax.jit(layer.apply)
+  fft = apply(variables, u)
+  recurrence = apply(variables, u, reset=jnp.zeros(u.shape[:2], bool))
   assert_close(recurrence, fft)
   params = variables["params"]
   lambda_ = np.asarray(params["Lambda_re"]) + 1j * np.asarray(params["Lambda_im"])
@@ -166,7 +172,7 @@ def test_recurrence_equals_fft_and_the_loop_with_intervals(bidirectional):
   assert_close(fft, expected)
   # Per-step intervals vary the system along time: only the recurrence expresses them.
   intervals = rng.uniform(0.5, 2.0, u.shape[:2]).astype(np.float32)
-  varying = layer.apply(variables, u, intervals=intervals)
+  varying = apply(variables, u, intervals=intervals)
   assert_close(varying, oracle.s4d_loop(lambda_, c, params["log_step"], u,
                                         bidirectional=bidirectional, d=params["D"],
                                         intervals=intervals))
@@ -182,11 +188,12 @@ def test_with_resets_each_document_equals_itself_alone(bidirectional):
   u = rng.normal(size=(1, length, H)).astype(np.float32)
   reset = np.zeros((1, length), bool)
   reset[0, starts] = True
-  packed = np.asarray(layer.apply(variables, u, reset=jnp.asarray(reset)))
+  apply = jax.jit(layer.apply)
+  packed = np.asarray(apply(variables, u, reset=jnp.asarray(reset)))
   for start, end in zip(starts, starts[1:] + [length]):
-    alone = layer.apply(variables, u[:, start:end])          # FFT path, no reset
+    alone = apply(variables, u[:, start:end])                # FFT path, no reset
     assert_close(packed[:, start:end], alone)
-  unreset = layer.apply(variables, u)
+  unreset = apply(variables, u)
   assert np.max(np.abs(unreset - packed)) > 1e-2 * np.max(np.abs(packed))
 
 
