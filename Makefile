@@ -38,7 +38,7 @@ train: venv
 
 # The 25 slowest tests are listed at the end: the suite must stay under 20 minutes on 2 cores.
 test: venv
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 # S5 layer benchmark (docs/benchmarks.md).
 bench: venv

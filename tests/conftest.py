@@ -24,18 +24,3 @@ def pytest_sessionfinish(session):
   if _OWN_CACHE and not hasattr(session.config, "workerinput"):  # the controller, last to finish
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
-
-# The files that take longest on 2 cores, longest first (from `make test`'s list of the slowest
-# tests). xdist (`--dist loadfile --no-loadscope-reorder`) hands whole files to its workers in
-# the order collected, so starting these first leaves short files to fill the end and neither
-# worker waits on one long file alone.
-SLOW_FILES_FIRST = [
-    "test_gcs.py", "test_local_launch.py", "test_preemption.py", "test_mesh.py",
-    "test_s4d_system.py", "test_carried_training.py", "test_activation_sharding.py",
-    "test_aot_compile.py", "test_sample_quality.py", "test_eval_generate.py",
-]
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: index for index, name in enumerate(SLOW_FILES_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as found
