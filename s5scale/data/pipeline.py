@@ -228,8 +228,7 @@ def carried_heldout_iterator(data_config, batch_size, seq_len, *, process_index=
   if max_items is not None:
     items = items[:max_items]
   multiple = math.lcm(row_multiple, process_count)
-  if batch_size % multiple == 0:
-    batch_size = min(batch_size, -(-len(items) // multiple) * multiple)
+  batch_size = min(batch_size, -(-len(items) // multiple) * multiple)
   # Every process reads every item: all of them must know each group's longest item.
   examples = _checker(parts, num_items)(items.to_iter_dataset(
       grain.ReadOptions(num_threads=data_config.read_threads,
