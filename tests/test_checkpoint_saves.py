@@ -1,15 +1,18 @@
 """When the trainer saves (checkpoint.every_steps, checkpoint.every_minutes) and the run-status
 marker it leaves for a supervisor.
 
-Oracles: the step directories orbax leaves on disk, and the marker file read back as JSON.
+Oracles: the step directories orbax leaves on disk, the marker file read back as JSON, and
+arrays read back with orbax alone against the values saved.
 """
 
 import json
 import os
 import time
 
+import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 
 from s5scale import checkpoint
@@ -51,6 +54,24 @@ def test_every_minutes_saves_once_the_interval_has_passed(tmp_path):
 def test_either_trigger_saves(tmp_path):
   assert saved_steps(tmp_path, 7, every_steps=3, every_minutes=1 / 60,
                      pause_before=(5,)) == [1, 3, 5, 6]
+
+
+def test_replicated_arrays_above_and_below_the_split_size_read_back_exactly(tmp_path):
+  # Replicated over 8 devices, the large array's write is split among its replicas (1 MiB each),
+  # the small one's is left to its first replica (checkpoint.MIN_BYTES_PER_REPLICA_SLICE).
+  replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("data",)),
+                                          jax.sharding.PartitionSpec())
+  rng = np.random.default_rng(0)
+  values = {"large": rng.normal(size=(8, checkpoint.MIN_BYTES_PER_REPLICA_SLICE // 4)),
+            "small": rng.normal(size=(8, 16))}
+  values = {k: v.astype(np.float32) for k, v in values.items()}
+  config = ml_collections.ConfigDict(dict(every_steps=1, every_minutes=0, keep=1, keep_every=0,
+                                          async_save=False))
+  with checkpoint.Saver(checkpoint.make_manager(str(tmp_path), config)) as saver:
+    saver.save(1, jax.device_put(values, replicated), None, {}, _Mesh())
+  restored = helpers.saved_state(tmp_path, 1)
+  for name, value in values.items():
+    np.testing.assert_array_equal(restored[name], value, err_msg=name)
 
 
 def read_status(workdir) -> dict:
