@@ -48,9 +48,9 @@ def get_config():
   c.model.residual_dtype = "bfloat16"  # halves the saved block inputs and the gathers
   c.model.scan_layers = True
   c.model.remat = "offload"         # saves only each block's input, in host memory (TPU)
-  # The proven XLA scan. The Pallas kernel ("auto" on TPU) compiles into this step and wins ahead
-  # of time (docs/tpu.md#the-pallas-kernel-ahead-of-time), but it has never run on a TPU: take it
-  # with --config.model.scan_impl=auto once a first run has checked it.
+  # The proven XLA scan. The Pallas kernel ("auto" on TPU) compiles into this step, but ahead of
+  # time it needs more HBM and moves more bytes (docs/tpu.md#the-pallas-kernel-ahead-of-time),
+  # and it has never run on a TPU: try it with --config.model.scan_impl=auto on a first run.
   c.model.scan_impl = "chunked"
 
   c.data.kind = "audio"

@@ -52,7 +52,9 @@ STEP_METADATA = "_CHECKPOINT_METADATA"
 MIN_BYTES_PER_REPLICA_SLICE = 1 << 20
 
 
-def _register_array_handler() -> None:
+def _use_array_handler() -> None:
+  """Makes orbax write jax.Arrays as above. Orbax reads its handlers from one registry for the
+  process, so this is done when a manager is made rather than on import."""
   handler = ocp.type_handlers.ArrayHandler(
       min_slice_bytes_for_replica_parallel=MIN_BYTES_PER_REPLICA_SLICE)
   # Replacing orbax's default handler is the point, so its warning about that is not wanted.
@@ -63,9 +65,6 @@ def _register_array_handler() -> None:
     ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
   finally:
     absl_logger.setLevel(level)
-
-
-_register_array_handler()
 
 
 def pins_dir(workdir) -> epath.Path:
@@ -127,6 +126,7 @@ def wait_for_every_process(name: str, timeout_s: int = 900) -> None:
 
 
 def make_manager(workdir: str, checkpoint_config=None, read_only: bool = False):
+  _use_array_handler()
   keep = checkpoint_config.keep if checkpoint_config else None
   keep_every = checkpoint_config.keep_every if checkpoint_config else 0
   use_async = checkpoint_config.async_save if checkpoint_config else False
