@@ -40,12 +40,14 @@ CONFIG_HELP = ("Experiment config: configs/X.py or a run's config.json; default:
                "workdir's config.json. Override keys with --config.section.key=value.")
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], runs_jax: bool = True) -> list[str]:
   """absl parsing, then the config's constraints: a bad flag, missing config file, unknown config
   key or invalid value exits 2 with the key named. Every program parses here before it touches
   JAX, so this is also where a machine with no TPU or GPU picks the CPU
-  (backend.choose_platform), once for all of them: just before main, once absl logs."""
-  app.call_after_init(backend.choose_platform)
+  (backend.choose_platform), once for all of them: just before main, once absl logs. A program
+  that never runs JAX (validate) passes runs_jax=False and so never imports it."""
+  if runs_jax:
+    app.call_after_init(backend.choose_platform)
   if any(arg in ("--help", "-h", "--helpshort", "-?") for arg in argv[1:]):
     print_help_and_exit()
   config = load_config(argv)

@@ -11,18 +11,14 @@ together is one `Rule((keys...), lambda *values: ..., "what must hold")` in RULE
 without a constraint fails at import; tests/test_config_validation.py then asks for a value that
 the new constraint must refuse (BAD_VALUES).
 
-A choice that names a code path is read from the module that implements it (`OneOf(*NORMS)`), so
-the code defines each enumeration once; this imports ssm/ and nn/ (jax, flax).
+A choice that names a code path (`OneOf(*NORMS)`) is read from choices.py, which the code that
+implements it keys its tables by; this module imports no JAX, so checking a config takes none.
 """
 
+from s5scale.choices import (ACTIVATIONS, C_INITS, DISCRETIZATIONS, LAYERS, NORMS, QUANTIZATIONS,
+                             REMAT_POLICIES, S4D_INITS, SCAN_IMPLS)
 from s5scale.config_schema import Bool, Int, OneOf, Real, Rule, Text, build_config, constraints_of
 from s5scale.config_schema import field as f
-from s5scale.data.audio import QUANTIZATIONS
-from s5scale.nn.blocks import ACTIVATIONS, LAYERS, NORMS
-from s5scale.nn.model import REMAT_POLICIES
-from s5scale.ssm.discretize import DISCRETIZATIONS
-from s5scale.ssm.init import C_INITS, S4D_INITS
-from s5scale.ssm.recurrence import IMPLS as SCAN_IMPLS
 
 Count = Int(ge=1)          # steps, sizes, counts: at least one
 NonNegative = Int(ge=0)    # 0 means "off" or "use the default" (said beside the key)

@@ -9,13 +9,15 @@ import sys
 
 from absl import app, flags
 
-from s5scale import cli, evaluation
+from s5scale import cli
 
 FLAGS = flags.FLAGS
 
 
 def main(argv) -> int:
   del argv
+  # Imported once the flags are checked, so that a bad config exits 2 without loading JAX.
+  from s5scale import evaluation  # pylint: disable=g-import-not-at-top
   return cli.exit_code(evaluation.run_eval_job, FLAGS.config, cli.workdir_path(FLAGS.workdir),
                        FLAGS.step, FLAGS.watch, FLAGS.poll_seconds)
 

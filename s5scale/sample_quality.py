@@ -15,13 +15,15 @@ import sys
 
 from absl import app, flags
 
-from s5scale import cli, sample_scoring
+from s5scale import cli
 
 FLAGS = flags.FLAGS
 
 
 def main(argv) -> int:
   del argv
+  # Imported once the flags are checked, so that a bad config exits 2 without loading JAX.
+  from s5scale import sample_scoring  # pylint: disable=g-import-not-at-top
   return cli.exit_code(
       lambda: sample_scoring.run_sample_quality(
           FLAGS.config, FLAGS.workdir and cli.workdir_path(FLAGS.workdir),

@@ -13,11 +13,13 @@ import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from s5scale import cli, training  # pylint: disable=g-import-not-at-top,wrong-import-position
+from s5scale import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def main(argv) -> int:
   del argv
+  # Imported once the flags are checked, so that a bad config exits 2 without loading JAX.
+  from s5scale import training  # pylint: disable=g-import-not-at-top
   return cli.exit_code(training.train, cli.FLAGS.config, cli.workdir_path(cli.FLAGS.workdir),
                        PREEMPTION)
 

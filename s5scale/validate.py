@@ -21,4 +21,5 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
   cli.define_flags(workdir=False)
-  app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)
+  app.run(lambda argv: sys.exit(main(argv)),
+          flags_parser=lambda argv: cli.parse_flags(argv, runs_jax=False))

@@ -194,7 +194,7 @@ def test_defaults_and_every_config_file_are_valid():
     assert config_schema.violations(config, defaults.CONSTRAINTS, defaults.RULES) == [], name
 
 
-# Choices that name code paths: defaults.py reads them from the code (OneOf(*NORMS)), so what is
+# Choices that name code paths (s5scale/choices.py, keyed into the code's tables), so what is
 # checked here is behaviour: each allowed value runs through the model that S5Model.from_config builds from a
 # config (values outside are refused by validate: BAD_VALUES above). The extra keys route a value
 # to the code that reads it.
@@ -220,6 +220,31 @@ def test_every_allowed_choice_runs_in_the_model():
       variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
       logits = jax.eval_shape(model.apply, variables, tokens)
       assert logits.shape == (1, 8, config.model.vocab_size), (key, value)
+
+
+def test_the_tables_of_code_are_keyed_by_exactly_the_choices():
+  from s5scale import choices  # pylint: disable=g-import-not-at-top
+  from s5scale.data import audio  # pylint: disable=g-import-not-at-top
+  from s5scale.nn import blocks, model  # pylint: disable=g-import-not-at-top
+  assert tuple(blocks.LAYERS) == choices.LAYERS
+  assert tuple(model.REMAT_POLICIES) == choices.REMAT_POLICIES
+  assert tuple(audio.CODECS) == choices.QUANTIZATIONS
+
+
+def test_checking_a_config_loads_no_jax(tmp_path):
+  # A fresh interpreter: the pod launcher's validate, and a program refusing a bad config.
+  probe = ("import runpy, sys\nsys.argv = sys.argv[1:]\n"
+           "try:\n  runpy.run_module(sys.argv[0], run_name='__main__')\n"
+           "except SystemExit as done:\n"
+           "  print('exit', done.code, 'jax' in sys.modules, file=sys.stderr)\n")
+  for program, flags in (("s5scale.validate", []),
+                         ("s5scale.train", [f"--workdir={tmp_path}", "--config.model.d_model=-3"])):
+    result = subprocess.run([sys.executable, "-c", probe, program, f"--config={TEXT_SMALL}",
+                             *flags], env=helpers.env_for(), capture_output=True, text=True,
+                            timeout=120, cwd=helpers.REPO)
+    code = 0 if program == "s5scale.validate" else 2
+    assert f"exit {code} False" in result.stderr, (program, result.stderr[-2000:])
+  assert not os.listdir(tmp_path)
 
 
 def test_quantization_choices_are_what_audio_implements():

@@ -12,6 +12,7 @@ import struct
 import numpy as np
 import soundfile
 
+from s5scale.choices import QUANTIZATIONS
 
 
 class UnreadableAudio(ValueError):
@@ -205,7 +206,6 @@ def linear_decode(codes: np.ndarray, bits: int = 8) -> np.ndarray:
 
 # data.quantization -> (encode, decode)
 CODECS = {"mulaw": (mulaw_encode, mulaw_decode), "linear": (linear_encode, linear_decode)}
-QUANTIZATIONS = tuple(CODECS)
 
 
 def quantize(waveform: np.ndarray, method: str, bits: int) -> np.ndarray:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from s5scale.choices import NORMS
 from s5scale.nn.s4d import S4D
 from s5scale.nn.s5 import S5
 
@@ -46,8 +47,6 @@ def ssm_dtype(x):
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-ACTIVATIONS = ("full_glu", "half_glu1", "half_glu2", "gelu")
-NORMS = ("layer", "rms", "batch")
 # Running statistics <- momentum * running + (1 - momentum) * batch's (see Norm).
 BATCH_NORM_MOMENTUM = 0.9
 LAYERS = {"s5": S5, "s4d": S4D}   # model.layer -> the SSM module

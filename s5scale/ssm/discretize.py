@@ -9,7 +9,7 @@ step) instead of materialising a time-varying (L, P', H) B̄.
 
 import jax.numpy as jnp
 
-DISCRETIZATIONS = ("zoh", "bilinear")
+from s5scale.choices import DISCRETIZATIONS
 
 
 def zoh_factors(lambda_, delta):

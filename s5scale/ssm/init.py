@@ -9,10 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from s5scale.ssm.discretize import DISCRETIZATIONS
+from s5scale.choices import C_INITS, DISCRETIZATIONS, S4D_INITS
 from s5scale.ssm.hippo import make_dplr_hippo
-
-C_INITS = ("trunc_standard_normal", "lecun_normal", "complex_normal")
 
 
 def validate_step_range(dt_min: float, dt_max: float) -> None:
@@ -88,8 +86,6 @@ def init_log_step(key, num_states: int, dt_min: float, dt_max: float, dtype=jnp.
 
 
 # ------------------------------------------------------------ S4D (docs/design.md, "S4D")
-
-S4D_INITS = ("legs", "lin")
 
 
 def validate_s4d_args(*, state_size: int, init: str, dt_min: float, dt_max: float) -> None:

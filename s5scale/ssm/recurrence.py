@@ -29,13 +29,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from s5scale.choices import SCAN_IMPLS as IMPLS
 from s5scale.ssm import chunked_scan
 from s5scale.ssm import context_parallel
 from s5scale.ssm import mesh_spec
 from s5scale.ssm import pallas_scan
 from s5scale.ssm.planar_complex import complex_multiply, from_planar, to_planar
 
-IMPLS = ("auto", "chunked", "pallas", "reference")
 
 
 def check_impl(impl: str) -> None:
