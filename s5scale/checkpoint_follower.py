@@ -11,6 +11,7 @@ skip; the job goes on), and with `watch` polls until the trainer's final step is
     ...
 """
 
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -28,12 +29,15 @@ class CheckpointFollower:
 
   name: the job's pin name (one pin file per job kind, e.g. the eval split).
   only_step: that step alone (CheckpointError if it is not there or cannot be read).
+  stop: once set, the follower ends at its next wait (the job was asked to stop).
   """
 
   def __init__(self, workdir: str, name: str, config, *, only_step: int | None = None,
-               watch: bool = False, poll_seconds: float = 10.0):
+               watch: bool = False, poll_seconds: float = 10.0,
+               stop: threading.Event | None = None):
     self.workdir, self.name, self.config_dict = workdir, name, config.to_dict()
     self.only_step, self.watch, self.poll_seconds = only_step, watch, poll_seconds
+    self.stop = stop or threading.Event()
     self.final_step = config.train.num_steps
     self.missed = MissedSteps(config.checkpoint)
 
@@ -43,6 +47,8 @@ class CheckpointFollower:
     first; calls on_skip(step, why) for a step it cannot read. Without `watch` it ends after one
     pass; with it, once done() holds the trainer's final step."""
     manager = self._open()
+    if manager is None:
+      return
     trainer_config = None
     while True:
       available = list_steps(manager)
@@ -68,12 +74,15 @@ class CheckpointFollower:
           logging.info("every checkpoint in %s already has a %r record", manager.directory,
                        self.name)
         return
-      time.sleep(self.poll_seconds)
+      if self.stop.wait(self.poll_seconds):
+        return
 
   def _open(self):
+    """The trainer's checkpoints, read-only; None if stopped before the trainer wrote any."""
     directory = checkpoint.checkpoint_dir(self.workdir)
     while self.watch and not storage.path(directory).is_dir():
-      time.sleep(self.poll_seconds)  # started before the training job wrote anything
+      if self.stop.wait(self.poll_seconds):  # started before the training job wrote anything
+        return None
     if not storage.path(directory).is_dir():
       raise checkpoint.CheckpointError(f"no checkpoints in {self.workdir}")
     return checkpoint.open_readonly(self.workdir)

@@ -21,6 +21,7 @@ import itertools
 import math
 import signal
 import sys
+import threading
 import time
 
 import jax
@@ -220,15 +221,24 @@ def record_skip(workdir: str, step: int, split: str, config, why: str) -> None:
     writer.write(step, {}, split=split, data=scored_data(config), skipped=why)
 
 
-def exit_0_on_sigterm() -> None:
+def exit_0_on_sigterm() -> threading.Event:
   """A --watch job has nothing to save: a SIGTERM (preemption, maintenance) ends it with exit 0,
   so its launcher relaunches it rather than count a failure; the next job skips the steps already
-  recorded. Installed after jax.distributed, whose SIGTERM notifier it replaces."""
+  recorded. Installed after jax.distributed, whose SIGTERM notifier it replaces.
+
+  Returns the event the signal sets. The handler's SystemExit is lost when the signal lands in a
+  garbage-collector callback (JAX has one) or a __del__, whose exceptions Python ignores, so the
+  follower also ends the job at its next wait once the event is set.
+  """
+  received = threading.Event()
+
   def stop(signum, frame):
     del signum, frame
+    received.set()
     logging.warning("SIGTERM: the eval job stops; relaunched, it goes on from its records")
     sys.exit(0)
   signal.signal(signal.SIGTERM, stop)
+  return received
 
 
 def run_eval_job(config, workdir: str, only_step: int | None = None, watch: bool = False,
@@ -237,8 +247,7 @@ def run_eval_job(config, workdir: str, only_step: int | None = None, watch: bool
   with `watch`, new ones as the trainer writes them, until its final step."""
   cli.setup_logging(workdir, "evaluate")
   parallel.initialize_distributed()
-  if watch:
-    exit_0_on_sigterm()
+  stop = exit_0_on_sigterm() if watch else threading.Event()
   data.fill_num_classes(config)
   config_check.check_on_devices(config, jax.devices(), jax.process_count())
   mesh = parallel.make_mesh(config.mesh)
@@ -248,7 +257,7 @@ def run_eval_job(config, workdir: str, only_step: int | None = None, watch: bool
   abstract = inference.abstract_variables(model, mesh, sample["inputs"])
   split = evaluator.split
   follower = CheckpointFollower(workdir, split, config, only_step=only_step, watch=watch,
-                                poll_seconds=poll_seconds)
+                                poll_seconds=poll_seconds, stop=stop)
   for step, variables in follower.checkpoints(
       abstract, done=lambda: finished_steps(workdir, split, config),
       on_skip=lambda step, why: record_skip(workdir, step, split, config, why)):
