@@ -37,7 +37,6 @@ from s5scale.ssm import pallas_scan
 from s5scale.ssm.planar_complex import complex_multiply, from_planar, to_planar
 
 
-
 def check_impl(impl: str) -> None:
   if impl not in IMPLS:
     raise ValueError(f"scan_impl must be one of {IMPLS}, got {impl!r}")
